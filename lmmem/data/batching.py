@@ -1,0 +1,76 @@
+"""Truncated-BPTT batching over one flat token stream.
+
+The stream is cut into ``batch_size`` equally long rows laid side by side (row r holds a
+contiguous stretch of text), and step j reads columns ``[j*bptt, (j+1)*bptt)`` of every row, so
+the LSTM state carried from step j to j+1 continues the same text in each row.
+
+Under data parallelism the *global* batch is cut the same way and rank k takes rows
+``[k*B/W, (k+1)*B/W)``: training with W processes of B/W rows each sees exactly the rows one
+process with B rows sees, which is what makes a multi-process run comparable to a single one.
+
+Only the slices a step needs are read from the (memmapped) stream, so a 4-billion-token split
+costs no memory up front.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmmem.errors import DataError
+from lmmem.output_layers.base import IGNORE_INDEX
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (rows, T) int64
+    targets: torch.Tensor  # (rows, T) int64, IGNORE_INDEX on padding
+    num_targets: int  # non-ignored targets in this rank's rows
+
+
+class StreamBatcher:
+    """Step-indexed BPTT batches; ``batch(j)`` is a pure function of j, so resuming at step j
+    needs nothing but j.
+
+    ``pad=False`` (training): each row has ``(len-1)//batch_size`` positions; the < batch_size
+    positions left over at the end are dropped. ``pad=True`` (evaluation): rows have
+    ``ceil((len-1)/batch_size)`` positions and the tail of the last rows is padded with
+    IGNORE_INDEX, so every token of the split is scored exactly once.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, bptt: int, *, rank: int = 0, world_size: int = 1, pad: bool = False):
+        if batch_size <= 0 or bptt <= 0:
+            raise DataError(f"--batch-size and --bptt must be positive (got {batch_size}, {bptt})")
+        if batch_size % world_size:
+            raise DataError(f"--batch-size {batch_size} must be divisible by the number of processes ({world_size})")
+        self.tokens = tokens
+        self.positions = len(tokens) - 1  # (input, target) pairs in the stream
+        self.batch_size = batch_size
+        self.bptt = bptt
+        self.pad = pad
+        self.row_len = math.ceil(self.positions / batch_size) if pad else self.positions // batch_size
+        if self.row_len < 1:
+            raise DataError(
+                f"the split has {len(tokens)} tokens, too few for --batch-size {batch_size}; use a smaller batch or more data"
+            )
+        per_rank = batch_size // world_size
+        self.rows = np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64)
+        self.num_steps = math.ceil(self.row_len / bptt)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def batch(self, step: int) -> Batch:
+        start = step * self.bptt
+        width = min(self.bptt, self.row_len - start)
+        cols = start + np.arange(width, dtype=np.int64)
+        pos = self.rows[:, None] * self.row_len + cols[None, :]  # absolute input position
+        valid = (pos < self.positions) & (cols[None, :] < self.row_len)
+        safe = np.where(valid, pos, 0)
+        inputs = np.asarray(self.tokens[safe.ravel()], dtype=np.int64).reshape(safe.shape)
+        targets = np.asarray(self.tokens[(safe + 1).ravel()], dtype=np.int64).reshape(safe.shape)
+        targets[~valid] = IGNORE_INDEX
+        return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), int(valid.sum()))

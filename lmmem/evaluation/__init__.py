@@ -1,0 +1,72 @@
+"""Evaluation: perplexity overall and by training-frequency bucket, tables, JSON and charts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmmem.data.corpus import PreparedCorpus
+from lmmem.evaluation.perplexity import DEFAULT_BUCKET_EDGES, FrequencyBuckets, PerplexityReport, score_stream
+from lmmem.evaluation.report import format_table, plot_bucketed_perplexity, write_json
+from lmmem.training.checkpoint import check_vocab_matches, load_checkpoint, model_from_checkpoint
+from lmmem.training.distributed import resolve_device
+
+
+@dataclass
+class EvalResult:
+    report: PerplexityReport
+    meta: dict
+
+    def to_dict(self) -> dict:
+        return {**self.meta, **self.report.to_dict()}
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "test",
+    batch_size: int = 16,
+    bptt: int | None = None,
+    buckets: FrequencyBuckets = FrequencyBuckets(),
+    device: str = "auto",
+    max_tokens: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Perplexity of a trained checkpoint on a split of a prepared corpus (the corpus it was
+    trained on by default), overall and by the target's training frequency."""
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, map_location=dev)
+    data_dir = Path(data) if data is not None else Path(ckpt["train_config"]["data"])
+    corpus = PreparedCorpus.open(data_dir)
+    check_vocab_matches(ckpt, corpus.fingerprint, data_dir, checkpoint)
+    tokens = corpus.tokens(split)
+    model = model_from_checkpoint(ckpt, dev)
+    bptt = bptt or int(ckpt["train_config"]["bptt"])
+    t0 = time.monotonic()
+    nll, cnt = score_stream(
+        model, tokens, bucket_of=buckets.assign(corpus.train_counts()), num_buckets=len(buckets.names),
+        batch_size=batch_size, bptt=bptt, device=dev, max_tokens=max_tokens, progress=progress, desc=f"{split}",
+    )
+    report = PerplexityReport.from_sums(nll, cnt, buckets)
+    meta = {
+        "checkpoint": str(checkpoint),
+        "data": str(data_dir),
+        "split": split,
+        "step": ckpt["progress"]["step"],
+        "model": ckpt["model_config"],
+        "vocab_fingerprint": corpus.fingerprint,
+        "batch_size": batch_size,
+        "bptt": bptt,
+        "bucket_edges": list(buckets.edges),
+        "device": str(dev),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    return EvalResult(report, meta)
+
+
+__all__ = [
+    "DEFAULT_BUCKET_EDGES", "EvalResult", "FrequencyBuckets", "PerplexityReport", "evaluate_checkpoint",
+    "format_table", "plot_bucketed_perplexity", "score_stream", "write_json",
+]

@@ -1,0 +1,1 @@
+"""Kernels: filled by later issues (see README's roadmap)."""

@@ -1,0 +1,1 @@
+"""Memories: filled by later issues (see README's roadmap)."""

@@ -1,0 +1,102 @@
+"""The output-layer interface every softmax in lmmem implements.
+
+A language model produces final activations ``hidden`` (the vectors fed to the softmax, shape
+``(..., in_features)``); an output layer turns them into a distribution over ``num_classes`` words.
+Training needs only :meth:`loss`; evaluation needs :meth:`target_log_probs` (bucketed perplexity,
+the neural cache, MbPA) and sometimes :meth:`log_probs` (the full distribution).
+
+Two hooks make room for layers whose parameters also move by a rule other than the gradient, as the
+Hebbian softmax does (Rae et al. 2018):
+
+* the forward pass in training mode may record statistics of ``(hidden, targets)``;
+* :meth:`on_optimizer_step` is called right after every ``optimizer.step()``. The trainer calls it
+  explicitly; users wiring the layer into their own loop can call :meth:`attach_to_optimizer` once,
+  which registers it as a post-step hook so it can never be forgotten.
+
+``weight`` has shape ``(num_classes, in_features)`` (like ``nn.Linear``), so it can be tied to an
+``nn.Embedding`` of the same shape by assigning the same ``nn.Parameter``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class OutputLayer(nn.Module):
+    in_features: int
+    num_classes: int
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True):
+        super().__init__()
+        if in_features <= 0 or num_classes <= 0:
+            raise ValueError(f"in_features and num_classes must be positive, got {in_features}, {num_classes}")
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default would scale rows by 1/sqrt(in_features); LMs with large vocabularies
+        # train better from small uniform rows and a zero bias (as in the PyTorch word LM example).
+        nn.init.uniform_(self.weight, -0.1, 0.1)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    # -- distribution -----------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight, self.bias)
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full log-distribution ``(..., num_classes)`` in float32 (even under bf16 autocast)."""
+        return torch.log_softmax(self.logits(hidden).float(), dim=-1)
+
+    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """log p(target | hidden) per position, float32, shape of ``targets``; 0 where ignored."""
+        nll = self.loss(hidden, targets, reduction="none", ignore_index=ignore_index)
+        return -nll.view(targets.shape)
+
+    # -- training ---------------------------------------------------------------------------------
+    def loss(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        reduction: str = "mean",
+        ignore_index: int = IGNORE_INDEX,
+    ) -> torch.Tensor:
+        """Cross-entropy of ``targets`` under the layer; ``reduction`` in {"mean", "sum", "none"}.
+
+        ``mean`` divides by the number of non-ignored targets and is 0 (not NaN) when all are ignored.
+        """
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        return self.loss(hidden, targets, reduction=reduction, ignore_index=ignore_index)
+
+    def on_optimizer_step(self) -> None:
+        """Called after every optimizer step. Plain softmax layers do nothing here."""
+
+    def attach_to_optimizer(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`on_optimizer_step` after every ``optimizer.step()``; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.on_optimizer_step())
+
+
+def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
+    """F.cross_entropy in float32, with ``mean`` over an all-ignored batch giving 0 instead of NaN
+    (no host sync: the count is clamped on the device)."""
+    flat_t = targets.reshape(-1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t, ignore_index=ignore_index, reduction="none")
+    if reduction == "none":
+        return nll
+    total = nll.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (flat_t != ignore_index).sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

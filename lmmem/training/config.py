@@ -1,0 +1,155 @@
+"""Training configuration: one flat dataclass, presets, and an argparse front end built from it.
+
+Every field is a command-line flag (``batch_size`` → ``--batch-size``). Model fields (see
+:class:`lmmem.models.ModelConfig`) live here too so that one preset sets model and optimisation
+together. Resolution order: dataclass default < preset < explicit flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, get_type_hints
+
+from lmmem.errors import LmmemError
+from lmmem.models.config import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    # data and run
+    data: str | None = field(default=None, metadata={"help": "prepared corpus folder (python -m data_prep); default: the embedded synthetic corpus"})
+    out: str = field(default="runs/default", metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
+    preset: str = field(default="tiny", metadata={"help": "model+optimisation preset: " + ", ".join(["tiny", "small", "wt103-paper"])})
+    seed: int = field(default=1234, metadata={"help": "random seed (weights, dropout)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt exactly where it stopped"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    amp: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA) | bf16 | none"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    # model
+    arch: str = field(default="lstm", metadata={"help": "lstm | transformer"})
+    softmax: str = field(default="full", metadata={"help": "output layer: full | hebbian"})
+    embed_dim: int = field(default=128, metadata={"help": "embedding size"})
+    hidden_dim: int = field(default=256, metadata={"help": "LSTM units (transformer: feed-forward width)"})
+    num_layers: int = field(default=1, metadata={"help": "layers"})
+    proj_dim: int = field(default=128, metadata={"help": "LSTM output projection, 0 for none"})
+    num_heads: int = field(default=4, metadata={"help": "transformer attention heads"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and between layers"})
+    output_dropout: float = field(default=0.1, metadata={"help": "dropout on the activations fed to the softmax"})
+    tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and softmax weights"})
+    hebbian_gamma: float = field(default=0.01, metadata={"help": "Hebbian softmax: minimum mixing rate gamma"})
+    hebbian_T: int = field(default=500, metadata={"help": "Hebbian softmax: smoothing limit T (occurrences after which only gradients train a row)"})
+    # optimisation
+    batch_size: int = field(default=32, metadata={"help": "global batch (rows of text), split across processes"})
+    bptt: int = field(default=35, metadata={"help": "truncated-BPTT length (tokens per row per step)"})
+    optimizer: str = field(default="adam", metadata={"help": "adam | rmsprop | sgd"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD/RMSProp momentum"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "constant | cosine | linear (decay to --min-lr-ratio at the last step)"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr for cosine and linear"})
+    clip: float = field(default=0.25, metadata={"help": "gradient-norm clipping, 0 for none"})
+    max_steps: int = field(default=2000, metadata={"help": "stop after this many optimizer steps"})
+    max_epochs: int = field(default=0, metadata={"help": "stop after this many epochs, 0 for no limit"})
+    time_budget: float = field(default=0.0, metadata={"help": "stop (and save) after this many minutes, 0 for none"})
+    # logging and checkpoints
+    log_interval: int = field(default=50, metadata={"help": "steps between log lines (and NaN checks)"})
+    eval_interval: int = field(default=200, metadata={"help": "steps between validations (and best.pt updates), 0 for end only"})
+    eval_tokens: int = field(default=0, metadata={"help": "validate on the first N tokens of the valid split only, 0 for all"})
+    eval_batch_size: int = field(default=16, metadata={"help": "rows per validation batch"})
+    checkpoint_interval: int = field(default=200, metadata={"help": "steps between last.pt saves"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        softmax_options: dict[str, Any] = {}
+        if self.softmax == "hebbian":
+            softmax_options = {"gamma": self.hebbian_gamma, "smoothing_limit": self.hebbian_T}
+        return ModelConfig(
+            arch=self.arch,
+            vocab_size=vocab_size,
+            embed_dim=self.embed_dim,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            proj_dim=self.proj_dim if self.arch == "lstm" else 0,
+            dropout=self.dropout,
+            output_dropout=self.output_dropout,
+            tie_weights=self.tie_weights,
+            num_heads=self.num_heads,
+            context=self.bptt,
+            softmax=self.softmax,
+            softmax_options=softmax_options,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets override TrainConfig defaults. Model shapes of `wt103-paper` are the paper's WikiText-103
+# LSTM (Rae et al. 2018): one layer of 2048 units, a 512 projection, tied 512-d embeddings, full
+# softmax, dropout 0.2 before the softmax. Its optimisation settings are ours (the paper does not
+# give them all); N = 64 rows x 128 steps = 8,192 tokens a step.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=128, hidden_dim=256, proj_dim=128, num_layers=1, tie_weights=True, dropout=0.1,
+                 output_dropout=0.1, batch_size=32, bptt=35, lr=3e-3, max_steps=2000, warmup_steps=50),
+    "small": dict(embed_dim=256, hidden_dim=1024, proj_dim=256, num_layers=1, tie_weights=True, dropout=0.2,
+                  output_dropout=0.2, batch_size=32, bptt=70, lr=2e-3, max_steps=5000, warmup_steps=100),
+    "wt103-paper": dict(embed_dim=512, hidden_dim=2048, proj_dim=512, num_layers=1, tie_weights=True, dropout=0.1,
+                        output_dropout=0.2, batch_size=64, bptt=128, lr=1e-3, clip=0.1, max_steps=100_000,
+                        warmup_steps=1000, eval_interval=2000, checkpoint_interval=1000, eval_batch_size=32,
+                        log_interval=100),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(description: str = "Train a word-level language model.") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not MISSING else None
+        kind = hints[f.name]
+        if kind is bool:
+            # default None = "not given": the preset (or dataclass default) decides
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
+            continue
+        base = str if f.name in ("data",) else kind
+        choices = list(PRESETS) if f.name == "preset" else None
+        parser.add_argument(_flag(f.name), dest=f.name, type=base, default=None, choices=choices,
+                            help=f"{help_text} (default: {default})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace | dict) -> TrainConfig:
+    given = {k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items() if v is not None}
+    preset_name = given.get("preset", TrainConfig.preset)
+    if preset_name not in PRESETS:
+        raise LmmemError(f"unknown --preset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
+    values = {**PRESETS[preset_name], **given}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise LmmemError(f"unknown training options: {', '.join(sorted(unknown))}")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.optimizer in ("adam", "rmsprop", "sgd"), f"--optimizer must be adam, rmsprop or sgd, not {cfg.optimizer!r}"),
+        (cfg.lr_schedule in ("constant", "cosine", "linear"), f"--lr-schedule must be constant, cosine or linear, not {cfg.lr_schedule!r}"),
+        (cfg.amp in ("auto", "bf16", "none"), f"--amp must be auto, bf16 or none, not {cfg.amp!r}"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.batch_size > 0 and cfg.bptt > 0, "--batch-size and --bptt must be positive"),
+        (cfg.max_steps > 0, "--max-steps must be positive"),
+        (0 <= cfg.dropout < 1 and 0 <= cfg.output_dropout < 1, "dropouts must be in [0, 1)"),
+        (cfg.log_interval > 0 and cfg.checkpoint_interval > 0, "--log-interval and --checkpoint-interval must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LmmemError(message)

@@ -1,0 +1,59 @@
+"""Shared fixtures: small prepared corpora written directly (independent of data_prep)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmmem.data.corpus import META_FORMAT_VERSION
+from lmmem.data.vocab import Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_prepared_corpus(root: Path, *, vocab_size: int = 200, tokens: dict | None = None, seed: int = 0) -> Path:
+    """A prepared-corpus folder of Zipf-distributed ids with some repeated structure to learn."""
+    tokens = tokens or {"train": 6000, "valid": 1200, "test": 1200}
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, vocab_size - 1)
+    p = 1.0 / ranks**1.1
+    p /= p.sum()
+    streams = {}
+    for split, n in tokens.items():
+        ids = rng.choice(ranks + 1, size=n, p=p)  # ids 2.. (0 = <eos>, 1 = <unk>)
+        ids[::11] = 0  # an <eos> every 11 tokens: a pattern the model can learn
+        ids[5::11] = ids[4::11][: len(ids[5::11])]  # a copy pattern
+        streams[split] = ids.astype("<u4")
+    counts = np.bincount(streams["train"], minlength=vocab_size)
+    vocab = Vocabulary(["<eos>", "<unk>"] + [f"w{i}" for i in range(2, vocab_size)], counts.tolist())
+    root.mkdir(parents=True, exist_ok=True)
+    vocab.save(root / "vocab.txt")
+    splits = {}
+    for split, ids in streams.items():
+        ids.tofile(root / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", "tokens": int(len(ids))}
+    meta = {"format_version": META_FORMAT_VERSION, "corpus": "test-fixture", "source": "tests/conftest.py",
+            "tokenizer": "word", "vocab_size": vocab_size, "vocab_fingerprint": vocab.fingerprint, "splits": splits}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    return write_prepared_corpus(tmp_path_factory.mktemp("corpus") / "small")
+
+
+def run_script(*args: str, env: dict | None = None, timeout: int = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a repo script (train.py, evaluate.py, -m data_prep) the way a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
