@@ -54,8 +54,9 @@ class LSTMLanguageModel(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> LSTMState:
         out = self.cfg.proj_dim or self.cfg.hidden_dim
-        h = torch.zeros(self.cfg.num_layers, batch_size, out, device=device)
-        c = torch.zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_dim, device=device)
+        dtype = self.embedding.weight.dtype
+        h = torch.zeros(self.cfg.num_layers, batch_size, out, device=device, dtype=dtype)
+        c = torch.zeros(self.cfg.num_layers, batch_size, self.cfg.hidden_dim, device=device, dtype=dtype)
         return h, c
 
     @staticmethod

@@ -54,11 +54,11 @@ class OutputLayer(nn.Module):
         return F.linear(hidden, self.weight, self.bias)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full log-distribution ``(..., num_classes)`` in float32 (even under bf16 autocast)."""
-        return torch.log_softmax(self.logits(hidden).float(), dim=-1)
+        """Full log-distribution ``(..., num_classes)``, at least float32 (even under bf16 autocast)."""
+        return torch.log_softmax(upcast(self.logits(hidden)), dim=-1)
 
     def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-        """log p(target | hidden) per position, float32, shape of ``targets``; 0 where ignored."""
+        """log p(target | hidden) per position (at least float32), shape of ``targets``; 0 where ignored."""
         nll = self.loss(hidden, targets, reduction="none", ignore_index=ignore_index)
         return -nll.view(targets.shape)
 
@@ -87,11 +87,16 @@ class OutputLayer(nn.Module):
         return optimizer.register_step_post_hook(lambda *_: self.on_optimizer_step())
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 → fp32 for the softmax; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
     """F.cross_entropy in float32, with ``mean`` over an all-ignored batch giving 0 instead of NaN
     (no host sync: the count is clamped on the device)."""
     flat_t = targets.reshape(-1)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t, ignore_index=ignore_index, reduction="none")
+    nll = F.cross_entropy(upcast(logits.reshape(-1, logits.shape[-1])), flat_t, ignore_index=ignore_index, reduction="none")
     if reduction == "none":
         return nll
     total = nll.sum()

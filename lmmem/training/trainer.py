@@ -129,6 +129,22 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" else None
 
 
+def train_step(net, model, optimizer, x, y, state, *, clip: float, device: torch.device, amp: torch.dtype | None):
+    """One truncated-BPTT step: forward, backward, clip, optimizer step, then the output layer's
+    post-step rule (the Hebbian softmax mixes its rows here). Returns the detached loss (no host
+    sync) and the detached carried state. ``net`` may be the DDP/compiled wrapper of ``model``."""
+    with autocast_context(device, amp):
+        loss, state = net(x, y, state)
+    state = model.detach_state(state)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    model.output.on_optimizer_step()
+    return loss.detach(), state
+
+
 # ---------------------------------------------------------------------------------------------
 # stop signals
 
@@ -260,6 +276,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # A resumed run may change the peak --lr (e.g. lower it after a divergence): the restored
+        # scheduler would otherwise keep the old one.
+        scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+            group["lr"] = cfg.lr * lr_multiplier(cfg, scheduler.last_epoch)
         progress = Progress(**ckpt["progress"])
         state = _restore_rank_states(ckpt, ctx, rows)
         if ctx.is_main:
@@ -360,20 +382,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
             y = batch.targets.to(ctx.device, non_blocking=True)
             if state is None:
                 state = model.init_state(rows, ctx.device)
-            with autocast_context(ctx.device, autocast_dtype):
-                loss, state = net(x, y, state)
-            state = model.detach_state(state)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            model.output.on_optimizer_step()  # the Hebbian softmax mixes its rows here
+            loss, state = train_step(net, model, optimizer, x, y, state, clip=cfg.clip, device=ctx.device, amp=autocast_dtype)
             scheduler.step()
             progress.step += 1
             progress.position += 1
             progress.tokens += batch.num_targets * ctx.world_size
-            loss_sum += loss.detach().double()
+            loss_sum += loss.double()
             loss_steps += 1
             bar.update(1)
 
@@ -429,7 +443,10 @@ def _validate_and_keep_best(validate_now, progress: Progress, checkpoint, best_p
     if val is None:
         return None
     if not math.isfinite(val):
-        raise TrainingDiverged(f"validation loss is {val} at step {progress.step}; stopped without saving. Lower --lr or set --clip")
+        raise TrainingDiverged(
+            f"validation loss became {val} at step {progress.step}; stopped without saving. "
+            f"The last good checkpoint is kept in {best_path.parent}; lower --lr or set --clip"
+        )
     improved = val < progress.best_val_loss
     if improved:
         progress.best_val_loss, progress.best_step = val, progress.step
