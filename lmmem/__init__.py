@@ -12,9 +12,28 @@ Layout (one package per part of the architecture):
 """
 
 from lmmem.errors import LmmemError
-from lmmem.models import LSTMLanguageModel, ModelConfig, build_model
-from lmmem.output_layers import FullSoftmax, OutputLayer, build_output_layer
 
 __version__ = "0.1.0"
 
-__all__ = ["FullSoftmax", "LSTMLanguageModel", "LmmemError", "ModelConfig", "OutputLayer", "build_model", "build_output_layer"]
+# Public names are imported on first use (PEP 562), so that torch-free parts such as
+# `python -m data_prep` and lmmem.data.vocab start without paying for `import torch`.
+_LAZY = {
+    "FullSoftmax": "lmmem.output_layers",
+    "HebbianSoftmax": "lmmem.output_layers",
+    "OutputLayer": "lmmem.output_layers",
+    "build_output_layer": "lmmem.output_layers",
+    "LSTMLanguageModel": "lmmem.models",
+    "ModelConfig": "lmmem.models",
+    "build_model": "lmmem.models",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lmmem' has no attribute {name!r}")
+
+
+__all__ = ["LmmemError", *_LAZY]

@@ -1,0 +1,51 @@
+"""``python -m data_prep <corpus> --source ... --out DIR [options]``; see ``--help`` of each corpus.
+
+Exit status: 0 on success, 2 on a problem with the input or the options (one ``error:`` line
+on stderr that says what to do, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmmem.errors import DataError
+
+from data_prep import gigaword, gutenberg, synthetic, wikitext
+
+CORPORA = {
+    "wikitext-103": (wikitext, "WikiText-103 / WikiText-2 (.tokens files or the hub): official tokens, <eos> per line"),
+    "gutenberg": (gutenberg, "Project Gutenberg books (folder of .txt or PG-19 on the hub): licence stripped, split by book"),
+    "gigaword": (gigaword, "GigaWord SGML (.gz), sentence-per-line news .txt, or the hub's gigaword: split by document order"),
+    "synthetic": (synthetic, "the embedded synthetic corpus (Zipfian words, recurring rare names), offline and deterministic"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Prepare a corpus for lmmem: vocab.txt, {train,valid,test}.bin (uint32 token ids) and meta.json.",
+    )
+    sub = parser.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
+    for name, (module, help_text) in CORPORA.items():
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).split("\n\n")[0])
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # unknown flags: argparse prints usage and exits 2
+    try:
+        args.run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the output folder has no meta.json and is not a prepared corpus", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

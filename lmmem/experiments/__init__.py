@@ -1,0 +1,1 @@
+"""Experiments that reproduce comparisons end to end (prepare → train → evaluate → results page)."""

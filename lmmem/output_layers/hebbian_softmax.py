@@ -1,0 +1,354 @@
+"""Hebbian softmax (Rae, Dyer, Dayan, Lillicrap, "Fast Parametric Learning with Activation
+Memorization", ICML 2018).
+
+A full softmax whose output rows are trained by gradient *and*, right after every optimizer step,
+pulled towards the activations that predicted their class, so that a rare word becomes predictable
+after one or two sightings instead of hundreds of small gradient steps.
+
+The rule, exactly as implemented
+--------------------------------
+For every class ``i`` present (as a non-ignored target) in the batch of the step, let
+
+* ``n_i``  be its number of occurrences in the batch (summed over gradient-accumulation
+  micro-batches and, under DDP, over all ranks),
+* ``h̄_i`` the mean of the final activations of those occurrences (the vectors fed to the softmax),
+* ``θ̂_i`` the output row *after* ``optimizer.step()``,
+* ``c_i`` the persistent buffer :attr:`HebbianSoftmax.counts`: the number of training occurrences
+  of class ``i`` seen *before* this batch (it starts at 0).
+
+Then::
+
+    λ_i = max(1 / (c_i + 1), γ)   if c_i < T   else 0
+    θ_i ← λ_i · h̄_i + (1 − λ_i) · θ̂_i
+    c_i ← c_i + n_i
+
+That is the paper's ``λ = max(1/c, γ)`` with ``c = c_i + 1`` (a counter that includes the current
+sighting), the convention chosen so that a first sighting gives ``λ = 1`` exactly; the buffer itself
+holds the real number of occurrences, starting at 0. Consequences:
+
+* **first sighting** (``c_i = 0``): ``λ = 1``, the row *becomes* ``h̄_i`` exactly (the gradient
+  step of that batch is overridden);
+* **second sighting**: ``c_i = n`` (the occurrences of the first sighting), so ``λ = 1/(n+1)``;
+  after a first sighting of one occurrence, ``λ = 1/2``: the row becomes ``½ h̄ + ½ θ̂`` (half the
+  new mean activation, half the gradient-updated row). Sightings with one occurrence each give
+  ``λ = 1, 1/2, 1/3, …`` until ``1/(c+1) < γ``, then ``γ``;
+* once a class has been seen ``T`` times *before* a batch (``c_i ≥ T``), the rule no longer moves
+  its row (``λ = 0``): it is trained by the gradient only, like a plain softmax. ``counts`` keeps
+  counting.
+
+Classes never seen are trained by the gradient only, and the bias always is (the rule touches no
+bias). With ``rescale=True``, ``h̄_i`` is first scaled to the norm of ``θ̂_i`` (off by default; the
+paper does not rescale).
+
+Defaults: the paper's exact values of γ and T are not known to us; a public reimplementation used
+``gamma=0.01`` and ``smoothing_limit=500``, which are the defaults here.
+
+Which activations
+-----------------
+The layer records exactly the ``hidden`` it is given in :meth:`HebbianSoftmax.loss`, i.e. the
+activations fed to the softmax; in lmmem's models that is *after* output dropout (dropped units are
+0 and kept ones scaled by ``1/(1-p)``). That is the activation that predicted the class, which is
+what the paper mixes in. Statistics are recorded only when ``self.training`` and gradients are
+enabled (so evaluation, ``torch.no_grad()`` and :meth:`target_log_probs` never record).
+
+Statistics
+----------
+Per forward, only the classes present are kept: ``torch.unique(targets, return_inverse=True)`` and
+an ``index_add_`` of the detached activations into a ``(U, D)`` buffer (at least fp32, fp64 if the
+activations are fp64; bf16/fp16 activations under autocast are accumulated in fp32). No ``V × D``
+temporary is ever built. Ignored positions are mapped to a sentinel id ``num_classes`` rather
+than filtered by a boolean mask (one host sync fewer) and dropped when the update is applied.
+Several forwards before one optimizer step (gradient accumulation)
+accumulate: stored and new classes are merged by a second ``unique``. The statistics are transient:
+they are not in the ``state_dict`` (a checkpoint is taken between steps, when none are pending);
+``counts`` is a persistent buffer and is saved and restored.
+
+Applying the update
+-------------------
+:meth:`HebbianSoftmax.hebbian_update_` (called by :meth:`on_optimizer_step`) writes the rows in
+place with ``index_copy_`` and integer indices. (A public reimplementation wrote through a
+boolean-mask index, ``W[mask] = ...`` on a copy, so its weights never changed; the tests check that
+rows really move.) Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once.
+Calling it twice after one step is harmless (the second call finds nothing pending). The optimizer's
+own state (momentum, Adam moments) is left as it is: the rule moves the rows, not the optimizer.
+
+Under DDP (``torch.distributed`` initialised with world size > 1 and ``sync_distributed=True``, the
+default) every rank all-gathers the per-rank ``(ids, counts, sums)`` (padded to the largest ``U``)
+and re-reduces them in rank order, so all replicas apply the same update and stay identical. Every
+rank must therefore call :meth:`on_optimizer_step` after every step (``attach_to_optimizer`` does);
+a rank with nothing recorded still takes part in the collectives. With ``sync_distributed=False``
+each replica applies its own statistics and the replicas drift apart (and DDP's default
+``broadcast_buffers=True`` then overwrites the other ranks' ``counts`` with rank 0's at every forward).
+
+Tied embeddings
+---------------
+With ``weight`` shared with the input embedding (``model.output.weight = model.embedding.weight``),
+the rule writes the shared matrix: the *embedding* rows of the batch's target words also move to the
+activations (on a first sighting the word's input embedding becomes the mean output activation that
+preceded it). Untie the weights to keep the embeddings trained by the gradient only.
+
+Works under bf16 autocast (statistics and the mix in ≥ fp32, the row written back in the weight's
+dtype) and under ``torch.compile`` of the surrounding model (recording is a
+``torch.compiler.disable``-d side effect, i.e. a graph break, so ``fullgraph=True`` is not supported;
+the update runs eagerly after the step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer, cross_entropy_from_logits
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (U,) int64, counts (U,) int64, sums (U, D)
+
+
+def hebbian_lambda(counts_before: torch.Tensor, gamma: float, smoothing_limit: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """``λ = max(1/(c+1), γ)`` where ``c < T``, else 0 (vectorised over classes)."""
+    lam = (1.0 / (counts_before.to(dtype) + 1.0)).clamp_min(gamma)
+    if smoothing_limit is not None and not math.isinf(smoothing_limit):
+        lam = torch.where(counts_before < smoothing_limit, lam, torch.zeros((), dtype=dtype, device=lam.device))
+    return lam
+
+
+@torch.no_grad()
+def hebbian_mix_(
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    ids: torch.Tensor,
+    n: torch.Tensor,
+    sums: torch.Tensor,
+    gamma: float,
+    smoothing_limit: float | None,
+    rescale: bool = False,
+) -> None:
+    """Apply the rule in place to ``weight`` (V, D) and ``counts`` (V,) for the distinct classes
+    ``ids`` (U,) with occurrences ``n`` (U,) and activation sums ``sums`` (U, D). Vectorised, O(U·D).
+
+    This is the function a fused kernel would replace; :func:`hebbian_update_reference` is its
+    specification."""
+    if ids.numel() == 0:
+        return
+    ids = ids.to(weight.device)
+    n = n.to(device=counts.device, dtype=counts.dtype)
+    mix_dtype = torch.promote_types(torch.promote_types(weight.dtype, sums.dtype), torch.float32)
+    mean = sums.to(device=weight.device, dtype=mix_dtype) / n.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
+    rows = weight.index_select(0, ids).to(mix_dtype)
+    if rescale:
+        mean = mean * (rows.norm(dim=1, keepdim=True) / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype).unsqueeze(1)
+    # λ·h̄ + (1−λ)·θ̂ (not lerp): exact at λ = 1 (row = h̄) and λ = 0 (row = θ̂).
+    new_rows = lam * mean + (1.0 - lam) * rows
+    weight.index_copy_(0, ids, new_rows.to(weight.dtype))
+    counts.index_add_(0, ids.to(counts.device), n)
+
+
+def hebbian_update_reference(
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    gamma: float = 0.01,
+    smoothing_limit: float | None = 500,
+    ignore_index: int = IGNORE_INDEX,
+    rescale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain, per-class, float64 statement of the rule (the specification; slow).
+
+    ``weight`` is the output matrix *after* the optimizer step (θ̂), ``counts`` the occurrences seen
+    before this batch, ``hidden`` (N, D) / ``targets`` (N,) the whole batch of the step (all
+    micro-batches and ranks concatenated). Returns new ``(weight, counts)`` (float64, int64 copies)."""
+    W = weight.detach().to(torch.float64).clone()
+    c = counts.detach().to(torch.int64).clone()
+    h = hidden.detach().reshape(-1, hidden.shape[-1]).to(torch.float64)
+    t = targets.detach().reshape(-1).tolist()
+    positions: dict[int, list[int]] = {}
+    for pos, cls in enumerate(t):
+        if cls == ignore_index:
+            continue
+        positions.setdefault(int(cls), []).append(pos)
+    for cls, pos in positions.items():
+        n_i = len(pos)
+        mean = sum(h[p] for p in pos) / n_i
+        c_i = int(c[cls])
+        limit = math.inf if smoothing_limit is None else smoothing_limit
+        lam = max(1.0 / (c_i + 1), gamma) if c_i < limit else 0.0
+        if rescale:
+            mean = mean * (W[cls].norm() / mean.norm().clamp_min(1e-12))
+        W[cls] = lam * mean + (1.0 - lam) * W[cls]
+        c[cls] = c_i + n_i
+    return W, c
+
+
+def _merge_stats(parts: list[Stats]) -> Stats:
+    """Merge statistics sets, each with distinct ids, into one (sorted ids). Deterministic: within a
+    part the ids are distinct, so ``index_add_`` never adds twice into a row, and parts are added in
+    list order (so every DDP rank computes bit-identical sums)."""
+    parts = [p for p in parts if p[0].numel() > 0] or parts[:1]
+    if len(parts) == 1:
+        return parts[0]
+    ids, inverse = torch.unique(torch.cat([p[0] for p in parts]), return_inverse=True)
+    dtype = parts[0][2].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p[2].dtype)
+    counts = torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
+    sums = torch.zeros(ids.numel(), parts[0][2].shape[1], dtype=dtype, device=ids.device)
+    start = 0
+    for p_ids, p_n, p_sums in parts:
+        inv = inverse[start : start + p_ids.numel()]
+        start += p_ids.numel()
+        counts.index_add_(0, inv, p_n)
+        sums.index_add_(0, inv, p_sums.to(dtype))
+    return ids, counts, sums
+
+
+class HebbianSoftmax(OutputLayer):
+    """Full softmax with the Hebbian row update of Rae et al. (2018); see the module docstring for
+    the exact rule and conventions.
+
+    Args:
+        in_features, num_classes, bias: as :class:`~lmmem.output_layers.full_softmax.FullSoftmax`.
+        gamma: the floor γ of the mixing rate λ (default 0.01, from a public reimplementation).
+        smoothing_limit: T; a class seen ``T`` or more times before a batch is no longer moved by
+            the rule (default 500, same source). ``None`` or ``inf``: never stop.
+        rescale: scale ``h̄_i`` to the norm of the row before mixing (default off).
+        sync_distributed: under DDP, all-gather the batch statistics so replicas stay identical
+            (default on; off only makes sense if each rank's model is meant to diverge).
+    """
+
+    counts: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        gamma: float = 0.01,
+        smoothing_limit: float | None = 500,
+        bias: bool = True,
+        rescale: bool = False,
+        sync_distributed: bool = True,
+    ):
+        if not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if smoothing_limit is not None and smoothing_limit < 0:
+            raise ValueError(f"smoothing_limit must be >= 0 or None, got {smoothing_limit}")
+        super().__init__(in_features, num_classes, bias=bias)
+        self.gamma = float(gamma)
+        self.smoothing_limit = smoothing_limit
+        self.rescale = bool(rescale)
+        self.sync_distributed = bool(sync_distributed)
+        self.process_group = None  # None: the default group
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64), persistent=True)
+        self._stats: Stats | None = None
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "counts"):
+            self.counts.zero_()
+            self._stats = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+            f"gamma={self.gamma}, smoothing_limit={self.smoothing_limit}, rescale={self.rescale}"
+        )
+
+    # -- distribution -----------------------------------------------------------------------------
+    def _nll(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
+        return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
+
+    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        # An evaluation API: never records statistics, even in training mode.
+        return -self._nll(hidden, targets, "none", ignore_index).view(targets.shape)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self._record(hidden, targets, ignore_index)
+        return self._nll(hidden, targets, reduction, ignore_index)
+
+    # -- statistics -------------------------------------------------------------------------------
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _record(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+        h = hidden.detach().reshape(-1, hidden.shape[-1])
+        t = targets.detach().reshape(-1).to(torch.int64)
+        if t.numel() != h.shape[0]:
+            raise ValueError(f"hidden has {h.shape[0]} positions but targets has {t.numel()}")
+        # Ignored positions go to the sentinel class `num_classes` (dropped when the stats are read)
+        # instead of being filtered by a boolean mask (one host sync fewer).
+        t = torch.where(t == ignore_index, torch.full_like(t, self.num_classes), t)
+        ids, inverse, n = torch.unique(t, return_inverse=True, return_counts=True)
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        sums = torch.zeros(ids.numel(), h.shape[1], dtype=dtype, device=h.device)
+        sums.index_add_(0, inverse, h.to(dtype))
+        new = (ids, n, sums)
+        self._stats = new if self._stats is None else _merge_stats([self._stats, new])
+
+    def pending_statistics(self) -> Stats | None:
+        """This rank's recorded ``(ids, counts, activation sums)`` since the last update (ignored
+        positions excluded), or None. For inspection and tests."""
+        if self._stats is None:
+            return None
+        ids, n, sums = self._stats
+        keep = ids < self.num_classes
+        return ids[keep], n[keep], sums[keep]
+
+    def clear_statistics(self) -> None:
+        self._stats = None
+
+    def _distributed(self) -> bool:
+        return self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+
+    def _all_gather_stats(self, stats: Stats | None) -> Stats | None:
+        group = self.process_group
+        world = dist.get_world_size(group)
+        device = self.weight.device
+        if stats is None:
+            stats = (
+                torch.zeros(0, dtype=torch.int64, device=device),
+                torch.zeros(0, dtype=torch.int64, device=device),
+                torch.zeros(0, self.in_features, dtype=torch.float32, device=device),
+            )
+        ids, n, sums = stats
+        # one small all-gather for each rank's U and whether its sums are fp64 (all ranks must send
+        # the same dtype: the widest wins)
+        meta = torch.tensor([ids.numel(), int(sums.dtype == torch.float64)], dtype=torch.int64, device=device)
+        all_meta = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(all_meta, meta, group=group)
+        meta_l = torch.stack(all_meta).tolist()
+        sizes_l = [m[0] for m in meta_l]
+        max_u = max(sizes_l)
+        if max_u == 0:
+            return None
+        dtype = torch.float64 if any(m[1] for m in meta_l) else torch.float32
+        ints = torch.zeros(2, max_u, dtype=torch.int64, device=device)
+        ints[0, : ids.numel()] = ids
+        ints[1, : ids.numel()] = n
+        fl = torch.zeros(max_u, self.in_features, dtype=dtype, device=device)
+        fl[: ids.numel()] = sums.to(dtype)
+        all_ints = [torch.empty_like(ints) for _ in range(world)]
+        all_fl = [torch.empty_like(fl) for _ in range(world)]
+        dist.all_gather(all_ints, ints, group=group)
+        dist.all_gather(all_fl, fl, group=group)
+        parts = [(all_ints[r][0, :u], all_ints[r][1, :u], all_fl[r][:u]) for r, u in enumerate(sizes_l)]
+        return _merge_stats(parts)
+
+    # -- the update -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def hebbian_update_(self) -> None:
+        """Apply the rule with the statistics recorded since the last call (after ``optimizer.step()``),
+        then clear them. A no-op when nothing is pending (except that under DDP every rank takes part
+        in the all-gather, so no rank can hang waiting for another)."""
+        stats = self.pending_statistics()  # without the ignore sentinel
+        self._stats = None
+        if self._distributed():
+            stats = self._all_gather_stats(stats)
+        if stats is None:
+            return
+        ids, n, sums = stats
+        hebbian_mix_(self.weight.data, self.counts, ids, n, sums, self.gamma, self.smoothing_limit, self.rescale)
+
+    def on_optimizer_step(self) -> None:
+        self.hebbian_update_()
