@@ -22,7 +22,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("softmax", ["full"])
+@pytest.mark.parametrize("softmax", ["full", "hebbian"])
 def test_two_process_gloo_matches_single_process(small_corpus, tmp_path, softmax):
     single, multi = tmp_path / "single", tmp_path / "ddp"
     run_script("train.py", "--data", str(small_corpus), "--out", str(single), "--softmax", softmax, *ARGS, check=True)
