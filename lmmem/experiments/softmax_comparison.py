@@ -68,7 +68,7 @@ def markdown(results: dict) -> str:
     lines += ["Test perplexity, mean ± standard deviation over seeds "
               f"{', '.join(map(str, results['seeds']))}; best checkpoint by validation loss.", ""]
     names = results["bucket_names"]
-    lines.append("| softmax | valid ppl | test ppl | " + " | ".join(f"{n}" for n in names) + " |")
+    lines.append("| model | valid ppl | test ppl | " + " | ".join(f"{n}" for n in names) + " |")
     lines.append("|---|---|---|" + "---|" * len(names))
     for sm, runs in results["runs"].items():
         row = [sm, spread([r["valid"]["perplexity"] for r in runs]), spread([r["test"]["perplexity"] for r in runs])]
@@ -76,7 +76,9 @@ def markdown(results: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     first = next(iter(results["runs"].values()))[0]["test"]
     lines.append("| token share | | | " + " | ".join(f"{100 * b['share']:.1f}%" for b in first["buckets"]) + " |")
-    lines += ["", "Per seed (test perplexity):", "", "| softmax | seed | steps | test ppl | " + " | ".join(names) + " |",
+    lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in results["variants"].items()),
+              f"preset `{results['preset']}`, {results['max_steps']} steps each."]
+    lines += ["", "Per seed (test perplexity):", "", "| model | seed | steps | test ppl | " + " | ".join(names) + " |",
               "|---|---|---|---|" + "---|" * len(names)]
     for sm, runs in results["runs"].items():
         for r in runs:
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
-    p.add_argument("--softmax", nargs="+", default=["full", "hebbian"])
+    p.add_argument("--variants", nargs="+", default=["full", "hebbian"],
+                   help="models to compare: a softmax name, or LABEL:key=value,... e.g. hebbian-T100:softmax=hebbian,hebbian_T=100")
     p.add_argument("--train-args", default="", help="extra train.py flags as KEY=VALUE pairs, e.g. 'lr=1e-3 hebbian_T=100'")
     p.add_argument("--eval-batch-size", type=int, default=16)
     args = p.parse_args(argv)
@@ -116,12 +119,13 @@ def main(argv=None) -> int:
         steps_run.append(" ".join(prepare(args.corpus, args.source, data_dir, args.prep_args.split())))
     extra = dict(kv.split("=", 1) for kv in args.train_args.split())
     buckets = FrequencyBuckets()
-    runs: dict[str, list[dict]] = {sm: [] for sm in args.softmax}
+    variants = dict(parse_variant(v) for v in args.variants)
+    runs: dict[str, list[dict]] = {label: [] for label in variants}
     for seed in args.seeds:
-        for sm in args.softmax:
+        for sm, overrides in variants.items():
             out = work / f"{sm}-seed{seed}"
             flags = {"data": str(data_dir), "out": str(out), "preset": args.preset, "softmax": sm, "seed": seed,
-                     "max_steps": args.max_steps, **extra}
+                     "max_steps": args.max_steps, **extra, **overrides}
             cfg = config_from_args({k: _coerce(k, v) for k, v in flags.items()})
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
             t0 = time.monotonic()
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
             print(f"{sm} seed {seed}: valid ppl {record['valid']['perplexity']:.2f}, test ppl {record['test']['perplexity']:.2f}")
     results = {
         "corpus": args.corpus, "source": args.source, "preset": args.preset, "seeds": args.seeds,
-        "bucket_names": buckets.names, "runs": runs, "command": "python -m lmmem.experiments.softmax_comparison " + " ".join(argv or sys.argv[1:]),
+        "bucket_names": buckets.names, "runs": runs, "variants": variants, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + " ".join(argv or sys.argv[1:]),
         "steps": steps_run,
         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
@@ -149,6 +153,15 @@ def main(argv=None) -> int:
     plot_bucketed_perplexity(means, work / "results.png", title=f"{args.corpus}: test perplexity by training frequency")
     print((work / "results.md").read_text())
     return 0
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'hebbian' → ('hebbian', {'softmax': 'hebbian'}); 'h-T100:softmax=hebbian,hebbian_T=100' →
+    ('h-T100', {'softmax': 'hebbian', 'hebbian_T': '100'})."""
+    label, _, rest = spec.partition(":")
+    overrides = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
+    overrides.setdefault("softmax", label)
+    return label, overrides
 
 
 def _coerce(key: str, value):
