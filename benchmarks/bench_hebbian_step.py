@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import peak_rss_mib, write_results  # noqa: E402
 from lmmem.models import ModelConfig, build_model  # noqa: E402
 
 BATCH, BPTT = 32, 35
@@ -138,17 +136,6 @@ def throughput(vocab: int, device: torch.device, warmup: int, steps: int) -> dic
     }
 
 
-def peak_rss_mib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def memory_child(vocab: int, softmax: str, device: str, steps: int) -> None:
     """Runs in a fresh process; prints one JSON line."""
     dev = torch.device(device)
@@ -218,19 +205,12 @@ def main() -> None:
         )
 
     result = {
-        "benchmark": "bench_hebbian_step",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
         "shapes": {"batch": BATCH, "bptt": BPTT, "embed_dim": 128, "hidden_dim": 256, "proj_dim": 128, "tied": True, "optimizer": "SGD"},
         "results": rows,
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"bench_hebbian_step_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    out = write_results(f"bench_hebbian_step_{device.type}", result, args.out)
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --preset wt103-paper --vocab 267735 --device cuda   # GPU
 
 Each (preset, vocabulary, softmax) runs in a fresh subprocess so peak memory is its own
-(ru_maxrss on CPU, torch.cuda.max_memory_allocated on GPU). Time per step is the median over the
+(VmHWM on CPU, torch.cuda.max_memory_allocated on GPU). Time per step is the median over the
 timed steps after warm-up. Softmaxes are measured in the same run and reported as ratios to full.
 Random token streams stand in for text: the step's cost does not depend on which words they are.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import markdown_table, write_results  # noqa: E402
+from benchmarks.common import markdown_table, peak_rss_mib, write_results  # noqa: E402
 
 
 def worker(args) -> dict:
@@ -61,8 +60,7 @@ def worker(args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_mib() * 2**20
     return {"preset": args.preset, "vocab": args.vocab, "softmax": args.softmax, "device": str(device),
             "tokens_per_step": rows * bptt, "ms_per_step": 1e3 * t, "tokens_per_s": rows * bptt / t,
             "peak_mem_mb": peak / 2**20, "steps_timed": len(times), "threads": torch.get_num_threads()}

@@ -73,6 +73,8 @@ def plot_bucketed_perplexity(reports: dict[str, PerplexityReport], path: str | P
     labels = [groups[0]] + [f"{b.name}\n{100 * b.share:.1f}% of tokens" for b in first.buckets]
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 4)  # head-room for the rotated value labels
     ax.set_ylabel("perplexity (log scale)")
     ax.set_xlabel("target word's training frequency")
     ax.set_title(title or "Perplexity by training frequency")

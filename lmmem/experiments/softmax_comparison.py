@@ -26,7 +26,7 @@ import torch
 
 from lmmem.evaluation import FrequencyBuckets, PerplexityReport, evaluate_checkpoint, plot_bucketed_perplexity, write_json
 from lmmem.evaluation.perplexity import BucketResult
-from lmmem.training import config_from_args, train
+from lmmem.training import config_from_args, load_checkpoint, train
 
 
 def prepare(corpus: str, source: str, data_dir: Path, extra: list[str]) -> list[str]:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             cfg = config_from_args({k: _coerce(k, v) for k, v in flags.items()})
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
             t0 = time.monotonic()
-            if not (out / "best.pt").is_file() or json.loads((out / "config.json").read_text())["train"]["max_steps"] != cfg.max_steps:
+            if not finished(out, cfg):
                 train(cfg)
             minutes = (time.monotonic() - t0) / 60
             record = {"seed": seed, "steps": cfg.max_steps, "train_minutes": round(minutes, 2)}
@@ -153,6 +153,25 @@ def main(argv=None) -> int:
     plot_bucketed_perplexity(means, work / "results.png", title=f"{args.corpus}: test perplexity by training frequency")
     print((work / "results.md").read_text())
     return 0
+
+
+def finished(out: Path, cfg) -> bool:
+    """A run is reused only when it completed with exactly these settings (a run that was
+    interrupted, or trained with other flags, is trained again from scratch)."""
+    last = out / "last.pt"
+    if not last.is_file() or not (out / "best.pt").is_file():
+        return False
+    from dataclasses import fields
+
+    from lmmem.training import TrainConfig
+
+    ckpt = load_checkpoint(last)
+    known = {f.name for f in fields(TrainConfig)}
+    ignore = ("resume", "progress", "out")
+    # fill options added since the run was made with their defaults
+    saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    return saved == wanted and ckpt["progress"]["step"] >= cfg.max_steps
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:

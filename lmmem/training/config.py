@@ -39,6 +39,7 @@ class TrainConfig:
     tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and softmax weights"})
     hebbian_gamma: float = field(default=0.01, metadata={"help": "Hebbian softmax: minimum mixing rate gamma"})
     hebbian_T: int = field(default=500, metadata={"help": "Hebbian softmax: smoothing limit T (occurrences after which only gradients train a row)"})
+    hebbian_rescale: bool = field(default=False, metadata={"help": "Hebbian softmax: scale the mean activation to the row's norm before mixing"})
     # optimisation
     batch_size: int = field(default=32, metadata={"help": "global batch (rows of text), split across processes"})
     bptt: int = field(default=35, metadata={"help": "truncated-BPTT length (tokens per row per step)"})
@@ -64,7 +65,7 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         softmax_options: dict[str, Any] = {}
         if self.softmax == "hebbian":
-            softmax_options = {"gamma": self.hebbian_gamma, "smoothing_limit": self.hebbian_T}
+            softmax_options = {"gamma": self.hebbian_gamma, "smoothing_limit": self.hebbian_T, "rescale": self.hebbian_rescale}
         return ModelConfig(
             arch=self.arch,
             vocab_size=vocab_size,

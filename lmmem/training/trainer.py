@@ -45,7 +45,7 @@ from lmmem.training.config import TrainConfig, validate
 # Fields that define the model or the data stream: a resumed run must keep them.
 _FIXED_ON_RESUME = (
     "data", "arch", "softmax", "embed_dim", "hidden_dim", "num_layers", "proj_dim", "num_heads", "tie_weights",
-    "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T",
+    "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T", "hebbian_rescale",
 )
 
 
