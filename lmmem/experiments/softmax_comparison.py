@@ -130,7 +130,9 @@ def main(argv=None) -> int:
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
             t0 = time.monotonic()
             if not finished(out, cfg):
-                train(cfg)
+                if train(cfg).stopped_by == "interrupt":
+                    print(f"interrupted: {out} is incomplete; run the same command again to redo it")
+                    return 130
             minutes = (time.monotonic() - t0) / 60
             record = {"seed": seed, "steps": cfg.max_steps, "train_minutes": round(minutes, 2)}
             for split in ("valid", "test"):
