@@ -5,7 +5,7 @@ Omniglot) in spirit, on procedural glyphs (:mod:`lmmem.data.glyphs`) so that it 
 real Omniglot via ``--omniglot PATH_OR_NAME``:
 
 1. **Background phase** (same for all methods): ``background_steps`` mini-batches drawn at random from
-   ``background_classes`` classes with many samples each, so the convnet learns stroke features.
+   ``background_classes`` classes with a few samples each, so the convnet learns stroke features.
    (Our addition, like Omniglot's background split; the memory is *not* reset afterwards.)
 2. **Curriculum**: ``num_classes`` new classes are introduced over time; each appears only
    ``presentations`` times, at random gaps (exponential, mean ``mean_gap`` stream items, at least
@@ -23,7 +23,9 @@ since the class was last seen. Methods, all with the same convnet, steps and bat
 * ``kv_memory``   — :class:`~lmmem.memories.kv_memory.KeyValueMemory` (Kaiser et al. 2017), Adam on
   convnet + controller with the memory loss;
 * ``kv_memory_sg``— the same memory whose controller is trained by synthetic gradients at a fast
-  learning rate, the convnet at a slow one (:mod:`lmmem.memories.synthetic_gradients`).
+  learning rate, the convnet at a slow one (:mod:`lmmem.memories.synthetic_gradients`);
+* ``pixel_nn``    — a reference without learning: the label of the most similar (cosine, mean-removed
+  pixels) of all training images seen so far (an unbounded memory on raw pixels).
 
 A text counterpart, :func:`name_recall`, measures top-1 accuracy at the 2nd/3rd occurrence of a name
 within a document of the embedded synthetic corpus (:mod:`lmmem.data.synthetic`).
@@ -37,7 +39,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ from lmmem.memories.synthetic_gradients import FastSlowConfig, FastSlowMemoryLea
 from lmmem.output_layers.full_softmax import FullSoftmax
 from lmmem.output_layers.hebbian_softmax import HebbianSoftmax
 
-METHODS = ("softmax", "hebbian", "kv_memory", "kv_memory_sg")
+METHODS = ("softmax", "hebbian", "kv_memory", "kv_memory_sg", "pixel_nn")
 GAP_BUCKETS = (0, 50, 150, 400)  # items since last seen: [0,50), [50,150), [150,400), [400,∞)
 
 
@@ -60,22 +62,27 @@ class CurriculumConfig:
     seed: int = 0
     num_classes: int = 300  # classes introduced during the curriculum
     presentations: int = 5  # times each is shown
-    background_classes: int = 100
-    background_samples: int = 20
-    background_steps: int = 300
+    background_classes: int = 1000  # many classes, few samples each: 100 × 20 overfit the convnet (see docs)
+    background_samples: int = 5
+    background_steps: int = 1500
     batch_size: int = 16
     mean_gap: float = 80.0  # stream items between two presentations of a class (mean)
     min_gap: int = 32  # in the stream's time units (≈ items): two presentations rarely share a batch
     image_size: int = 28
     embed: int = 64  # convnet output features
     lr: float = 1e-3  # Adam, all but the synthetic-gradient learner
+    softmax_bias: bool = False  # see _SoftmaxLearner
     hebbian_gamma: float = 0.01
     hebbian_smoothing_limit: int = 100
     memory_size: int = 4096
     memory_k: int = 64
     key_size: int = 64
     memory_margin: float = 0.1
-    sg: FastSlowConfig = field(default_factory=lambda: FastSlowConfig(fast_lr=0.05, slow_lr=0.01, sg_lr=1e-3))
+    # The synthetic-gradient learner uses SGD with momentum (Adam on the controller, which normalises the
+    # predicted gradients' scale, wrecked the controller in our runs), so it does not use ``lr``.
+    sg_fast_lr: float = 0.05  # controller (query projection)
+    sg_slow_lr: float = 0.01  # convnet
+    sg_lr: float = 1e-3  # feedback path (Adam)
     sg_hidden: int = 128
     methods: tuple[str, ...] = METHODS
 
@@ -185,10 +192,15 @@ class _Learner:
 
 
 class _SoftmaxLearner(_Learner):
+    """Softmax over all classes (background + curriculum). No bias by default: while a class is unseen
+    the softmax gradient drives its bias down at every step, and the Hebbian rule (which writes rows,
+    not biases) cannot undo that when the class finally appears."""
+
     def __init__(self, cfg: CurriculumConfig, total: int, hebbian: bool):
         self.net = ConvNet(cfg.image_size, cfg.embed)
-        self.head = (HebbianSoftmax(cfg.embed, total, gamma=cfg.hebbian_gamma, smoothing_limit=cfg.hebbian_smoothing_limit)
-                     if hebbian else FullSoftmax(cfg.embed, total))
+        self.head = (HebbianSoftmax(cfg.embed, total, gamma=cfg.hebbian_gamma, smoothing_limit=cfg.hebbian_smoothing_limit,
+                                    bias=cfg.softmax_bias)
+                     if hebbian else FullSoftmax(cfg.embed, total, bias=cfg.softmax_bias))
         self.opt = torch.optim.Adam([*self.net.parameters(), *self.head.parameters()], lr=cfg.lr)
         self.head.attach_to_optimizer(self.opt)  # the Hebbian rule runs after every step (no-op for FullSoftmax)
 
@@ -226,14 +238,38 @@ class _SGMemoryLearner(_Learner):
         net = ConvNet(cfg.image_size, cfg.embed)
         mem = KeyValueMemory(KVMemoryConfig(cfg.embed, total, key_size=cfg.key_size, memory_size=cfg.memory_size,
                                             k=cfg.memory_k, margin=cfg.memory_margin, seed=cfg.seed))
-        sg = SyntheticGradient(cfg.key_size, total if cfg.sg.condition_on_label else 0, cfg.sg_hidden)
-        self.learner = FastSlowMemoryLearner(net, mem, sg, cfg.sg)
+        sg = SyntheticGradient(cfg.key_size, total, cfg.sg_hidden)
+        fs = FastSlowConfig(fast_lr=cfg.sg_fast_lr, slow_lr=cfg.sg_slow_lr, sg_lr=cfg.sg_lr, optimizer="sgd")
+        self.learner = FastSlowMemoryLearner(net, mem, sg, fs)
 
     def predict(self, x):
         return self.learner.predict(x)
 
     def train(self, x, y):
         self.learner.step(x, y)
+
+
+class _PixelNNLearner(_Learner):
+    """Nearest neighbour on raw pixels over every training image seen so far (no parameters)."""
+
+    def __init__(self, cfg: CurriculumConfig, total: int):
+        self.keys: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    @staticmethod
+    def _embed(x):
+        f = x.flatten(1)
+        return F.normalize(f - f.mean(1, keepdim=True), dim=1)
+
+    def predict(self, x):
+        if not self.keys:
+            return torch.full((x.shape[0],), -1, dtype=torch.long)
+        self.keys, self.labels = [torch.cat(self.keys)], [torch.cat(self.labels)]
+        return self.labels[0][(self._embed(x) @ self.keys[0].T).argmax(1)]
+
+    def train(self, x, y):
+        self.keys.append(self._embed(x))
+        self.labels.append(y.clone())
 
 
 def make_learner(method: str, cfg: CurriculumConfig, total: int) -> _Learner:
@@ -245,6 +281,8 @@ def make_learner(method: str, cfg: CurriculumConfig, total: int) -> _Learner:
         return _MemoryLearner(cfg, total)
     if method == "kv_memory_sg":
         return _SGMemoryLearner(cfg, total)
+    if method == "pixel_nn":
+        return _PixelNNLearner(cfg, total)
     raise LmmemError(f"unknown method {method!r}; choose from {METHODS}")
 
 
@@ -280,7 +318,9 @@ def summarise(result: dict, stream: dict[str, np.ndarray], cfg: CurriculumConfig
     edges = list(GAP_BUCKETS) + [np.inf]
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = later & (since >= lo) & (since < hi)
-        row[f"gap {lo}-{'' if np.isinf(hi) else int(hi)}"] = float(correct[m].mean()) if m.any() else float("nan")
+        key = f"gap {lo}-{'' if np.isinf(hi) else int(hi)}"
+        row[key] = float(correct[m].mean()) if m.any() else float("nan")
+        row.setdefault("items_per_gap_bucket", {})[key] = int(m.sum())
     row["seconds"] = result["seconds"]
     return row
 
@@ -296,7 +336,7 @@ def run_curriculum(cfg: CurriculumConfig = CurriculumConfig(), pools: GlyphPools
         res = run_method(m, cfg, pools, stream)
         rows.append(summarise(res, stream, cfg))
         if log:
-            log(f"{m}: " + ", ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if k != "method"))
+            log(f"{m}: " + ", ".join(f"{k}={v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)))
     cdict = asdict(cfg)
     return {"config": cdict, "rows": rows, "stream_items": int(len(stream["cls"])),
             "gap_stats": {"mean": float(stream["since"][stream["since"] >= 0].mean()) if cfg.presentations > 1 else None}}
@@ -308,16 +348,21 @@ def plot(rows: list[dict], presentations: int, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
     js = list(range(1, presentations + 1))
+    lrs = sorted({r["lr"] for r in rows if isinstance(r.get("lr"), float)}, reverse=True)
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for r in rows:
-        ax.plot(js, [r[f"acc@{j}"] for j in js], marker="o", label=r["method"])
+        lr = r.get("lr")
+        style = ["-", "--", ":", "-."][lrs.index(lr) % 4] if isinstance(lr, float) else "-"
+        label = f"{r['method']} (lr {lr:g})" if isinstance(lr, float) and len(lrs) > 1 else r["method"]
+        ax.plot(js, [r[f"acc@{j}"] for j in js], style, marker="o", ms=3, color=colors.get(r["method"]), label=label)
     ax.set_xlabel("presentation of the class")
     ax.set_ylabel("top-1 accuracy")
     ax.set_xticks(js)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -379,11 +424,18 @@ def bigram_predictor(train_docs: list[np.ndarray], vocab_size: int, cache_names:
     "slow" model that cannot know a document's names). With ``cache_names`` (the ``is_name`` mask),
     after a token that precedes names in train more often than not, it predicts the name most recently
     seen in the document instead (a minimal episodic memory)."""
-    counts = np.zeros((vocab_size, vocab_size), dtype=np.int32)
-    for d in train_docs:
-        np.add.at(counts, (d[:-1], d[1:]), 1)
-    best = counts.argmax(1)
-    name_next = (counts[:, cache_names].sum(1) * 2 > counts.sum(1)) if cache_names is not None else None
+    # Sparse bigram counts (a V×V table would be hundreds of MB): unique (prev, next) pairs.
+    pairs = np.concatenate([d[:-1] * vocab_size + d[1:] for d in train_docs if len(d) > 1])
+    keys, n = np.unique(pairs, return_counts=True)
+    prev, nxt = keys // vocab_size, keys % vocab_size
+    order = np.lexsort((-n, prev))  # per prev, the most frequent successor first
+    first = np.unique(prev[order], return_index=True)[1]
+    best = np.zeros(vocab_size, dtype=np.int64)
+    best[prev[order][first]] = nxt[order][first]
+    name_next = None
+    if cache_names is not None:
+        to_name = np.bincount(prev, weights=n * cache_names[nxt], minlength=vocab_size)
+        name_next = to_name * 2 > np.bincount(prev, weights=n, minlength=vocab_size)
 
     def predict(doc: np.ndarray) -> np.ndarray:
         pred = best[doc[:-1]].copy()
@@ -399,8 +451,8 @@ def bigram_predictor(train_docs: list[np.ndarray], vocab_size: int, cache_names:
     return predict
 
 
-def text_name_recall(seed: int = 0) -> list[dict]:
-    train, test, words, is_name = synthetic_documents(seed)
+def text_name_recall(seed: int = 0, train_tokens: int = 100_000, test_tokens: int = 40_000) -> list[dict]:
+    train, test, words, is_name = synthetic_documents(seed, train_tokens, test_tokens)
     rows = []
     for label, cache in (("bigram counts", None), ("bigram + document name cache", is_name)):
         rows.append({"model": label, **name_recall(bigram_predictor(train, len(words), cache), test, is_name)})
@@ -415,6 +467,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--background-steps", type=int, default=CurriculumConfig.background_steps)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4],
+                    help="Adam learning rates to run every method at (the methods prefer different ones)")
     ap.add_argument("--omniglot", help="hub name or local folder/parquet of Omniglot (instead of procedural glyphs)")
     ap.add_argument("--no-text", action="store_true", help="skip the synthetic-text name-recall table")
     ap.add_argument("--threads", type=int, default=1,
@@ -428,7 +482,22 @@ def main(argv=None) -> dict:
     if args.omniglot:
         images, labels = load_omniglot(args.omniglot, image_size=cfg.image_size)
         pools = pools_from_dataset(images, labels, cfg)
-    out = run_curriculum(cfg, pools, log=print)
+    if pools is None:
+        pools = procedural_pools(cfg)
+    out = None
+    for i, lr in enumerate(args.lrs):
+        # kv_memory_sg has its own SGD learning rates and pixel_nn none: run them once.
+        methods = cfg.methods if i == 0 else tuple(m for m in cfg.methods if m not in ("kv_memory_sg", "pixel_nn"))
+        if not methods:
+            continue
+        res = run_curriculum(replace(cfg, lr=lr, methods=methods), pools, log=lambda s, lr=lr: print(f"lr={lr:g} {s}", flush=True))
+        for r in res["rows"]:
+            r["lr"] = {"kv_memory_sg": f"sgd {cfg.sg_fast_lr:g}/{cfg.sg_slow_lr:g}", "pixel_nn": "-"}.get(r["method"], lr)
+        if out is None:
+            out = res
+            out["config"]["lr"] = list(args.lrs)
+        else:
+            out["rows"] += res["rows"]
     out["data"] = args.omniglot or "procedural glyphs"
     if not args.no_text:
         out["text_rows"] = text_name_recall(args.seed)
