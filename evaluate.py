@@ -4,6 +4,14 @@
 
 Prints a table, writes the same numbers as JSON (--json) and a bar chart (--plot, or next to the
 JSON when matplotlib is installed). The work is done by lmmem.evaluation.evaluate_checkpoint().
+
+Test-time methods, side by side with the plain model in one table/JSON/chart:
+
+    python evaluate.py runs/wt103/best.pt --cache --mbpa --dynamic --tune --json eval.json
+
+--cache (neural cache, Grave et al. 2017), --mbpa (memory-based parameter adaptation of the softmax,
+Sprechmann et al. 2018; with --cache also +cache+mbpa), --dynamic (dynamic evaluation, Krause et al.
+2018), --tune (choose θ and the λs on the valid split, then score the requested split).
 """
 
 import argparse
@@ -12,7 +20,10 @@ from pathlib import Path
 
 from lmmem.cli import run_cli
 from lmmem.errors import LmmemError
-from lmmem.evaluation import FrequencyBuckets, evaluate_checkpoint, format_table, plot_bucketed_perplexity, write_json
+from lmmem.evaluation import (
+    DynamicConfig, FrequencyBuckets, evaluate_checkpoint, evaluate_methods, format_table, plot_bucketed_perplexity, write_json,
+)
+from lmmem.memories import CacheConfig, MbPAConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +39,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens, 0 for all")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--name", default=None, help="method name in the table and chart")
+    m = p.add_argument_group("test-time methods")
+    m.add_argument("--cache", action="store_true", help="add the neural cache (Grave et al. 2017)")
+    m.add_argument("--cache-window", type=int, default=CacheConfig.window, help="cache size W (pairs per stream)")
+    m.add_argument("--cache-theta", type=float, default=CacheConfig.theta, help="cache flatness θ")
+    m.add_argument("--cache-lambda", type=float, default=CacheConfig.lam, help="cache interpolation λ")
+    m.add_argument("--mbpa", action="store_true", help="add MbPA of the softmax (Sprechmann et al. 2018)")
+    m.add_argument("--mbpa-k", type=int, default=MbPAConfig.k, help="neighbours K")
+    m.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps, help="adaptation steps")
+    m.add_argument("--mbpa-lr", type=float, default=MbPAConfig.lr, help="adaptation learning rate η")
+    m.add_argument("--mbpa-alpha", type=float, default=MbPAConfig.alpha, help="pull α towards the trained softmax")
+    m.add_argument("--mbpa-eps", type=float, default=MbPAConfig.eps, help="ε of the kernel 1/(ε + d²)")
+    m.add_argument("--mbpa-memory", type=int, default=MbPAConfig.memory, help="memory size (pairs per stream)")
+    m.add_argument("--mbpa-lambda", type=float, default=MbPAConfig.lam, help="MbPA interpolation λ")
+    m.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
+                   help="0: adapt every output row (exact MbPA, ~100× the plain evaluation on CPU); N: adapt only the rows "
+                        "of the query's top-N words and the neighbours' next words (≈5× at N=128)")
+    m.add_argument("--dynamic", action="store_true", help="add dynamic evaluation (Krause et al. 2018)")
+    m.add_argument("--dynamic-method", default=DynamicConfig.method, choices=["sgd", "rms"], help="update rule")
+    m.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr, help="dynamic-evaluation learning rate")
+    m.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay, help="decay towards the trained weights")
+    m.add_argument("--dynamic-segment", type=int, default=None, help="segment length (default: --bptt)")
+    m.add_argument("--tune", action="store_true", help="choose θ and the λs on the valid split")
+    m.add_argument("--streams", type=int, default=None,
+                   help="cut the split into this many independent streams (default: --batch-size); a multiple of "
+                        "--batch-size; the scores depend on --streams only, not on --batch-size")
     return p
+
+
+def _methods(args, buckets) -> int:
+    try:
+        cache = CacheConfig(args.cache_window, args.cache_theta, args.cache_lambda) if args.cache else None
+        mbpa = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, lr=args.mbpa_lr, alpha=args.mbpa_alpha, eps=args.mbpa_eps,
+                          memory=args.mbpa_memory, lam=args.mbpa_lambda, vocab=args.mbpa_vocab) if args.mbpa else None
+        dynamic = DynamicConfig(method=args.dynamic_method, lr=args.dynamic_lr, decay=args.dynamic_decay,
+                                segment=args.dynamic_segment) if args.dynamic else None
+    except ValueError as e:
+        raise LmmemError(str(e)) from None
+    reports, meta = evaluate_methods(
+        args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, streams=args.streams, bptt=args.bptt,
+        buckets=buckets, device=args.device, max_tokens=args.max_tokens, cache=cache, mbpa=mbpa, dynamic=dynamic,
+        tune=args.tune, progress=sys.stderr.isatty(),
+    )
+    base = args.name or f"{meta['model']['arch']} + {meta['model']['softmax']} softmax"
+    named = {(base if m == "plain" else f"{base} {m}"): r for m, r in reports.items()}
+    print(f"{args.checkpoint} on {meta['data']} [{args.split}], {reports['plain'].tokens:,} tokens")
+    if meta.get("tuned"):
+        print("tuned on valid: " + "; ".join(f"{m}: {c}" for m, c in meta["tuned"]["choice"].items()))
+    print(format_table(named))
+    if args.json:
+        write_json({**meta, **reports["plain"].to_dict(), "methods": {m: r.to_dict() for m, r in reports.items()}}, args.json)
+        print(f"wrote {args.json}")
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        written = plot_bucketed_perplexity(named, plot, title=f"{base} — {args.split}")
+        print(f"wrote {written}" if written else "matplotlib is not installed: no chart (pip install lmmem[plot])")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -37,6 +103,10 @@ def main(argv=None) -> int:
         buckets = FrequencyBuckets.parse(args.buckets)
     except ValueError as e:
         raise LmmemError(str(e)) from None
+    if args.cache or args.mbpa or args.dynamic or args.streams:
+        return _methods(args, buckets)
+    if args.tune:
+        raise LmmemError("--tune needs --cache and/or --mbpa")
     result = evaluate_checkpoint(
         args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size, bptt=args.bptt,
         buckets=buckets, device=args.device, max_tokens=args.max_tokens, progress=sys.stderr.isatty(),

@@ -9,6 +9,8 @@ from pathlib import Path
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation.perplexity import DEFAULT_BUCKET_EDGES, FrequencyBuckets, PerplexityReport, score_stream
 from lmmem.evaluation.report import format_table, plot_bucketed_perplexity, write_json
+from lmmem.evaluation.test_time import TestTimeScores, evaluate_methods, score_test_time
+from lmmem.evaluation.dynamic import DynamicConfig, score_dynamic
 from lmmem.training.checkpoint import check_vocab_matches, load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
 
@@ -67,6 +69,7 @@ def evaluate_checkpoint(
 
 
 __all__ = [
-    "DEFAULT_BUCKET_EDGES", "EvalResult", "FrequencyBuckets", "PerplexityReport", "evaluate_checkpoint",
-    "format_table", "plot_bucketed_perplexity", "score_stream", "write_json",
+    "DEFAULT_BUCKET_EDGES", "DynamicConfig", "EvalResult", "FrequencyBuckets", "PerplexityReport", "evaluate_checkpoint",
+    "TestTimeScores", "evaluate_methods", "format_table", "plot_bucketed_perplexity", "score_dynamic", "score_stream",
+    "score_test_time", "write_json",
 ]

@@ -1,0 +1,325 @@
+"""Memory-based parameter adaptation (Sprechmann et al., "Memory-based Parameter Adaptation",
+ICLR 2018) of the softmax layer, exact and batched.
+
+Memory: per stream, the last ``M`` pairs (key = final activation ``h_i``, value = next word
+``w_{i+1}``), filled from the evaluation stream as it is read (a bounded buffer: see
+:class:`lmmem.memories.neural_cache.StreamMemory`). For the query ``h`` at position ``t``:
+
+1. retrieve the ``K`` nearest keys among the ``M`` pairs preceding ``t`` (Euclidean distance),
+   ``w_k = 1 / (ε + ‖h − h_k‖²)``;
+2. starting from the output layer ``θ = (W, b)``, take ``steps`` gradient-ascent steps of
+   learning rate ``η`` on ``L(θ′) = Σ_k w_k log p(v_k | h_k; θ′) − (α/2) ‖θ′ − θ‖²``
+   (``‖·‖²`` over weight and bias);
+3. score position ``t`` with ``θ′``; discard ``θ′`` (the model never changes).
+
+The fast computation
+--------------------
+For a linear softmax, ``∇_W L = Σ_k g_k h_kᵀ − α (W′ − W)`` and ``∇_b L = Σ_k g_k − α (b′ − b)``
+with ``g_k = w_k (onehot(v_k) − softmax(W′ h_k + b′))``. Starting from ``W′ = W``, every update
+lies in the span of the neighbours' keys, so after any number of steps::
+
+    W′ − W = Σ_k A_k h_kᵀ        b′ − b = c        (A: K × V coefficient rows, c: V)
+
+and one step is ``A ← (1 − ηα) A + η g``, ``c ← (1 − ηα) c + η Σ_k g_k``. The logits the step needs
+are those of the neighbours under ``θ′``::
+
+    z_k = (W h_k + b) + Σ_j (h_k · h_j) A_j + c   =   z⁰_k + (G A)_k + c,   G = H Hᵀ (K × K),
+
+so a step costs a ``K × K`` by ``K × V`` product and a softmax over ``K × V``, never a ``V × D``
+update; the query's logits are ``W h + b + Σ_k (h_k · h) A_k + c``. Many queries are adapted in one
+batched computation (``(q, K, V)`` tensors; ``q`` bounded by ``max_elements``).
+``mbpa_reference`` is the per-query autograd version; the tests check both agree to 1e-8 in
+float64.
+
+Cost: ``K·V·(D + steps·(K + O(1)))`` per query, against ``V·D`` for the plain softmax: the
+adaptation is inherently ``K × V`` per step (every neighbour's full distribution is needed), which
+is what bounds its speed.
+
+Restricted adaptation (``vocab = N > 0``)
+-----------------------------------------
+The exact adaptation costs ``steps·K²·V`` per query — at ``K = 32``, 5 steps that is 40× the
+``D·V`` of the plain softmax at ``D = 128`` (10× at ``D = 512``) before counting the ``K·V``
+exponentials, so no exact implementation can run within a few times the plain evaluation.
+``vocab = N`` solves a slightly different, well-defined problem exactly: only the output rows (and
+bias entries) of a per-query candidate set ``C`` are adapted — ``C`` = the ``N`` most likely words
+under the query's unadapted distribution ∪ the neighbours' next words — and every other row stays
+at ``θ``. Its objective is MbPA's with the gradient projected onto ``C``; the normalisers still run
+over the whole vocabulary, with the frozen rows' mass taken from the stored log-normaliser of each
+key's base logits (one float per memory entry) and of the query: ``Z_k = Z⁰_k − Σ_{c∈C} e^{z⁰_kc} +
+Σ_{c∈C} e^{z_kc}``. Cost per query ``steps·K²·|C| + K·|C|·D``. With ``C`` = the whole vocabulary it is
+exact MbPA (tested); for ``N < V`` the tests compare it with a per-query autograd version whose
+gradient is masked to ``C``.
+
+Defaults (``K = 32``, ``steps = 5``) follow the issue and Rae et al. 2018's use of MbPA on top of
+the cache; ``η``, ``α``, ``ε`` are not given in the papers in a form that transfers (they depend on
+the scale of the activations) and should be tuned on validation; ``M = 2000`` matches the cache.
+Neighbours with no pair behind them (fewer than ``K`` stored) get weight 0; a query with no
+neighbour at all is scored by the unadapted model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmmem.memories.neural_cache import StreamMemory
+
+
+@dataclass
+class MbPAConfig:
+    k: int = 32
+    steps: int = 5
+    lr: float = 0.1
+    alpha: float = 0.5
+    eps: float = 1e-3
+    memory: int = 2000
+    lam: float = 0.1
+    vocab: int = 0  # 0: adapt every output row (exact MbPA); N > 0: only the rows of the candidate set
+    max_elements: int = 1 << 24  # bound on q·K·V of one batched adaptation
+
+    def __post_init__(self):
+        if self.k <= 0 or self.steps < 0 or self.memory <= 0:
+            raise ValueError(f"MbPA needs K > 0, steps >= 0 and a positive memory size (got {self.k}, {self.steps}, {self.memory})")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"the MbPA λ must be in [0, 1], got {self.lam}")
+        if self.vocab < 0:
+            raise ValueError(f"the MbPA candidate vocabulary must be >= 0, got {self.vocab}")
+
+
+def adapted_log_probs(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
+    weight: torch.Tensor, bias: torch.Tensor | None, *, steps: int, lr: float, alpha: float,
+    base_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log-distribution ``(q, V)`` of ``q`` queries ``(q, D)`` under their own adapted softmax.
+
+    ``keys`` ``(q, K, D)``, ``values`` ``(q, K)`` (any valid class where the weight is 0),
+    ``weights`` ``(q, K)``; ``weight`` ``(V, D)``, ``bias`` ``(V,)`` or None (then the bias is not
+    adapted either). ``base_logits`` ``(q, V)`` may be passed to save recomputing ``W h + b``.
+    """
+    dt = torch.promote_types(query.dtype, torch.float32)
+    query, keys, weights = query.to(dt), keys.to(dt), weights.to(dt)
+    W = weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    zq = base_logits.to(dt) if base_logits is not None else torch.nn.functional.linear(query, W, b)
+    if steps == 0:
+        return torch.log_softmax(zq, -1)
+    z0 = torch.nn.functional.linear(keys, W, b)  # (q, K, V)
+    G = torch.bmm(keys, keys.transpose(1, 2))  # (q, K, K)
+    A = torch.zeros_like(z0)
+    c = torch.zeros_like(zq) if b is not None else None
+    keep = 1.0 - lr * alpha
+    for s in range(steps):
+        z = z0 if s == 0 else torch.baddbmm(z0, G, A)
+        if c is not None and s:
+            z = z + c[:, None, :]
+        g = torch.softmax(z, -1).mul_(-weights[..., None])  # w_k (onehot(v_k) − p_k)
+        g.scatter_add_(2, values[..., None], weights[..., None])
+        A.mul_(keep).add_(g, alpha=lr)
+        if c is not None:
+            c.mul_(keep).add_(g.sum(1), alpha=lr)
+    hq = torch.bmm(keys, query[:, :, None])[..., 0]  # (q, K): h_k · h
+    zq = zq + torch.bmm(hq[:, None, :], A)[:, 0]
+    if c is not None:
+        zq = zq + c
+    return torch.log_softmax(zq, -1)
+
+
+def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate words ``(q, n + K)`` (top-n of ``zq`` then the neighbours' values) and which slots
+    are active (a value already among the top-n or repeated, or of a missing neighbour, is inactive)."""
+    n = min(n, zq.shape[-1])
+    top = torch.topk(zq, n, dim=-1, sorted=False).indices
+    K = values.shape[1]
+    in_top = (values[:, :, None] == top[:, None, :]).any(-1)
+    earlier = torch.ones(K, K, dtype=torch.bool, device=values.device).tril(-1)
+    dup = ((values[:, :, None] == values[:, None, :]) & earlier).any(-1)
+    active = torch.cat([torch.ones_like(top, dtype=torch.bool), ~(in_top | dup) & (weights > 0)], dim=1)
+    return torch.cat([top, values], dim=1), active
+
+
+def restricted_target_log_probs(
+    query: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
+    key_lse: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, vocab: int, steps: int, lr: float,
+    alpha: float, base_logits: torch.Tensor | None = None, query_lse: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log p_θ′(target) ``(q,)`` with only the candidate rows adapted (see the module docstring).
+
+    ``key_lse`` ``(q, K)``: logsumexp of each key's base logits; ``base_logits`` ``(q, V)`` and
+    ``query_lse`` ``(q,)``: the queries' base logits and their logsumexp (computed if not given).
+    The ``(q, K, |C|)`` work runs in the activations' dtype (≥ fp32), the per-key normalisers in fp64."""
+    dt = torch.promote_types(query.dtype, torch.float32)
+    query, keys, weights = query.to(dt), keys.to(dt), weights.to(dt)
+    W = weight.to(dt)
+    b = bias.to(dt) if bias is not None else None
+    zq = base_logits.to(dt) if base_logits is not None else torch.nn.functional.linear(query, W, b)
+    lse_q = query_lse.double() if query_lse is not None else torch.logsumexp(zq, -1).double()
+    zy = zq.gather(1, targets[:, None])[:, 0].double()
+    if steps == 0:
+        return zy - lse_q
+    C, active = _candidates(zq, values, weights, vocab)  # (q, S)
+    # z⁰ of the candidate rows, with -inf on inactive slots (they then stay -inf: p = 0, g = 0)
+    Wc = torch.nn.functional.embedding(C, W)  # (q, S, D)
+    z0 = torch.bmm(keys, Wc.transpose(1, 2))  # (q, K, S)
+    if b is not None:
+        z0 += b[C][:, None, :]
+    z0.masked_fill_(~active[:, None, :], float("-inf"))
+    key_lse = key_lse.double()
+    onehot_w = ((C[:, None, :] == values[:, :, None]) & active[:, None, :]).to(dt).mul_(weights[..., None])
+    G = torch.bmm(keys, keys.transpose(1, 2))
+    A = torch.zeros_like(z0)
+    c = torch.zeros(z0.shape[0], 1, z0.shape[2], dtype=dt, device=z0.device) if b is not None else None
+    keep = 1.0 - lr * alpha
+    log_rest = None
+    for s in range(steps):
+        if s == 0:
+            z = z0
+        else:
+            z = torch.baddbmm(z0, G, A)
+            if c is not None:
+                z += c
+        # p over the candidates = softmax over C × σ, σ = Σ_C e^z / Z the candidates' share of the
+        # full normaliser Z = Σ_C e^z + (frozen rows' mass); log Σ_C e^z = max z − log max softmax
+        p = torch.softmax(z, -1)
+        lse_c = z.amax(-1).double() - torch.log(p.amax(-1).double())  # (q, K)
+        if log_rest is None:  # frozen rows' mass Z⁰ − Σ_C e^{z⁰}, from the stored log Z⁰ of each key
+            frac = torch.exp(lse_c - key_lse)
+            log_rest = key_lse + torch.log((1 - frac).clamp_min(0))  # -inf when C holds everything
+        sigma = torch.sigmoid(lse_c - log_rest).to(dt)  # 1 / (1 + e^{log_rest − lse_c})
+        g = p.mul_((-weights * sigma)[..., None]).add_(onehot_w)  # w_k (onehot − p_k) on C
+        A.mul_(keep).add_(g, alpha=lr)
+        if c is not None:
+            c.mul_(keep).add_(g.sum(1, keepdim=True), alpha=lr)
+    hq = torch.bmm(keys, query[:, :, None])[..., 0]  # (q, K)
+    delta = torch.bmm(hq[:, None, :], A)[:, 0]  # (q, S)
+    if c is not None:
+        delta += c[:, 0]
+    delta.masked_fill_(~active, 0)
+    zc = zq.gather(1, C)
+    inactive = torch.zeros_like(zc).masked_fill_(~active, float("-inf"))
+    frac_q = torch.exp(zc + inactive - lse_q.to(dt)[:, None]).sum(-1).double()
+    log_rest_q = lse_q + torch.log((1 - frac_q).clamp_min(0))
+    logZq = torch.logaddexp(log_rest_q, torch.logsumexp(zc + delta + inactive, -1).double())
+    zy = zy + (delta * ((C == targets[:, None]) & active)).sum(-1).double()
+    return zy - logZq
+
+
+class MbPA:
+    """MbPA over ``rows`` parallel streams: :meth:`target_log_probs` scores a chunk with adapted
+    parameters, then stores the chunk's pairs in the (bounded) memory."""
+
+    def __init__(self, rows: int, dim: int, cfg: MbPAConfig = MbPAConfig(), *, device="cpu", dtype=torch.float32):
+        self.cfg = cfg
+        self.memory = StreamMemory(rows, cfg.memory, dim, device=device, dtype=dtype, aux=cfg.vocab > 0)
+
+    @torch.no_grad()
+    def neighbours(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None):
+        """K nearest stored pairs of every query of a chunk: keys ``(B, T, K, D)``, values
+        ``(B, T, K)``, weights ``(B, T, K)`` (0 for missing neighbours)."""
+        cfg = self.cfg
+        cand_k, cand_v, allowed = self.memory.candidates(hidden, targets)
+        h = hidden.to(cand_k.dtype)
+        d2 = (h * h).sum(-1)[..., None] + (cand_k * cand_k).sum(-1)[:, None, :] - 2 * torch.bmm(h, cand_k.transpose(1, 2))
+        d2 = d2.clamp_min_(0).masked_fill_(~allowed, float("inf"))
+        k = min(cfg.k, d2.shape[-1])
+        dist, idx = torch.topk(d2, k, dim=-1, largest=False)  # (B, T, k)
+        B, T = targets.shape
+        bi = torch.arange(B, device=h.device)[:, None, None]
+        keys = cand_k[bi, idx]  # (B, T, k, D)
+        values = cand_v[bi, idx].clamp_min(0)
+        weights = torch.where(torch.isfinite(dist), 1.0 / (cfg.eps + dist), torch.zeros_like(dist))
+        if lse is not None:
+            return keys, values, weights, self.memory.candidates_aux(lse)[bi, idx]
+        return keys, values, weights
+
+    @torch.no_grad()
+    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, output, base_logits: torch.Tensor | None = None,
+                         base_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p_θ′(target)`` ``(B, T)`` of a chunk (0 on padding), then appends the chunk.
+
+        ``base_logits`` ``(B·T, V)`` and ``base_log_probs`` ``(B·T,)`` (the plain model's
+        log p(target)) may be passed when the caller has them; the log-normaliser of each position
+        is then ``logit[target] − log p(target)`` instead of a logsumexp over V."""
+        cfg = self.cfg
+        B, T, D = hidden.shape
+        N, V = B * T, output.weight.shape[0]
+        y = targets.reshape(N)
+        if cfg.vocab > 0:
+            if base_logits is None:
+                base_logits = output.logits(hidden.reshape(N, D))
+            base_logits = base_logits.reshape(N, V)
+            if base_log_probs is not None:
+                lse = base_logits.gather(1, y.clamp_min(0)[:, None])[:, 0].double() - base_log_probs.reshape(N).double()
+                lse = lse.masked_fill(y < 0, 0.0).view(B, T)
+            else:
+                lse = torch.logsumexp(base_logits, -1).double().view(B, T)
+            keys, values, weights, key_lse = self.neighbours(hidden, targets, lse)
+            self.memory.append(hidden, targets, lse)
+        else:
+            keys, values, weights = self.neighbours(hidden, targets)
+            self.memory.append(hidden, targets)
+        k = keys.shape[2]
+        q_all, keys, values, weights = hidden.reshape(N, D), keys.reshape(N, k, D), values.reshape(N, k), weights.reshape(N, k)
+        out = torch.zeros(N, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        live = (y >= 0).nonzero()[:, 0]
+        if cfg.vocab > 0:
+            key_lse, lse_flat = key_lse.reshape(N, k), lse.reshape(N)
+            S = min(cfg.vocab, V) + k
+            step = max(1, cfg.max_elements // (S * max(k, D)))
+            for lo in range(0, len(live), step):
+                sel = live[lo: lo + step]
+                out[sel] = restricted_target_log_probs(
+                    q_all[sel], y[sel], keys[sel], values[sel], weights[sel], key_lse[sel], output.weight, output.bias,
+                    vocab=cfg.vocab, steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, base_logits=base_logits[sel],
+                    query_lse=lse_flat[sel]).to(out.dtype)
+            return out.view(B, T)
+        step = max(1, cfg.max_elements // (k * V))
+        for lo in range(0, len(live), step):  # groups of queries, each group one batched adaptation
+            sel = live[lo: lo + step]
+            bl = base_logits.reshape(N, V)[sel] if base_logits is not None else None
+            logp = adapted_log_probs(q_all[sel], keys[sel], values[sel], weights[sel], output.weight, output.bias,
+                                     steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, base_logits=bl)
+            out[sel] = logp.gather(1, y[sel, None])[:, 0]
+        return out.view(B, T)
+
+
+def mbpa_reference(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: MbPAConfig) -> torch.Tensor:
+    """Naive per-query autograd MbPA over ONE stream (``(N, D)``, ``(N,)``): log p_θ′(target) of
+    every position. Copies the layer per query, runs ``steps`` explicit gradient-ascent steps. For
+    tests."""
+    out = torch.empty(len(targets), dtype=torch.float64)
+    for t in range(len(targets)):
+        h = hidden[t]
+        lo = max(0, t - cfg.memory)
+        W1 = weight.detach().clone().requires_grad_(True)
+        b1 = bias.detach().clone().requires_grad_(True) if bias is not None else None
+        if t > lo:
+            mem_k, mem_v = hidden[lo:t], targets[lo:t]
+            d2 = ((mem_k - h) ** 2).sum(-1)
+            k = min(cfg.k, len(d2))
+            dist, idx = torch.topk(d2, k, largest=False)
+            nk, nv, w = mem_k[idx], mem_v[idx], 1.0 / (cfg.eps + dist)
+            mask = None
+            if cfg.vocab > 0:  # only the candidate rows move
+                zq = h @ weight.T + (bias if bias is not None else 0)
+                cand = set(torch.topk(zq, min(cfg.vocab, len(zq))).indices.tolist()) | set(nv.tolist())
+                mask = torch.zeros(len(zq), dtype=torch.bool)
+                mask[list(cand)] = True
+            for _ in range(cfg.steps):
+                logits = nk @ W1.T + (b1 if b1 is not None else 0)
+                obj = (w * torch.log_softmax(logits, -1)[torch.arange(k), nv]).sum()
+                obj = obj - cfg.alpha / 2 * ((W1 - weight) ** 2).sum()
+                if b1 is not None:
+                    obj = obj - cfg.alpha / 2 * ((b1 - bias) ** 2).sum()
+                grads = torch.autograd.grad(obj, [W1] + ([b1] if b1 is not None else []))
+                if mask is not None:
+                    grads = [g * mask.view(-1, *([1] * (g.dim() - 1))) for g in grads]
+                with torch.no_grad():
+                    W1 += cfg.lr * grads[0]
+                    if b1 is not None:
+                        b1 += cfg.lr * grads[1]
+        with torch.no_grad():
+            logits = h @ W1.T + (b1 if b1 is not None else 0)
+            out[t] = torch.log_softmax(logits, -1)[targets[t]]
+    return out

@@ -1,0 +1,96 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+from lmmem.data.corpus import PreparedCorpus
+from lmmem.evaluation import DynamicConfig, FrequencyBuckets, evaluate_methods, score_test_time
+from lmmem.memories import CacheConfig, MbPAConfig
+from lmmem.models import ModelConfig, build_model
+from lmmem.training.checkpoint import save_checkpoint
+
+
+def _checkpoint(corpus_dir, path, arch="lstm", softmax="full"):
+    torch.manual_seed(0)
+    corpus = PreparedCorpus.open(corpus_dir)
+    cfg = ModelConfig(arch=arch, vocab_size=200, embed_dim=16, hidden_dim=24, proj_dim=16 if arch == "lstm" else 0,
+                      tie_weights=True, context=16, num_heads=2, softmax=softmax)
+    model = build_model(cfg)
+    save_checkpoint({"model_config": cfg.to_dict(), "model": model.state_dict(), "progress": {"step": 0},
+                     "train_config": {"data": str(corpus_dir), "bptt": 16}, "vocab_fingerprint": corpus.fingerprint}, path)
+    return path
+
+
+def _tiny_model(arch):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch=arch, vocab_size=40, embed_dim=8, hidden_dim=12, proj_dim=0, tie_weights=False,
+                                   context=12, num_heads=2)).double().eval()
+
+
+@pytest.mark.parametrize("arch", ["lstm", "transformer"])
+def test_batch_size_1_and_8_give_the_same_perplexity(arch):
+    """With a fixed number of streams the sequences scored do not depend on the batch size."""
+    model = _tiny_model(arch)
+    tokens = np.random.default_rng(0).integers(0, 40, size=403).astype("<u4")
+    bucket_of = FrequencyBuckets((1000, 100)).assign(np.random.default_rng(1).integers(0, 3000, size=40))
+    kw = dict(bucket_of=bucket_of, num_buckets=3, streams=8, bptt=12, cache=CacheConfig(window=30, lam=0.2),
+              mbpa=MbPAConfig(k=5, steps=2, lr=0.2, memory=25, lam=0.3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    one = score_test_time(model, tokens, batch_size=1, **kw)
+    eight = score_test_time(model, tokens, batch_size=8, **kw)
+    four = score_test_time(model, tokens, batch_size=4, **kw)
+    np.testing.assert_array_equal(one.count, eight.count)
+    assert one.count.sum() == 402
+    np.testing.assert_allclose(one.nll, eight.nll, rtol=1e-10)
+    np.testing.assert_allclose(four.nll, eight.nll, rtol=1e-10)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(Exception, match="multiple"):
+        score_test_time(model, tokens, batch_size=3, **kw)
+
+
+def test_evaluate_methods_side_by_side(small_corpus, tmp_path):
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    reports, meta = evaluate_methods(ckpt, batch_size=4, device="cpu", cache=CacheConfig(window=50),
+                                     mbpa=MbPAConfig(k=4, steps=2, memory=50), dynamic=DynamicConfig(lr=1e-3),
+                                     tune=True, thetas=(0.1, 1.0), lambdas=(0.0, 0.1, 0.3), max_tokens=300)
+    assert list(reports) == ["plain", "+cache", "+mbpa", "+cache+mbpa", "+dynamic"]
+    assert all(r.tokens == 300 for r in reports.values())
+    assert meta["tuned"]["choice"]["+cache"]["theta"] in (0.1, 1.0)
+    assert meta["tuned"]["choice"]["+cache"]["cache_lambda"] in (0.1, 0.3)
+    assert meta["memory_bytes"]["cache"] > 0 and meta["memory_bytes"]["mbpa"] > 0
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    # plain row equals the plain evaluation with the same layout
+    from lmmem.evaluation import evaluate_checkpoint
+
+    plain = evaluate_checkpoint(ckpt, batch_size=4, device="cpu", max_tokens=300).report
+    assert abs(plain.perplexity - reports["plain"].perplexity) < 1e-6 * plain.perplexity
+
+
+@pytest.mark.parametrize("arch,softmax,extra", [("lstm", "hebbian", ["--mbpa-vocab", "20"]), ("transformer", "full", [])])
+def test_evaluate_cli_with_methods(small_corpus, tmp_path, arch, softmax, extra):
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt", arch, softmax)
+    out = tmp_path / "eval.json"
+    proc = run_script("evaluate.py", str(ckpt), "--cache", "--mbpa", "--mbpa-k", "4", "--mbpa-steps", "2", "--dynamic",
+                      "--tune", "--batch-size", "4", "--max-tokens", "200", "--cache-window", "40", "--mbpa-memory", "40",
+                      "--json", str(out), "--device", "cpu", *extra, check=True)
+    for m in ("+cache", "+mbpa", "+cache+mbpa", "+dynamic", ">10K ppl", "token share", "tuned on valid"):
+        assert m in proc.stdout, proc.stdout
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 200 and result["split"] == "test"
+    assert set(result["methods"]) == {"plain", "+cache", "+mbpa", "+cache+mbpa", "+dynamic"}
+    for r in result["methods"].values():
+        assert [b["name"] for b in r["buckets"]] == [">10K", "1K–10K", "100–1K", "<100"]
+    assert result["method_params"]["+mbpa"]["k"] == 4
+
+
+def test_evaluate_cli_plain_output_unchanged(small_corpus, tmp_path):
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    proc = run_script("evaluate.py", str(ckpt), "--max-tokens", "100", "--json", str(tmp_path / "e.json"), check=True)
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert "methods" not in result and result["tokens"] == 100 and "token share" in proc.stdout
+    bad = run_script("evaluate.py", str(ckpt), "--tune")
+    assert bad.returncode != 0 and "--tune needs" in (bad.stdout + bad.stderr)
