@@ -16,14 +16,15 @@ def test_cache_predictions_match_a_direct_computation():
     model = build_model(ModelConfig(vocab_size=30, embed_dim=8, hidden_dim=12, proj_dim=0, tie_weights=False)).eval()
     tokens = np.random.default_rng().integers(0, 30, size=41).astype("<u4")
     pred0, logp0 = predictions(model, tokens, bptt=7)
-    h, _ = model.hidden_states(torch.as_tensor(tokens[:-1].astype(np.int64))[None])
-    p = model.output.log_probs(h[0]).exp()
+    with torch.no_grad():
+        h, _ = model.hidden_states(torch.as_tensor(tokens[:-1].astype(np.int64))[None])
+        p = model.output.log_probs(h[0]).exp()
     y = torch.as_tensor(tokens[1:].astype(np.int64))
-    np.testing.assert_allclose(logp0, p[torch.arange(40), y].log().detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logp0, p[torch.arange(40), y].log().numpy(), rtol=1e-5, atol=1e-6)
     assert (pred0 == p.argmax(-1).numpy()).all()
     # with the cache: position t mixes in the softmax over theta*h_t.h_i of the previous (<= W) pairs
     _, logp = predictions(model, tokens, bptt=7, cache_window=5, theta=0.5, lam=0.3)
-    hh = h[0].detach()
+    hh = h[0]
     for t in (1, 4, 20, 39):
         lo = max(0, t - 5)
         w = torch.softmax(0.5 * hh[lo:t] @ hh[t], 0)
