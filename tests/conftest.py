@@ -45,6 +45,18 @@ def write_prepared_corpus(root: Path, *, vocab_size: int = 200, tokens: dict | N
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops run several times faster on one thread on a shared 2-core machine; the setting is
+    restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     return write_prepared_corpus(tmp_path_factory.mktemp("corpus") / "small")

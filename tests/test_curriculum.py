@@ -13,13 +13,7 @@ TINY = cur.CurriculumConfig(num_classes=12, presentations=3, background_classes=
                             batch_size=4, mean_gap=12, min_gap=6, embed=16, memory_size=128, memory_k=8, key_size=16, sg_hidden=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs run ~10× faster on one thread on a shared machine; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_stream_shows_every_class_p_times_in_order():

@@ -11,13 +11,7 @@ from lmmem.memories.kv_memory import KeyValueMemory, KVMemoryConfig
 from lmmem.memories.synthetic_gradients import FastSlowConfig, FastSlowMemoryLearner, SyntheticGradient
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops run much faster on one thread on a shared machine; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_synthetic_gradient_converges_to_true_gradient_on_linear_regression():
