@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from lmmem.errors import LmmemError
 from lmmem.experiments import curriculum as cur
