@@ -278,6 +278,19 @@ def batched(items: Iterable[tuple[str, str]], batch_chars: int = BATCH_CHARS) ->
 # the writer
 
 
+def check_split_coverage(produced, *, valid_fraction: float, test_fraction: float, allow_missing: bool,
+                         what: str, unit: str, advice: str) -> None:
+    """Refuse (unless --allow-missing-splits) a source too small to fill every split it was asked for.
+    ``what`` describes the source ("FOLDER has N book(s)"), ``unit`` how it is split ("to split by
+    book into"), ``advice`` what to add ("add books")."""
+    expected = [s for s, f in (("train", 1.0), ("valid", valid_fraction), ("test", test_fraction)) if f > 0]
+    if any(s not in produced for s in expected) and not allow_missing:
+        raise DataError(
+            f"{what}, too few {unit} {', '.join(expected)} (at least 3 are needed); "
+            f"{advice}, or pass --allow-missing-splits to write only " + ", ".join(produced)
+        )
+
+
 def make_progress(total: int | None, desc: str, quiet: bool, unit: str = "B"):
     """A tqdm bar on stderr when it is a terminal, else None (logs and CI stay clean)."""
     if quiet or not sys.stderr.isatty():

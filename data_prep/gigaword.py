@@ -31,7 +31,7 @@ from lmmem.data.corpus import SPLITS
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource, make_progress
+from data_prep.common import ReadContext, TextSource, check_split_coverage, make_progress
 from data_prep.reading import ReadOptions, iter_blocks, require_folder
 
 NAME = "gigaword"
@@ -181,13 +181,9 @@ def local_source(folder, read_opts: ReadOptions, *, valid_fraction=0.05, test_fr
     first_valid, first_test = split_by_order(n_docs, valid_fraction, test_fraction)
     sizes = {"train": first_valid, "valid": first_test - first_valid, "test": n_docs - first_test}
     produced = tuple(s for s in SPLITS if sizes[s] > 0)
-    expected = [s for s, f in (("train", 1.0), ("valid", valid_fraction), ("test", test_fraction)) if f > 0]
-    missing = [s for s in expected if s not in produced]
-    if missing and not allow_missing_splits:
-        raise DataError(
-            f"{folder} has {n_docs} document(s), too few for {', '.join(expected)} splits (at least 3 are needed); "
-            "add text, or pass --allow-missing-splits to write only " + ", ".join(produced)
-        )
+    check_split_coverage(produced, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                         allow_missing=allow_missing_splits, what=f"{folder} has {n_docs} document(s)",
+                         unit="for the splits", advice="add text")
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
         index = 0

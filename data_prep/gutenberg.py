@@ -44,7 +44,7 @@ from lmmem.data.corpus import SPLITS
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource
+from data_prep.common import ReadContext, TextSource, check_split_coverage
 from data_prep.reading import ReadOptions, iter_blocks, nth_line_end, require_folder, text_as_file
 
 NAME = "gutenberg"
@@ -211,13 +211,9 @@ def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_frac
     names = {p: p.relative_to(folder).as_posix() for p in books}
     assignment = assign_books(list(names.values()), valid_fraction, test_fraction)
     produced = [s for s in SPLITS if s in assignment.values()]
-    expected = [s for s, f in (("train", 1.0), ("valid", valid_fraction), ("test", test_fraction)) if f > 0]
-    missing = [s for s in expected if s not in produced]
-    if missing and not allow_missing_splits:
-        raise DataError(
-            f"{folder} has {len(books)} book(s), too few to split by book into {', '.join(expected)} (at least 3 are needed); "
-            "add books, or pass --allow-missing-splits to write only " + ", ".join(produced)
-        )
+    check_split_coverage(produced, valid_fraction=valid_fraction, test_fraction=test_fraction,
+                         allow_missing=allow_missing_splits, what=f"{folder} has {len(books)} book(s)",
+                         unit="to split by book into", advice="add books")
     by_split = {s: [names[p] for p in books if assignment[names[p]] == s] for s in produced}
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -306,16 +307,15 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # Validation needs only the total loss: every vocabulary entry goes to one bucket.
+    single_bucket = np.zeros(len(corpus.vocab), dtype=np.int64)
+
     def validate_now() -> float | None:
         if valid_tokens is None:
             return None
-        from lmmem.evaluation.perplexity import FrequencyBuckets
-
-        nb = FrequencyBuckets()
-        bucket_of = nb.assign(corpus.train_counts())
         eval_rows = max(ctx.world_size, cfg.eval_batch_size - cfg.eval_batch_size % ctx.world_size)
         nll, cnt = score_stream(
-            model, valid_tokens, bucket_of=bucket_of, num_buckets=len(nb.names), batch_size=eval_rows,
+            model, valid_tokens, bucket_of=single_bucket, num_buckets=1, batch_size=eval_rows,
             bptt=cfg.bptt, device=ctx.device, amp_dtype=autocast_dtype, max_tokens=cfg.eval_tokens,
             rank=ctx.rank, world_size=ctx.world_size,
         )
