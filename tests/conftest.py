@@ -10,6 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Without a GPU the Triton kernels can only run in Triton's interpreter, which triton reads from the
+# environment when it is imported: set it before anything imports triton. (With a GPU the kernels
+# compile for it and the interpreter stays off.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lmmem.data.corpus import META_FORMAT_VERSION
 from lmmem.data.vocab import Vocabulary

@@ -15,15 +15,30 @@ Hebbian softmax does (Rae et al. 2018):
 
 ``weight`` has shape ``(num_classes, in_features)`` (like ``nn.Linear``), so it can be tied to an
 ``nn.Embedding`` of the same shape by assigning the same ``nn.Parameter``.
+
+Backends
+--------
+The training loss and :meth:`target_log_probs` of the linear softmaxes go through
+:meth:`OutputLayer.cross_entropy`, which has two implementations: ``torch`` (``F.linear`` then
+``F.cross_entropy``: materialises the ``N × V`` logits) and ``triton`` (the fused kernel of
+:mod:`lmmem.kernels.linear_cross_entropy`: never stores them). ``backend="auto"`` (the default)
+picks Triton for CUDA tensors when triton is installed and PyTorch otherwise (CPU, float64);
+``"torch"`` / ``"triton"`` force one (forcing Triton on CPU tensors needs the interpreter,
+``TRITON_INTERPRET=1``). The backend is a run-time choice, not part of the model: it is a plain
+attribute (``layer.backend = "torch"``), not saved in checkpoints.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+BACKENDS = ("auto", "torch", "triton")
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 class OutputLayer(nn.Module):
@@ -32,12 +47,13 @@ class OutputLayer(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True):
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, backend: str = "auto"):
         super().__init__()
         if in_features <= 0 or num_classes <= 0:
             raise ValueError(f"in_features and num_classes must be positive, got {in_features}, {num_classes}")
         self.in_features = in_features
         self.num_classes = num_classes
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
         self.reset_parameters()
@@ -48,6 +64,36 @@ class OutputLayer(nn.Module):
         nn.init.uniform_(self.weight, -0.1, 0.1)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {value!r}")
+        self._backend = value
+
+    def uses_triton(self, hidden: torch.Tensor) -> bool:
+        """Whether :meth:`cross_entropy` runs the fused Triton kernel for these activations."""
+        if self._backend == "torch":
+            return False
+        if self._backend == "triton":
+            return True
+        supported = (torch.float32, torch.bfloat16, torch.float16)
+        return (_TRITON_INSTALLED and hidden.is_cuda and self.weight.is_cuda
+                and hidden.dtype in supported and self.weight.dtype in supported)
+
+    def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+        """Cross-entropy of ``softmax(W h + b)`` (at least fp32; ``none``: flattened, one value per
+        position), by the backend chosen above. Records nothing; subclasses' :meth:`loss` adds that."""
+        if self.uses_triton(hidden):
+            from lmmem.kernels.linear_cross_entropy import linear_cross_entropy
+
+            return linear_cross_entropy(hidden, self.weight, self.bias, targets, reduction, ignore_index)
+        return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
 
     # -- distribution -----------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer, cross_entropy_from_logits
+from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 
 class FullSoftmax(OutputLayer):
+    """``backend``: "auto" (fused Triton kernel on CUDA, PyTorch elsewhere), "torch" or "triton";
+    see :mod:`lmmem.output_layers.base`."""
+
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-        return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
+        return self.cross_entropy(hidden, targets, reduction, ignore_index)

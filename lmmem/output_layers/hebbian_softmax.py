@@ -63,6 +63,12 @@ accumulate: stored and new classes are merged by a second ``unique``. The statis
 they are not in the ``state_dict`` (a checkpoint is taken between steps, when none are pending);
 ``counts`` is a persistent buffer and is saved and restored.
 
+On CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton scatter kernel
+instead (:mod:`lmmem.kernels.hebbian`): the classes present are found by sorting the targets, the
+buffers have one slot per position (sentinel ids past the last class), so there is no
+``torch.unique`` and no host sync; the update is a kernel over those slots. Same rule, same
+``pending_statistics()``; the tests check both backends against :func:`hebbian_update_reference`.
+
 Applying the update
 -------------------
 :meth:`HebbianSoftmax.hebbian_update_` (called by :meth:`on_optimizer_step`) writes the rows in
@@ -100,7 +106,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer, cross_entropy_from_logits
+from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (U,) int64, counts (U,) int64, sums (U, D)
 
@@ -216,6 +222,11 @@ class HebbianSoftmax(OutputLayer):
         rescale: scale ``h̄_i`` to the norm of the row before mixing (default off).
         sync_distributed: under DDP, all-gather the batch statistics so replicas stay identical
             (default on; off only makes sense if each rank's model is meant to diverge).
+        backend: "auto" (default: the Triton kernels for CUDA tensors, PyTorch otherwise), "torch"
+            or "triton" (on CPU only under ``TRITON_INTERPRET=1``). With Triton, the loss is the fused
+            linear cross-entropy (no ``N × V`` logits), the statistics come from a scatter kernel into
+            ``N``-slot buffers (no ``torch.unique``, no host sync) and the update is an in-place
+            kernel over the rows of the batch's classes; see :mod:`lmmem.kernels.hebbian`.
     """
 
     counts: torch.Tensor
@@ -229,12 +240,13 @@ class HebbianSoftmax(OutputLayer):
         bias: bool = True,
         rescale: bool = False,
         sync_distributed: bool = True,
+        backend: str = "auto",
     ):
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if smoothing_limit is not None and smoothing_limit < 0:
             raise ValueError(f"smoothing_limit must be >= 0 or None, got {smoothing_limit}")
-        super().__init__(in_features, num_classes, bias=bias)
+        super().__init__(in_features, num_classes, bias=bias, backend=backend)
         self.gamma = float(gamma)
         self.smoothing_limit = smoothing_limit
         self.rescale = bool(rescale)
@@ -257,7 +269,7 @@ class HebbianSoftmax(OutputLayer):
 
     # -- distribution -----------------------------------------------------------------------------
     def _nll(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
-        return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
+        return self.cross_entropy(hidden, targets, reduction, ignore_index)
 
     def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         # An evaluation API: never records statistics, even in training mode.
@@ -276,6 +288,12 @@ class HebbianSoftmax(OutputLayer):
         t = targets.detach().reshape(-1).to(torch.int64)
         if t.numel() != h.shape[0]:
             raise ValueError(f"hidden has {h.shape[0]} positions but targets has {t.numel()}")
+        if self.uses_triton(h):
+            from lmmem.kernels.hebbian import hebbian_statistics, merge_statistics
+
+            new = hebbian_statistics(h, t, self.num_classes, ignore_index)
+            self._stats = new if self._stats is None else merge_statistics(self._stats, new, self.num_classes)
+            return
         # Ignored positions go to the sentinel class `num_classes` (dropped when the stats are read)
         # instead of being filtered by a boolean mask (one host sync fewer).
         t = torch.where(t == ignore_index, torch.full_like(t, self.num_classes), t)
@@ -341,6 +359,15 @@ class HebbianSoftmax(OutputLayer):
         """Apply the rule with the statistics recorded since the last call (after ``optimizer.step()``),
         then clear them. A no-op when nothing is pending (except that under DDP every rank takes part
         in the all-gather, so no rank can hang waiting for another)."""
+        triton = self.uses_triton(self.weight)
+        if triton and not self._distributed():
+            # the kernel skips the sentinel slots itself: no filtering, no host sync
+            stats, self._stats = self._stats, None
+            if stats is not None:
+                from lmmem.kernels.hebbian import hebbian_mix_triton_
+
+                hebbian_mix_triton_(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
+            return
         stats = self.pending_statistics()  # without the ignore sentinel
         self._stats = None
         if self._distributed():
@@ -348,7 +375,12 @@ class HebbianSoftmax(OutputLayer):
         if stats is None:
             return
         ids, n, sums = stats
-        hebbian_mix_(self.weight.data, self.counts, ids, n, sums, self.gamma, self.smoothing_limit, self.rescale)
+        if triton:
+            from lmmem.kernels.hebbian import hebbian_mix_triton_
+
+            hebbian_mix_triton_(self.weight.data, self.counts, ids, n, sums, self.gamma, self.smoothing_limit, self.rescale)
+        else:
+            hebbian_mix_(self.weight.data, self.counts, ids, n, sums, self.gamma, self.smoothing_limit, self.rescale)
 
     def on_optimizer_step(self) -> None:
         self.hebbian_update_()

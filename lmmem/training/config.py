@@ -29,6 +29,8 @@ class TrainConfig:
     # model
     arch: str = field(default="lstm", metadata={"help": "lstm | transformer"})
     softmax: str = field(default="full", metadata={"help": "output layer: full | hebbian"})
+    softmax_backend: str = field(default="auto", metadata={
+        "help": "softmax loss implementation: auto (fused Triton kernel on CUDA, PyTorch elsewhere) | torch | triton"})
     embed_dim: int = field(default=128, metadata={"help": "embedding size"})
     hidden_dim: int = field(default=256, metadata={"help": "LSTM units (transformer: feed-forward width)"})
     num_layers: int = field(default=1, metadata={"help": "layers"})
@@ -145,6 +147,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optimizer in ("adam", "rmsprop", "sgd"), f"--optimizer must be adam, rmsprop or sgd, not {cfg.optimizer!r}"),
         (cfg.lr_schedule in ("constant", "cosine", "linear"), f"--lr-schedule must be constant, cosine or linear, not {cfg.lr_schedule!r}"),
         (cfg.amp in ("auto", "bf16", "none"), f"--amp must be auto, bf16 or none, not {cfg.amp!r}"),
+        (cfg.softmax_backend in ("auto", "torch", "triton"),
+         f"--softmax-backend must be auto, torch or triton, not {cfg.softmax_backend!r}"),
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.batch_size > 0 and cfg.bptt > 0, "--batch-size and --bptt must be positive"),
         (cfg.max_steps > 0, "--max-steps must be positive"),

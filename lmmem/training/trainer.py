@@ -259,6 +259,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config(len(corpus.vocab))
     model = build_model(model_cfg).to(ctx.device)
+    model.output.backend = cfg.softmax_backend  # a run-time choice, not saved with the model
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(cfg, s))
     batcher = StreamBatcher(train_tokens, cfg.batch_size, cfg.bptt, rank=ctx.rank, world_size=ctx.world_size)
