@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
                    help="0: adapt every output row (exact MbPA, ~100× the plain evaluation on CPU); N: adapt only the rows "
                         "of the query's top-N words and the neighbours' next words (≈5× at N=128)")
+    m.add_argument("--mbpa-train-pairs", type=int, default=MbPAConfig.train_pairs,
+                   help="prefill each stream's MbPA memory with the last N (activation, next word) pairs of the train split")
     m.add_argument("--dynamic", action="store_true", help="add dynamic evaluation (Krause et al. 2018)")
     m.add_argument("--dynamic-method", default=DynamicConfig.method, choices=["sgd", "rms"], help="update rule")
     m.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr, help="dynamic-evaluation learning rate")
@@ -71,7 +73,8 @@ def _methods(args, buckets) -> int:
     try:
         cache = CacheConfig(args.cache_window, args.cache_theta, args.cache_lambda) if args.cache else None
         mbpa = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, lr=args.mbpa_lr, alpha=args.mbpa_alpha, eps=args.mbpa_eps,
-                          memory=args.mbpa_memory, lam=args.mbpa_lambda, vocab=args.mbpa_vocab) if args.mbpa else None
+                          memory=args.mbpa_memory, lam=args.mbpa_lambda, vocab=args.mbpa_vocab,
+                          train_pairs=args.mbpa_train_pairs) if args.mbpa else None
         dynamic = DynamicConfig(method=args.dynamic_method, lr=args.dynamic_lr, decay=args.dynamic_decay,
                                 segment=args.dynamic_segment) if args.dynamic else None
     except ValueError as e:

@@ -94,3 +94,35 @@ def test_evaluate_cli_plain_output_unchanged(small_corpus, tmp_path):
     assert "methods" not in result and result["tokens"] == 100 and "token share" in proc.stdout
     bad = run_script("evaluate.py", str(ckpt), "--tune")
     assert bad.returncode != 0 and "--tune needs" in (bad.stdout + bad.stderr)
+
+
+@pytest.mark.parametrize("vocab", [0, 7])
+def test_mbpa_memory_prefilled_from_training_data_equals_reference(vocab):
+    """train_pairs = P: every stream's memory starts with the model's last P training pairs, as if
+    they preceded the evaluation stream — checked against the per-query autograd reference."""
+    from lmmem.memories import mbpa_reference
+
+    model = _tiny_model("lstm")
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 40, size=300).astype("<u4")
+    tokens = rng.integers(0, 40, size=31).astype("<u4")
+    cfg = MbPAConfig(k=4, steps=2, lr=0.3, memory=20, lam=1.0, vocab=vocab, train_pairs=12)
+    kw = dict(bucket_of=np.zeros(40, dtype=np.int64), num_buckets=1, batch_size=1, bptt=7, mbpa=cfg, mbpa_lambdas=[1.0])
+    got = score_test_time(model, tokens, train_tokens=train, **kw)
+    with torch.no_grad():
+        h_train, _ = model.hidden_states(torch.as_tensor(train[-13:-1].astype(np.int64))[None])
+        h_eval, _ = model.hidden_states(torch.as_tensor(tokens[:-1].astype(np.int64))[None])
+    keys = torch.cat([h_train[0], h_eval[0]])
+    values = torch.cat([torch.as_tensor(train[-12:].astype(np.int64)), torch.as_tensor(tokens[1:].astype(np.int64))])
+    ref = mbpa_reference(keys, values, model.output.weight, model.output.bias, cfg)[12:]
+    np.testing.assert_allclose(got.sums(mbpa_lambda=1.0)[0], -ref.sum().item(), rtol=1e-8)
+    without = score_test_time(model, tokens, **{**kw, "mbpa": MbPAConfig(**{**cfg.__dict__, "train_pairs": 0})})
+    assert abs(without.sums(mbpa_lambda=1.0)[0] - got.sums(mbpa_lambda=1.0)[0]) > 1e-6  # the prefill matters
+    with pytest.raises(Exception, match="train"):
+        score_test_time(model, tokens, **kw)  # no train tokens given
+
+
+def test_dynamic_evaluation_refuses_streams(small_corpus, tmp_path):
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    with pytest.raises(Exception, match="--streams"):
+        evaluate_methods(ckpt, batch_size=2, streams=4, device="cpu", dynamic=DynamicConfig(lr=1e-3), max_tokens=50)

@@ -110,6 +110,7 @@ def score_test_time(
     max_tokens: int = 0,
     progress: bool = False,
     desc: str = "eval",
+    train_tokens: np.ndarray | None = None,
 ) -> TestTimeScores:
     """Score ``tokens`` with the plain model, the cache and/or MbPA, for a grid of θ and λ values
     (by default the single values of the configs). Returns per-bucket sums for every grid point.
@@ -142,12 +143,19 @@ def score_test_time(
     dim, dtype = out.weight.shape[1], out.weight.dtype
     mem_bytes = {}
     try:
+        prefill = None
+        if mbpa is not None and mbpa.train_pairs:
+            if train_tokens is None:
+                raise LmmemError("MbPA's train_pairs needs the train split's tokens (train_tokens=...)")
+            prefill = training_pairs(model, train_tokens, mbpa.train_pairs, bptt=bptt, device=device, with_lse=mbpa.vocab > 0)
         groups = streams // batch_size
         for g in range(groups):
             batcher = StreamBatcher(tokens, streams, bptt, rank=g, world_size=groups, pad=True)
             state = model.init_state(batch_size, device)
             nc = NeuralCache(batch_size, dim, cache.window, device=device, dtype=dtype) if cache else None
             mb = MbPA(batch_size, dim, mbpa, device=device, dtype=dtype) if mbpa else None
+            if prefill is not None:
+                mb.prefill(*prefill)
             for step in tqdm(range(len(batcher)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
                 b = batcher.batch(step)
                 x = b.inputs.to(device)
@@ -189,6 +197,27 @@ def score_test_time(
         model.train(was_training)
     return TestTimeScores(nll_sum.cpu().numpy(), count.cpu().numpy(), thetas, cache_lambdas, mbpa_lambdas,
                           seconds=time.monotonic() - t0, memory_bytes=mem_bytes)
+
+
+@torch.no_grad()
+def training_pairs(model, tokens: np.ndarray, n: int, *, bptt: int, device, with_lse: bool):
+    """The model's (final activation, next word) pairs over the last ``n + 1`` tokens of ``tokens``,
+    read as one stream from a fresh state: keys ``(n', D)``, values ``(n',)`` and, with ``with_lse``,
+    each key's log-normaliser (``n' = min(n, len(tokens) − 1)``)."""
+    tail = torch.as_tensor(np.asarray(tokens[-(n + 1):], dtype=np.int64), device=device)
+    state = model.init_state(1, device)
+    keys, values, lses = [], [], []
+    for start in range(0, tail.numel() - 1, bptt):
+        x = tail[start : start + bptt][None]
+        y = tail[start + 1 : start + 1 + bptt]
+        x = x[:, : y.numel()]
+        h, state = model.hidden_states(x, state)
+        h = h[0]
+        keys.append(h)
+        values.append(y)
+        if with_lse:
+            lses.append(torch.logsumexp(model.output.logits(h).double(), -1))
+    return torch.cat(keys), torch.cat(values), (torch.cat(lses) if with_lse else None)
 
 
 def _tune_scores(model, tokens, *, cache, mbpa, thetas, lambdas, **kw) -> TestTimeScores:
@@ -237,8 +266,12 @@ def evaluate_methods(
     model = model_from_checkpoint(ckpt, dev)
     bptt = bptt or int(ckpt["train_config"]["bptt"])
     bucket_of = buckets.assign(corpus.train_counts())
+    if dynamic is not None and streams and streams != batch_size:
+        raise LmmemError("--dynamic adapts one copy of the model shared by the rows of a batch, so its result depends on "
+                         "--batch-size and cannot follow --streams; drop --streams (or use --batch-size 1, Krause et al.'s setting)")
     common = dict(bucket_of=bucket_of, num_buckets=len(buckets.names), batch_size=batch_size, streams=streams,
-                  bptt=bptt, device=dev, max_tokens=max_tokens, progress=progress)
+                  bptt=bptt, device=dev, max_tokens=max_tokens, progress=progress,
+                  train_tokens=corpus.tokens("train") if (mbpa is not None and mbpa.train_pairs) else None)
     meta: dict = {"tuned": None}
     if tune and (cache or mbpa):
         val = _tune_scores(model, corpus.tokens("valid"), cache=cache, mbpa=mbpa, thetas=thetas, lambdas=lambdas,

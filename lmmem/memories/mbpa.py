@@ -50,6 +50,10 @@ key's base logits (one float per memory entry) and of the query: ``Z_k = Z⁰_k 
 exact MbPA (tested); for ``N < V`` the tests compare it with a per-query autograd version whose
 gradient is masked to ``C``.
 
+Training data: with ``train_pairs = P`` every stream's memory starts with the last ``P``
+(activation, next word) pairs of the training split (the model read over the split's last ``P + 1``
+tokens as one stream), which the evaluation context then pushes out oldest-first.
+
 Defaults (``K = 32``, ``steps = 5``) follow the issue and Rae et al. 2018's use of MbPA on top of
 the cache; ``η``, ``α``, ``ε`` are not given in the papers in a form that transfers (they depend on
 the scale of the activations) and should be tuned on validation; ``M = 2000`` matches the cache.
@@ -76,6 +80,7 @@ class MbPAConfig:
     memory: int = 2000
     lam: float = 0.1
     vocab: int = 0  # 0: adapt every output row (exact MbPA); N > 0: only the rows of the candidate set
+    train_pairs: int = 0  # prefill every stream's memory with the last N (activation, next word) pairs of the train split
     max_elements: int = 1 << 24  # bound on q·K·V of one batched adaptation
 
     def __post_init__(self):
@@ -85,6 +90,8 @@ class MbPAConfig:
             raise ValueError(f"the MbPA λ must be in [0, 1], got {self.lam}")
         if self.vocab < 0:
             raise ValueError(f"the MbPA candidate vocabulary must be >= 0, got {self.vocab}")
+        if not 0 <= self.train_pairs <= self.memory:
+            raise ValueError(f"the MbPA training pairs must be in [0, memory size {self.memory}], got {self.train_pairs}")
 
 
 def adapted_log_probs(
@@ -212,6 +219,17 @@ class MbPA:
     def __init__(self, rows: int, dim: int, cfg: MbPAConfig = MbPAConfig(), *, device="cpu", dtype=torch.float32):
         self.cfg = cfg
         self.memory = StreamMemory(rows, cfg.memory, dim, device=device, dtype=dtype, aux=cfg.vocab > 0)
+
+    @torch.no_grad()
+    def prefill(self, keys: torch.Tensor, values: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+        """Store the same ``P`` pairs — keys ``(P, D)``, values ``(P,)`` (and their log-normalisers
+        ``(P,)`` for the restricted variant) — in every stream's memory, before any evaluation
+        context: MbPA's memory "optionally filled from training data"."""
+        rows = self.memory.keys.shape[0]
+        aux = lse[None].expand(rows, -1) if self.memory.aux is not None else None
+        if self.memory.aux is not None and lse is None:
+            raise ValueError("the restricted MbPA memory needs the log-normaliser of every prefilled key")
+        self.memory.append(keys[None].expand(rows, -1, -1), values[None].expand(rows, -1), aux)
 
     @torch.no_grad()
     def neighbours(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None):
