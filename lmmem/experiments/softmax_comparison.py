@@ -1,14 +1,21 @@
-"""Full vs Hebbian softmax on one corpus, same seed, model and budget, evaluated by frequency bucket.
+"""Full vs Hebbian softmax on one corpus, same seed, model and budget, each plain, +cache, +MbPA and
++both, evaluated by frequency bucket: the paper's comparison (Rae et al. 2018, Table 1) as one command.
 
     python -m lmmem.experiments.softmax_comparison gutenberg --source ../shared/data/gutenberg \\
-        --work runs/cmp-gutenberg --preset small --max-steps 3000 --seeds 1 2
+        --work runs/cmp-gutenberg --preset small --max-steps 3000 --seeds 1 2 --test-time \\
+        --page docs/results/reproduction-gutenberg.md
 
 One command: prepares the corpus (``python -m data_prep``, skipped when WORK/data is already
 prepared), trains one model per (softmax, seed) with identical settings — the same seed gives both
-softmaxes the same initial weights and dropout noise — evaluates each ``best.pt`` on the test
-split, and writes ``WORK/results.json``, ``WORK/results.md`` (tables with the mean and spread over
-seeds, the commands, machine and versions) and ``WORK/results.png``. The validation split picks
-the checkpoint; nothing is tuned on test.
+softmaxes the same initial weights and dropout noise — evaluates each ``best.pt`` on the valid and
+test splits and, with ``--test-time``, with the neural cache, MbPA and both, their θ and λs chosen
+on the valid split (:func:`lmmem.evaluation.evaluate_methods` with ``tune=True``). It writes
+``WORK/results.json``, ``WORK/results.md`` (the paper-layout table and the per-bucket tables with
+the mean and spread over seeds, the commands, machine and versions) and ``WORK/results.png``;
+``--page`` also writes the page, its JSON and chart to a docs folder. The validation split picks
+the checkpoint and the test-time values; nothing is tuned on test. Finished runs and evaluations
+are reused (a run is retrained only if its settings changed), so an interrupted command can be
+repeated.
 """
 
 from __future__ import annotations
@@ -24,9 +31,21 @@ from pathlib import Path
 
 import torch
 
-from lmmem.evaluation import FrequencyBuckets, PerplexityReport, evaluate_checkpoint, plot_bucketed_perplexity, write_json
+from lmmem.evaluation import (
+    FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, plot_bucketed_perplexity, write_json,
+)
 from lmmem.evaluation.perplexity import BucketResult
+from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.training import config_from_args, load_checkpoint, train
+
+METHODS = ("plain", "+cache", "+mbpa", "+cache+mbpa")
+METHOD_LABELS = {"plain": "", "+cache": " + cache", "+mbpa": " + MbPA", "+cache+mbpa": " + cache + MbPA"}
+# Rae et al. 2018, Table 1 / Figure 4 (WikiText-103, LSTM, valid/test perplexity) — for orientation only:
+# a different corpus, model size and budget.
+PAPER_WT103 = {
+    "LSTM": (36.0, 36.4), "+ Hebbian softmax": (34.1, 34.3), "+ cache": (29.9, 29.7), "+ MbPA": (29.0, 29.2),
+}
+PAPER_WT103_BUCKETS = {">10K": 12.1, "1K–10K": 219, "100–1K": 1197, "<100": 9725}
 
 
 def prepare(corpus: str, source: str, data_dir: Path, extra: list[str]) -> list[str]:
@@ -52,6 +71,10 @@ def mean_report(reports: list[PerplexityReport]) -> PerplexityReport:
                                     math.exp(loss) if loss is not None else None))
     loss = mean([r.loss for r in reports])
     return PerplexityReport(first.tokens, loss, math.exp(loss), buckets)
+
+
+def report_from_dict(d: dict) -> PerplexityReport:
+    return PerplexityReport(**{**d, "buckets": [BucketResult(**b) for b in d["buckets"]]})
 
 
 def spread(values: list[float | None]) -> str:
@@ -84,9 +107,98 @@ def markdown(results: dict) -> str:
         for r in runs:
             cells = [f"{b['perplexity']:.2f}" if b["perplexity"] else "–" for b in r["test"]["buckets"]]
             lines.append(f"| {sm} | {r['seed']} | {r['steps']} | {r['test']['perplexity']:.2f} | " + " | ".join(cells) + " |")
+    if results.get("test_time"):
+        lines += ["", *test_time_markdown(results)]
     lines += ["", "## Commands", "", "```", results["command"], *results["steps"], "```", "",
               "## Machine", "", "```", json.dumps(results["machine"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _method_values(runs: list[dict], method: str, split: str, bucket: int | None = None) -> list[float | None]:
+    out = []
+    for r in runs:
+        tt = r.get("test_time")
+        if not tt or method not in tt["test"]:
+            continue
+        if split == "valid":
+            out.append(r["valid"]["perplexity"] if method == "plain" else tt["valid"].get(method))
+        elif bucket is None:
+            out.append(tt["test"][method]["perplexity"])
+        else:
+            out.append(tt["test"][method]["buckets"][bucket]["perplexity"])
+    return out
+
+
+def _choice_text(c: dict) -> str:
+    parts = []
+    if c.get("cache_lambda"):
+        parts += [f"θ = {c['theta']}", f"cache λ = {c['cache_lambda']}"]
+    if c.get("mbpa_lambda"):
+        parts.append(f"MbPA λ = {c['mbpa_lambda']}")
+    return ", ".join(parts)
+
+
+def test_time_markdown(results: dict) -> list[str]:
+    """The paper's layout (one row per model and test-time method, valid/test) and the per-bucket
+    test perplexities of every row, mean ± std over seeds."""
+    names = results["bucket_names"]
+    tt = results["test_time"]
+    lines = ["## Test-time memories (the paper's layout)", "",
+             f"Perplexity, mean ± standard deviation over seeds {', '.join(map(str, results['seeds']))}. "
+             "θ and the λs are chosen per model and seed on the valid split; the valid column of a "
+             "test-time row is therefore the tuned (optimistic) valid perplexity, the test column is not.", "",
+             "| model | valid ppl | test ppl |", "|---|---|---|"]
+    rows = []
+    for sm, runs in results["runs"].items():
+        for m in METHODS:
+            if not _method_values(runs, m, "test"):
+                continue
+            label = f"{sm}{METHOD_LABELS[m]}"
+            rows.append((label, runs, m))
+            lines.append(f"| {label} | {spread(_method_values(runs, m, 'valid'))} | {spread(_method_values(runs, m, 'test'))} |")
+    lines += ["", "Test perplexity by the target word's training frequency:", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for label, runs, m in rows:
+        lines.append(f"| {label} | " + " | ".join(spread(_method_values(runs, m, "test", i)) for i in range(len(names))) + " |")
+    lines += ["", "Chosen on valid, per model and seed:", ""]
+    for sm, runs in results["runs"].items():
+        for r in runs:
+            if r.get("test_time"):
+                lines.append(f"- {sm}, seed {r['seed']}: " + "; ".join(
+                    f"{m}: {_choice_text(c)}" for m, c in r["test_time"]["choice"].items()))
+    lines += ["", f"Cache: window {tt['cache']['window']}, θ ∈ {tt['thetas']}, λ ∈ {tt['lambdas']}. MbPA: K = {tt['mbpa']['k']}, "
+              f"{tt['mbpa']['steps']} steps, η = {tt['mbpa']['lr']}, α = {tt['mbpa']['alpha']}, ε = {tt['mbpa']['eps']}, memory "
+              f"{tt['mbpa']['memory']} pairs per stream, " + (f"adapting the rows of the query's top-{tt['mbpa']['vocab']} words and the "
+              "neighbours' words (restricted MbPA)" if tt["mbpa"]["vocab"] else "adapting every row (exact MbPA)")
+              + f"; {tt['streams']} evaluation streams.", "",
+              "For orientation only, the paper's WikiText-103 numbers (valid/test; a much larger corpus, model and budget): "
+              + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in PAPER_WT103.items())
+              + "; the LSTM's test perplexity by bucket: " + ", ".join(f"{k} {v:,}" for k, v in PAPER_WT103_BUCKETS.items()) + "."]
+    return lines
+
+
+def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAConfig, batch_size: int, streams: int,
+                       buckets: FrequencyBuckets, thetas, lambdas) -> dict:
+    """Tune on valid, score test with plain/+cache/+mbpa/+both; cached in OUT/test-time.json (keyed by
+    the checkpoint's step and the settings, so a retrained model or other settings are redone)."""
+    from dataclasses import asdict
+
+    key = {"step": load_checkpoint(best)["progress"]["step"], "cache": asdict(cache), "mbpa": asdict(mbpa),
+           "batch_size": batch_size, "streams": streams, "thetas": list(thetas), "lambdas": list(lambdas),
+           "bucket_edges": list(buckets.edges)}
+    path = out / "test-time.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    reports, meta = evaluate_methods(best, split="test", batch_size=batch_size, streams=streams, buckets=buckets,
+                                     cache=cache, mbpa=mbpa, tune=True, thetas=thetas, lambdas=lambdas)
+    tuned = meta["tuned"]
+    result = {"test": {m: r.to_dict() for m, r in reports.items()},
+              "valid": dict(tuned["valid_perplexity"]), "choice": tuned["choice"],
+              "seconds": meta.get("memory_seconds")}
+    write_json({"key": key, "result": result}, path)
+    return result
 
 
 def main(argv=None) -> int:
@@ -102,6 +214,17 @@ def main(argv=None) -> int:
                    help="models to compare: a softmax name, or LABEL:key=value,... e.g. hebbian-T100:softmax=hebbian,hebbian_T=100")
     p.add_argument("--train-args", default="", help="extra train.py flags as KEY=VALUE pairs, e.g. 'lr=1e-3 hebbian_T=100'")
     p.add_argument("--eval-batch-size", type=int, default=16)
+    t = p.add_argument_group("test-time memories (--test-time)")
+    t.add_argument("--test-time", action="store_true", help="also evaluate +cache, +MbPA and +both, tuned on valid")
+    t.add_argument("--cache-window", type=int, default=CacheConfig.window)
+    t.add_argument("--mbpa-k", type=int, default=MbPAConfig.k)
+    t.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps)
+    t.add_argument("--mbpa-vocab", type=int, default=128,
+                   help="restricted MbPA over this many candidate rows (0: exact MbPA, ~50× slower on CPU)")
+    t.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
+    t.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
+                                  "with its chart and JSON in a folder of the same name")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -119,6 +242,8 @@ def main(argv=None) -> int:
         steps_run.append(" ".join(prepare(args.corpus, args.source, data_dir, args.prep_args.split())))
     extra = dict(kv.split("=", 1) for kv in args.train_args.split())
     buckets = FrequencyBuckets()
+    cache_cfg = CacheConfig(window=args.cache_window)
+    mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, vocab=args.mbpa_vocab)
     variants = dict(parse_variant(v) for v in args.variants)
     runs: dict[str, list[dict]] = {label: [] for label in variants}
     for seed in args.seeds:
@@ -139,8 +264,17 @@ def main(argv=None) -> int:
                 res = evaluate_checkpoint(out / "best.pt", split=split, batch_size=args.eval_batch_size, buckets=buckets)
                 record[split] = res.report.to_dict()
                 steps_run.append(f"python evaluate.py {out / 'best.pt'} --split {split} --batch-size {args.eval_batch_size}")
+            if args.test_time:
+                record["test_time"] = evaluate_test_time(
+                    out / "best.pt", out, cache=cache_cfg, mbpa=mbpa_cfg, batch_size=args.eval_batch_size,
+                    streams=args.eval_batch_size, buckets=buckets, thetas=args.thetas, lambdas=args.lambdas)
+                steps_run.append(f"python evaluate.py {out / 'best.pt'} --split test --batch-size {args.eval_batch_size} --tune "
+                                 f"--cache --cache-window {args.cache_window} --mbpa --mbpa-k {args.mbpa_k} --mbpa-steps "
+                                 f"{args.mbpa_steps} --mbpa-vocab {args.mbpa_vocab}")
             runs[sm].append(record)
-            print(f"{sm} seed {seed}: valid ppl {record['valid']['perplexity']:.2f}, test ppl {record['test']['perplexity']:.2f}")
+            print(f"{sm} seed {seed}: valid ppl {record['valid']['perplexity']:.2f}, test ppl {record['test']['perplexity']:.2f}"
+                  + ("" if not args.test_time else ", with test-time memories " + ", ".join(
+                      f"{m} {r['perplexity']:.2f}" for m, r in record["test_time"]["test"].items())))
     results = {
         "corpus": args.corpus, "source": args.source, "preset": args.preset, "seeds": args.seeds,
         "bucket_names": buckets.names, "runs": runs, "variants": variants, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + " ".join(argv or sys.argv[1:]),
@@ -148,11 +282,30 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }
-    write_json(results, work / "results.json")
-    (work / "results.md").write_text(markdown(results), encoding="utf-8")
-    means = {sm: mean_report([PerplexityReport(**{**r["test"], "buckets": [BucketResult(**b) for b in r["test"]["buckets"]]})
-                              for r in rs]) for sm, rs in runs.items()}
-    plot_bucketed_perplexity(means, work / "results.png", title=f"{args.corpus}: test perplexity by training frequency")
+    if args.test_time:
+        from dataclasses import asdict
+
+        results["test_time"] = {"cache": asdict(cache_cfg), "mbpa": asdict(mbpa_cfg), "thetas": args.thetas,
+                                "lambdas": args.lambdas, "streams": args.eval_batch_size}
+    if args.test_time:
+        means = {f"{sm}{METHOD_LABELS[m]}": mean_report([report_from_dict(r["test_time"]["test"][m]) for r in rs])
+                 for sm, rs in runs.items() for m in METHODS if all(m in r["test_time"]["test"] for r in rs)}
+    else:
+        means = {sm: mean_report([report_from_dict(r["test"]) for r in rs]) for sm, rs in runs.items()}
+    title = f"{args.corpus}: test perplexity by training frequency" + (f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else "")
+    targets = [(work / "results.md", work / "results.json", work / "results.png")]
+    if args.page:
+        page = Path(args.page)
+        folder = page.with_suffix("")
+        targets.append((page, folder / "results.json", folder / "results.png"))
+    for md, js, png in targets:
+        write_json(results, js)
+        chart = plot_bucketed_perplexity(means, png, title=title)
+        text = markdown(results)
+        if chart is not None:
+            text = text.replace("\n## Commands", f"\n![test perplexity by bucket]({png.relative_to(md.parent).as_posix()})\n\n## Commands", 1)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text, encoding="utf-8")
     print((work / "results.md").read_text())
     return 0
 

@@ -1,0 +1,38 @@
+"""The reproduction runner (python -m lmmem.experiments.softmax_comparison): trains both softmaxes,
+evaluates plain/+cache/+MbPA/+both tuned on valid, writes the page, and reuses finished work."""
+
+import json
+
+from conftest import write_prepared_corpus
+
+from lmmem.experiments import softmax_comparison
+
+
+def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
+    work = tmp_path / "work"
+    write_prepared_corpus(work / "data", vocab_size=150, tokens={"train": 4000, "valid": 700, "test": 700})
+    page = tmp_path / "docs" / "repro.md"
+    argv = ["synthetic", "--work", str(work), "--preset", "tiny", "--max-steps", "6", "--seeds", "1", "2",
+            "--train-args", "batch_size=4 bptt=12 eval_interval=0", "--eval-batch-size", "2", "--test-time",
+            "--cache-window", "40", "--mbpa-k", "4", "--mbpa-steps", "2", "--mbpa-vocab", "16",
+            "--thetas", "0.3", "--lambdas", "0.0", "0.1", "--page", str(page)]
+    assert softmax_comparison.main(argv) == 0
+    results = json.loads((work / "results.json").read_text())
+    assert set(results["runs"]) == {"full", "hebbian"}
+    for runs in results["runs"].values():
+        assert [r["seed"] for r in runs] == [1, 2]
+        for r in runs:
+            tt = r["test_time"]
+            assert set(tt["test"]) == {"plain", "+cache", "+mbpa", "+cache+mbpa"}
+            # the test-time pass's plain score is the plain evaluation's (same streams = batch size)
+            assert abs(tt["test"]["plain"]["perplexity"] - r["test"]["perplexity"]) < 1e-6 * r["test"]["perplexity"]
+            assert tt["choice"]["+cache"]["cache_lambda"] == 0.1 and tt["choice"]["+mbpa"]["mbpa_lambda"] == 0.1
+    text = page.read_text()
+    assert "| full + cache + MbPA |" in text and "| hebbian + MbPA |" in text
+    assert " ± " in text  # two seeds: mean ± std
+    assert (page.parent / "repro" / "results.json").is_file()
+    # a second invocation trains and evaluates nothing again
+    stamp = {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")}
+    assert len(stamp) == 4
+    assert softmax_comparison.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")} == stamp
