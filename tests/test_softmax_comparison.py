@@ -15,10 +15,12 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     argv = ["synthetic", "--work", str(work), "--preset", "tiny", "--max-steps", "6", "--seeds", "1", "2",
             "--train-args", "batch_size=4 bptt=12 eval_interval=0", "--eval-batch-size", "2", "--test-time",
             "--cache-window", "40", "--mbpa-k", "4", "--mbpa-steps", "2", "--mbpa-vocab", "16",
-            "--thetas", "0.3", "--lambdas", "0.0", "0.1", "--page", str(page)]
+            "--thetas", "0.3", "--lambdas", "0.0", "0.1", "--page", str(page),
+            "--variants", "full", "hebbian", "hebbian-T2:softmax=hebbian,hebbian_T=2,seeds=2"]
     assert softmax_comparison.main(argv) == 0
     results = json.loads((work / "results.json").read_text())
-    assert set(results["runs"]) == {"full", "hebbian"}
+    assert set(results["runs"]) == {"full", "hebbian", "hebbian-T2"}
+    assert [r["seed"] for r in results["runs"].pop("hebbian-T2")] == [2]  # a variant limited to one seed
     for runs in results["runs"].values():
         assert [r["seed"] for r in runs] == [1, 2]
         for r in runs:
@@ -30,9 +32,10 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     text = page.read_text()
     assert "| full + cache + MbPA |" in text and "| hebbian + MbPA |" in text
     assert " ± " in text  # two seeds: mean ± std
+    assert "(seeds 2)" in text
     assert (page.parent / "repro" / "results.json").is_file()
     # a second invocation trains and evaluates nothing again
     stamp = {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")}
-    assert len(stamp) == 4
+    assert len(stamp) == 5
     assert softmax_comparison.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")} == stamp

@@ -99,7 +99,10 @@ def markdown(results: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     first = next(iter(results["runs"].values()))[0]["test"]
     lines.append("| token share | | | " + " | ".join(f"{100 * b['share']:.1f}%" for b in first["buckets"]) + " |")
-    lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items()) for k, v in results["variants"].items()),
+    vseeds = results.get("variant_seeds", {})
+    lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items())
+                                         + (f" (seeds {', '.join(map(str, vseeds[k]))})" if vseeds.get(k, results["seeds"]) != results["seeds"] else "")
+                                         for k, v in results["variants"].items()),
               f"preset `{results['preset']}`, {results['max_steps']} steps each."]
     lines += ["", "Per seed (test perplexity):", "", "| model | seed | steps | test ppl | " + " | ".join(names) + " |",
               "|---|---|---|---|" + "---|" * len(names)]
@@ -245,9 +248,12 @@ def main(argv=None) -> int:
     cache_cfg = CacheConfig(window=args.cache_window)
     mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, vocab=args.mbpa_vocab)
     variants = dict(parse_variant(v) for v in args.variants)
+    variant_seeds = {label: _variant_seeds(overrides, args.seeds) for label, overrides in variants.items()}
     runs: dict[str, list[dict]] = {label: [] for label in variants}
     for seed in args.seeds:
         for sm, overrides in variants.items():
+            if seed not in variant_seeds[sm]:
+                continue
             out = work / f"{sm}-seed{seed}"
             flags = {"data": str(data_dir), "out": str(out), "preset": args.preset, "softmax": sm, "seed": seed,
                      "max_steps": args.max_steps, **extra, **overrides}
@@ -277,7 +283,7 @@ def main(argv=None) -> int:
                       f"{m} {r['perplexity']:.2f}" for m, r in record["test_time"]["test"].items())))
     results = {
         "corpus": args.corpus, "source": args.source, "preset": args.preset, "seeds": args.seeds,
-        "bucket_names": buckets.names, "runs": runs, "variants": variants, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + " ".join(argv or sys.argv[1:]),
+        "bucket_names": buckets.names, "runs": runs, "variants": variants, "variant_seeds": variant_seeds, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + " ".join(argv or sys.argv[1:]),
         "steps": steps_run,
         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
@@ -329,9 +335,22 @@ def finished(out: Path, cfg) -> bool:
     return saved == wanted and ckpt["progress"]["step"] >= cfg.max_steps
 
 
+def _variant_seeds(overrides: dict, seeds: list[int]) -> list[int]:
+    """A variant's ``seeds=1+2`` (a subset of --seeds) limits it to those seeds: a side experiment
+    can run on fewer seeds than the main comparison."""
+    if "seeds" not in overrides:
+        return list(seeds)
+    chosen = [int(x) for x in overrides.pop("seeds").split("+") if x]
+    missing = [x for x in chosen if x not in seeds]
+    if missing:
+        raise SystemExit(f"variant seeds {missing} are not among --seeds {seeds}")
+    return chosen
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     """'hebbian' → ('hebbian', {'softmax': 'hebbian'}); 'h-T100:softmax=hebbian,hebbian_T=100' →
-    ('h-T100', {'softmax': 'hebbian', 'hebbian_T': '100'})."""
+    ('h-T100', {'softmax': 'hebbian', 'hebbian_T': '100'}); a ``seeds=1+2`` entry limits the variant
+    to those seeds."""
     label, _, rest = spec.partition(":")
     overrides = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
     overrides.setdefault("softmax", label)

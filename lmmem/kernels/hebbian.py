@@ -12,7 +12,7 @@ breaks CUDA graphs). Memory: ``N × D`` fp32 for the sums (16 MB at N = 8,192, D
 ``V × D``.
 
 * ``_statistics_kernel``: grid ``(⌈N / BLOCK_N⌉, ⌈D / BLOCK_D⌉)``; adds each row of ``hidden`` into
-  its slot's fp32 sum with atomics (and, in the first D-block, 1 into the slot's count).
+  its slot's fp32 sum with atomics (the slot counts are one ``index_add_`` of N ones).
 * ``_mix_kernel``: one program per slot; reads the class's count ``c`` before the batch,
   ``λ = max(1/(c+1), γ)`` if ``c < T`` else 0, writes ``λ·h̄ + (1−λ)·θ̂`` over the row in place (in the
   weight's dtype, computed in fp32), optionally rescaling ``h̄`` to the row's norm, and adds the
@@ -33,7 +33,7 @@ Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (S,) int64 with s
 if triton is not None:
 
     @triton.jit
-    def _statistics_kernel(h_ptr, slot_ptr, sums_ptr, counts_ptr, N, D, stride_hn, stride_hd,
+    def _statistics_kernel(h_ptr, slot_ptr, sums_ptr, N, D, stride_hn, stride_hd,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -45,8 +45,6 @@ if triton is not None:
         h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         tl.atomic_add(sums_ptr + slot[:, None] * D + offs_d[None, :], h, mask=mask_n[:, None] & mask_d[None, :])
-        if pid_d == 0:
-            tl.atomic_add(counts_ptr + slot, tl.full((BLOCK_N,), 1, dtype=tl.int64), mask=mask_n)
 
     @triton.jit
     def _mix_kernel(w_ptr, class_counts_ptr, ids_ptr, n_ptr, sums_ptr, V, D, stride_wv, stride_wd,
@@ -109,13 +107,14 @@ def hebbian_statistics(hidden: torch.Tensor, targets: torch.Tensor, num_classes:
     N, D = h.shape
     ids, slot = segment_classes(targets, num_classes, ignore_index)
     sums = torch.zeros(N, D, dtype=torch.float32, device=h.device)
-    counts = torch.zeros(N, dtype=torch.int64, device=h.device)
+    # occurrences per slot: N integer adds, exact and deterministic in torch
+    counts = torch.zeros(N, dtype=torch.int64, device=h.device).index_add_(0, slot, torch.ones_like(slot))
     if N:
         cuda = h.device.type == "cuda"
         bn = block_n or (64 if cuda else 16)
         bd = block_d or (min(128, triton.next_power_of_2(D)) if cuda else 16)
         _statistics_kernel[(triton.cdiv(N, bn), triton.cdiv(D, bd))](
-            h, slot, sums, counts, N, D, h.stride(0), h.stride(1), BLOCK_N=bn, BLOCK_D=bd, num_warps=4 if cuda else 1)
+            h, slot, sums, N, D, h.stride(0), h.stride(1), BLOCK_N=bn, BLOCK_D=bd, num_warps=4 if cuda else 1)
     return ids, counts, sums
 
 
