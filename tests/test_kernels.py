@@ -352,3 +352,20 @@ def test_train_py_with_the_triton_backend_matches_the_torch_backend(small_corpus
     assert torch.equal(a["output.counts"], b["output.counts"]) and int(a["output.counts"].sum()) == 4 * 3 * 9
     for k in a:
         torch.testing.assert_close(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@needs_cuda
+def test_peak_memory_has_no_n_by_v_buffer():
+    """N = 8,192, V = 267,735, bf16: the logits alone would be 4.4 GB; forward + backward must stay
+    far below that (the fp32 weight-gradient accumulator, V × D × 4 = 0.55 GB, is the largest buffer)."""
+    N, D, V = 8192, 512, 267_735
+    h = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = (torch.randn(V, D, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(h, W, None, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.5 * N * V * 2, f"peak {extra / 2**30:.2f} GiB above the inputs"

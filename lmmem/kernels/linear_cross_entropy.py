@@ -190,9 +190,11 @@ def _tl_dtype(dtype: torch.dtype):
 
 
 def _input_precision(compute_dtype: torch.dtype, device: torch.device) -> str:
-    if compute_dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    """fp32 operands: TF32 tensor cores where PyTorch allows TF32 matmuls, else exact fp32 ("ieee").
+    bf16/fp16 operands: Triton's default ("tf32", which only concerns fp32 operands)."""
+    if compute_dtype != torch.float32:
         return "tf32"
-    return "ieee"
+    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> None:
