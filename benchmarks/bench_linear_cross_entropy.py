@@ -182,12 +182,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--smoke", action="store_true",
-                   help="CPU, Triton interpreter, tiny shapes, lmmem-triton and eager only: checks that the script runs")
+                   help="CPU, Triton interpreter, tiny shapes, lmmem-triton, eager and F.linear_cross_entropy (where it exists) "
+                        "only: checks that the script runs")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_linear_cross_entropy_<device>.json)")
     args = p.parse_args()
     if args.smoke:
         args.N, args.D, args.V, args.dtype, args.warmup, args.repeat = [37], [24], [131], ["fp32"], 1, 2
-        args.methods = args.methods or ["lmmem-triton", "eager"]
+        args.methods = args.methods or ["lmmem-triton", "eager", "F.linear_cross_entropy"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
         sys.exit("this benchmark needs a CUDA GPU (use --smoke to check the script on CPU)")

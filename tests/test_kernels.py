@@ -332,7 +332,8 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path):
     import json
 
     rows = json.loads(out.read_text())["results"]
-    assert {r["method"] for r in rows} == {"lmmem-triton", "eager"} and all(r["ms"] > 0 for r in rows)
+    expected = {"lmmem-triton", "eager"} | ({"F.linear_cross_entropy"} if hasattr(torch.nn.functional, "linear_cross_entropy") else set())
+    assert {r["method"] for r in rows} == expected and all(r.get("ms", 0) > 0 for r in rows), rows
 
 
 def test_train_py_with_the_triton_backend_matches_the_torch_backend(small_corpus, tmp_path, one_thread):
