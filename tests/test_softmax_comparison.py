@@ -39,3 +39,22 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     assert len(stamp) == 5
     assert softmax_comparison.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")} == stamp
+
+
+def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):
+    from lmmem.data.corpus import PreparedCorpus
+    from lmmem.experiments import mbpa_sweep
+    from lmmem.models import ModelConfig, build_model
+    from lmmem.training.checkpoint import save_checkpoint
+
+    data = write_prepared_corpus(tmp_path / "d", vocab_size=60, tokens={"train": 500, "valid": 200, "test": 100})
+    cfg = ModelConfig(vocab_size=60, embed_dim=8, hidden_dim=12, proj_dim=8, tie_weights=True)
+    save_checkpoint({"model_config": cfg.to_dict(), "model": build_model(cfg).state_dict(), "progress": {"step": 0},
+                     "train_config": {"data": str(data), "bptt": 10}, "vocab_fingerprint": PreparedCorpus.open(data).fingerprint},
+                    tmp_path / "m.pt")
+    out = tmp_path / "s.json"
+    assert mbpa_sweep.main([str(tmp_path / "m.pt"), "--lrs", "0.1", "0.3", "--alphas", "0.5", "--lambdas", "0.1", "0.3",
+                            "--mbpa-k", "3", "--mbpa-steps", "1", "--mbpa-vocab", "5", "--batch-size", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["lr"], r["alpha"]) for r in rows] == [(0.1, 0.5), (0.3, 0.5)]
+    assert all(r["best_lambda"] in (0.1, 0.3) and r["valid_ppl"] > 0 for r in rows)

@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     t.add_argument("--cache-window", type=int, default=CacheConfig.window)
     t.add_argument("--mbpa-k", type=int, default=MbPAConfig.k)
     t.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps)
+    t.add_argument("--mbpa-lr", type=float, default=MbPAConfig.lr)
+    t.add_argument("--mbpa-alpha", type=float, default=MbPAConfig.alpha)
     t.add_argument("--mbpa-vocab", type=int, default=128,
                    help="restricted MbPA over this many candidate rows (0: exact MbPA, ~50× slower on CPU)")
     t.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     extra = dict(kv.split("=", 1) for kv in args.train_args.split())
     buckets = FrequencyBuckets()
     cache_cfg = CacheConfig(window=args.cache_window)
-    mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, vocab=args.mbpa_vocab)
+    mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, lr=args.mbpa_lr, alpha=args.mbpa_alpha, vocab=args.mbpa_vocab)
     variants = dict(parse_variant(v) for v in args.variants)
     variant_seeds = {label: _variant_seeds(overrides, args.seeds) for label, overrides in variants.items()}
     runs: dict[str, list[dict]] = {label: [] for label in variants}
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
                     streams=args.eval_batch_size, buckets=buckets, thetas=args.thetas, lambdas=args.lambdas)
                 steps_run.append(f"python evaluate.py {out / 'best.pt'} --split test --batch-size {args.eval_batch_size} --tune "
                                  f"--cache --cache-window {args.cache_window} --mbpa --mbpa-k {args.mbpa_k} --mbpa-steps "
-                                 f"{args.mbpa_steps} --mbpa-vocab {args.mbpa_vocab}")
+                                 f"{args.mbpa_steps} --mbpa-lr {args.mbpa_lr} --mbpa-alpha {args.mbpa_alpha} --mbpa-vocab {args.mbpa_vocab}")
             runs[sm].append(record)
             print(f"{sm} seed {seed}: valid ppl {record['valid']['perplexity']:.2f}, test ppl {record['test']['perplexity']:.2f}"
                   + ("" if not args.test_time else ", with test-time memories " + ", ".join(
