@@ -39,6 +39,14 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     assert len(stamp) == 5
     assert softmax_comparison.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")} == stamp
+    # an evaluation cached before an MbPA option existed is still reused (the option's old behaviour)
+    one = work / "full-seed1" / "test-time.json"
+    saved = json.loads(one.read_text())
+    del saved["key"]["mbpa"]["train_pairs"]
+    one.write_text(json.dumps(saved))
+    before = one.stat().st_mtime_ns
+    assert softmax_comparison.main(argv) == 0
+    assert one.stat().st_mtime_ns == before
 
 
 def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):

@@ -39,6 +39,8 @@ from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.training import config_from_args, load_checkpoint, train
 
 METHODS = ("plain", "+cache", "+mbpa", "+cache+mbpa")
+# config fields added after evaluations were cached, with the value that reproduces the old behaviour
+_ADDED_DEFAULTS = {"mbpa": {"train_pairs": 0}}
 METHOD_LABELS = {"plain": "", "+cache": " + cache", "+mbpa": " + MbPA", "+cache+mbpa": " + cache + MbPA"}
 # Rae et al. 2018, Table 1 / Figure 4 (WikiText-103, LSTM, valid/test perplexity) — for orientation only:
 # a different corpus, model size and budget.
@@ -192,7 +194,12 @@ def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAC
     path = out / "test-time.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
+        old = saved.get("key", {})
+        # options added to the configs since the evaluation was made count with their old behaviour
+        for name, added in _ADDED_DEFAULTS.items():
+            if isinstance(old.get(name), dict):
+                old[name] = {**{f: v for f, v in added.items() if f not in old[name]}, **old[name]}
+        if old == key:
             return saved["result"]
     reports, meta = evaluate_methods(best, split="test", batch_size=batch_size, streams=streams, buckets=buckets,
                                      cache=cache, mbpa=mbpa, tune=True, thetas=thetas, lambdas=lambdas)
