@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,10 +52,10 @@ PAPER_WT103_BUCKETS = {">10K": 12.1, "1K–10K": 219, "100–1K": 1197, "<100": 
 
 
 def prepare(corpus: str, source: str, data_dir: Path, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "data_prep", corpus, "--source", source, "--out", str(data_dir), *extra]
+    args = ["-m", "data_prep", corpus, "--source", source, "--out", str(data_dir), *extra]
     if not (data_dir / "meta.json").is_file():
-        subprocess.run(cmd, check=True)
-    return cmd
+        subprocess.run([sys.executable, *args], check=True)
+    return ["python", *args]
 
 
 def mean_report(reports: list[PerplexityReport]) -> PerplexityReport:
@@ -89,7 +90,7 @@ def spread(values: list[float | None]) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Full vs Hebbian softmax on {results['corpus']}", ""]
+    lines = [f"# Full vs Hebbian softmax on {results.get('name') or results['corpus']}", ""]
     lines += ["Test perplexity, mean ± standard deviation over seeds "
               f"{', '.join(map(str, results['seeds']))}; best checkpoint by validation loss.", ""]
     names = results["bucket_names"]
@@ -224,6 +225,7 @@ def main(argv=None) -> int:
                    help="models to compare: a softmax name, or LABEL:key=value,... e.g. hebbian-T100:softmax=hebbian,hebbian_T=100")
     p.add_argument("--train-args", default="", help="extra train.py flags as KEY=VALUE pairs, e.g. 'lr=1e-3 hebbian_T=100'")
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--name", help="corpus name on the page (default: the source folder's name)")
     t = p.add_argument_group("test-time memories (--test-time)")
     t.add_argument("--test-time", action="store_true", help="also evaluate +cache, +MbPA and +both, tuned on valid")
     t.add_argument("--cache-window", type=int, default=CacheConfig.window)
@@ -241,6 +243,8 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     data_dir = work / "data"
+    name = args.name or (f"{Path(args.source).name} (prepared as {args.corpus})" if args.source and Path(args.source).name != args.corpus
+                         else args.corpus)
     steps_run: list[str] = []
     if args.corpus == "synthetic":
         from lmmem.data.synthetic import write_synthetic_corpus
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
     else:
         if not args.source:
             p.error("--source is required for real corpora")
-        steps_run.append(" ".join(prepare(args.corpus, args.source, data_dir, args.prep_args.split())))
+        steps_run.append(shlex.join(prepare(args.corpus, args.source, data_dir, shlex.split(args.prep_args))))
     extra = dict(kv.split("=", 1) for kv in args.train_args.split())
     buckets = FrequencyBuckets()
     cache_cfg = CacheConfig(window=args.cache_window)
@@ -291,8 +295,8 @@ def main(argv=None) -> int:
                   + ("" if not args.test_time else ", with test-time memories " + ", ".join(
                       f"{m} {r['perplexity']:.2f}" for m, r in record["test_time"]["test"].items())))
     results = {
-        "corpus": args.corpus, "source": args.source, "preset": args.preset, "seeds": args.seeds,
-        "bucket_names": buckets.names, "runs": runs, "variants": variants, "variant_seeds": variant_seeds, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + " ".join(argv or sys.argv[1:]),
+        "corpus": args.corpus, "name": name, "source": args.source, "preset": args.preset, "seeds": args.seeds,
+        "bucket_names": buckets.names, "runs": runs, "variants": variants, "variant_seeds": variant_seeds, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + shlex.join(argv or sys.argv[1:]),
         "steps": steps_run,
         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
@@ -307,7 +311,7 @@ def main(argv=None) -> int:
                  for sm, rs in runs.items() for m in METHODS if all(m in r["test_time"]["test"] for r in rs)}
     else:
         means = {sm: mean_report([report_from_dict(r["test"]) for r in rs]) for sm, rs in runs.items()}
-    title = f"{args.corpus}: test perplexity by training frequency" + (f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else "")
+    title = f"{name}: test perplexity by training frequency" + (f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else "")
     targets = [(work / "results.md", work / "results.json", work / "results.png")]
     if args.page:
         page = Path(args.page)
