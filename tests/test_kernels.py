@@ -370,3 +370,21 @@ def test_peak_memory_has_no_n_by_v_buffer():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 0.5 * N * V * 2, f"peak {extra / 2**30:.2f} GiB above the inputs"
+
+
+def test_a_kernel_that_cannot_compile_here_names_the_way_around():
+    from triton.runtime.errors import OutOfResources
+
+    from lmmem.errors import LmmemError
+    from lmmem.kernels.runtime import launch
+
+    class Kernel:  # stands in for a JIT function whose launch fails on an untested GPU
+        __name__ = "_forward_kernel"
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return run
+
+    with pytest.raises(LmmemError, match="--softmax-backend torch"):
+        launch(Kernel(), (1,))

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from lmmem.kernels.runtime import require_triton, tl, triton
+from lmmem.kernels.runtime import launch, require_triton, tl, triton
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (S,) int64 with sentinel V, counts (S,) int64, sums (S, D) fp32
 
@@ -113,7 +113,7 @@ def hebbian_statistics(hidden: torch.Tensor, targets: torch.Tensor, num_classes:
         cuda = h.device.type == "cuda"
         bn = block_n or (64 if cuda else 16)
         bd = block_d or (min(128, triton.next_power_of_2(D)) if cuda else 16)
-        _statistics_kernel[(triton.cdiv(N, bn), triton.cdiv(D, bd))](
+        launch(_statistics_kernel, (triton.cdiv(N, bn), triton.cdiv(D, bd)),
             h, slot, sums, N, D, h.stride(0), h.stride(1), BLOCK_N=bn, BLOCK_D=bd, num_warps=4 if cuda else 1)
     return ids, counts, sums
 
@@ -151,7 +151,8 @@ def hebbian_mix_triton_(weight: torch.Tensor, class_counts: torch.Tensor, ids: t
     has_limit = smoothing_limit is not None and not math.isinf(smoothing_limit)
     cuda = weight.device.type == "cuda"
     bd = block_d or (min(1024, triton.next_power_of_2(D)) if cuda else 16)
-    _mix_kernel[(S,)](
+    launch(
+        _mix_kernel, (S,),
         weight, class_counts, ids, n, sums, V, D, weight.stride(0), weight.stride(1),
         float(gamma), float(smoothing_limit) if has_limit else 0.0,
         HAS_LIMIT=has_limit, RESCALE=bool(rescale), BLOCK_D=bd, num_warps=4 if cuda else 1,

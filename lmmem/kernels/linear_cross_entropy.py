@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmmem.kernels.runtime import require_triton, tl, triton
+from lmmem.kernels.runtime import launch, require_triton, tl, triton
 
 IGNORE_INDEX = -100
 
@@ -248,7 +248,8 @@ def linear_cross_entropy_forward(
     part_sum = torch.empty_like(part_max)
     part_target = torch.empty_like(part_max)
     if N:
-        _forward_kernel[(n_blocks, splits)](
+        launch(
+            _forward_kernel, (n_blocks, splits),
             hidden, weight, bias if bias is not None else weight, targets, part_max, part_sum, part_target,
             N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0, targets.stride(0), tiles_per_split, splits, ignore_index,
@@ -284,7 +285,8 @@ def linear_cross_entropy_backward(
     if N and (need_dh or need_dw or need_db):
         grid = (triton.cdiv(N, cfg.backward_block_n), triton.cdiv(V, cfg.backward_block_v))
         dummy = g
-        _backward_kernel[grid](
+        launch(
+            _backward_kernel, grid,
             hidden, weight, bias if bias is not None else weight, targets, lse.contiguous(), g,
             dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
             N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),

@@ -21,6 +21,16 @@ except ImportError:  # pragma: no cover - depends on the platform
     triton = None
     tl = None
 
+_LAUNCH_ERRORS: tuple[type[BaseException], ...] = ()
+if triton is not None:
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
+        _LAUNCH_ERRORS = (CompilationError, OutOfResources)
+    except ImportError:  # pragma: no cover - other triton layouts
+        pass
+
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -48,3 +58,16 @@ def require_triton(device: torch.device) -> None:
         return
     raise LmmemError(f"the Triton backend supports CUDA (and CPU under TRITON_INTERPRET=1), not {device.type} tensors; "
                      "use backend='torch'")
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, turning a failure to compile or fit the kernel on this GPU
+    (a Triton version or GPU we have not tested) into an error that names the way around it."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except _LAUNCH_ERRORS as e:
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise LmmemError(f"the Triton kernel {name} could not be compiled or launched here ({type(e).__name__}: {first}); "
+                         "use the PyTorch implementation meanwhile (backend='torch', train.py --softmax-backend torch) "
+                         "and report the triton version and GPU") from e
