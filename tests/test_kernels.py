@@ -105,13 +105,19 @@ def test_confident_predictions_keep_the_target_gradient(gen):
     """+10 on each row's target logit (h moved along its target's row): p_target ≈ 1, so the target's
     gradient p − 1 is tiny — lost entirely if the −1 were applied after rounding p to bf16. It must
     match the float64 reference."""
-    h, W, b, t = make_inputs(gen, repeat=False)
+    # D = 64: moving h along its target's row shifts the other logits by only ~±1.3 (±2 at D = 24)
+    h, W, b, t = make_inputs(gen, D=64, repeat=False)
     t = torch.randperm(W.shape[0], generator=gen)[: h.shape[0]]  # distinct targets: db[t] is one row's p − 1
     h = h * 0.1 + 10.0 * W[t] / (W[t] ** 2).sum(1, keepdim=True)
     got, want = grads_triton(h, W, b, t, "sum"), grads_reference(h, W, b, t, "sum")
     target_grad = want[1][2][t]
     assert target_grad.abs().median() < 0.05 and got[0].item() < 0.1 * h.shape[0]  # the situation under test
-    torch.testing.assert_close(got[1][2][t], target_grad, rtol=1e-3, atol=1e-7)
+    # fp32 cannot do better than z − lse to ~1e−6 here; PyTorch's own fp32 error is the yardstick
+    fp32 = [x.detach().float().requires_grad_() for x in (h, W, b)]
+    linear_cross_entropy_reference(*fp32, t, "sum").backward()
+    torch_err = (fp32[2].grad.double()[t] - target_grad).abs().max().item()
+    ours = (got[1][2][t] - target_grad).abs().max().item()
+    assert ours <= 4 * torch_err + 1e-7, f"target gradient error {ours:.3g} vs PyTorch fp32 {torch_err:.3g} (seed {gen.initial_seed()})"
     assert_matches(got, want, gen, "confident", rtol=1e-4)
 
 
@@ -235,7 +241,8 @@ def test_merged_micro_batch_statistics_equal_one_batch(gen):
 def _train(layer_cls, backend, h_seq, t_seq, seed, accumulate=1, **kw):
     torch.manual_seed(seed)
     layer = layer_cls(24, 131, backend=backend, **kw).to(DEVICE)
-    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    # SGD (with momentum), not Adam: Adam's m/√v turns fp32 noise in a near-zero gradient into a full step
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5, momentum=0.9)
     layer.attach_to_optimizer(opt)
     losses = []
     for i, (h, t) in enumerate(zip(h_seq, t_seq)):
@@ -250,7 +257,7 @@ def _train(layer_cls, backend, h_seq, t_seq, seed, accumulate=1, **kw):
 
 @pytest.mark.parametrize("layer_cls,accumulate", [(FullSoftmax, 1), (HebbianSoftmax, 1), (HebbianSoftmax, 2)])
 def test_layer_trains_identically_with_either_backend(gen, layer_cls, accumulate):
-    """Five optimizer steps with Adam: the Triton backend (loss kernel, statistics kernel, mixing
+    """Five optimizer steps: the Triton backend (loss kernel, statistics kernel, mixing
     kernel) and the PyTorch backend reach the same weights, counts and losses."""
     steps = 5 * accumulate
     h_seq = [torch.randn(37, 24, generator=gen) for _ in range(steps)]
@@ -346,7 +353,8 @@ def test_train_py_with_the_triton_backend_matches_the_torch_backend(small_corpus
         cfg = config_from_args({"data": str(small_corpus), "out": str(tmp_path / backend), "preset": "tiny",
                                 "embed_dim": 24, "hidden_dim": 32, "proj_dim": 24, "batch_size": 3, "bptt": 9,
                                 "max_steps": 4, "eval_interval": 0, "eval_tokens": 60, "progress": False,
-                                "softmax": "hebbian", "softmax_backend": backend, "dropout": 0.0, "output_dropout": 0.0})
+                                "softmax": "hebbian", "softmax_backend": backend, "dropout": 0.0, "output_dropout": 0.0,
+                                "optimizer": "sgd", "lr": 0.5})
         train(cfg)
         ckpts[backend] = load_checkpoint(tmp_path / backend / "last.pt")
     a, b = ckpts["triton"]["model"], ckpts["torch"]["model"]
