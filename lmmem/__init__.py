@@ -25,6 +25,8 @@ _LAZY = {
     "LSTMLanguageModel": "lmmem.models",
     "ModelConfig": "lmmem.models",
     "build_model": "lmmem.models",
+    # the fused loss on its own, for models that keep their own output matrix (imports triton on use)
+    "linear_cross_entropy": "lmmem.kernels.linear_cross_entropy",
 }
 
 
