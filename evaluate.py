@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mbpa-memory", type=int, default=MbPAConfig.memory, help="memory size (pairs per stream)")
     m.add_argument("--mbpa-lambda", type=float, default=MbPAConfig.lam, help="MbPA interpolation λ")
     m.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
-                   help="0: adapt every output row (exact MbPA, ~100× the plain evaluation on CPU); N: adapt only the rows "
+                   help="0: adapt every output row (exact MbPA, ~250× the plain evaluation on CPU); N: adapt only the rows "
                         "of the query's top-N words and the neighbours' next words (≈3× the plain evaluation on CPU at N=128)")
     m.add_argument("--mbpa-train-pairs", type=int, default=MbPAConfig.train_pairs,
                    help="prefill each stream's MbPA memory with the last N (activation, next word) pairs of the train split")
