@@ -306,7 +306,6 @@ def main(argv=None) -> int:
 
         results["test_time"] = {"cache": asdict(cache_cfg), "mbpa": asdict(mbpa_cfg), "thetas": args.thetas,
                                 "lambdas": args.lambdas, "streams": args.eval_batch_size}
-    if args.test_time:
         means = {f"{sm}{METHOD_LABELS[m]}": mean_report([report_from_dict(r["test_time"]["test"][m]) for r in rs])
                  for sm, rs in runs.items() for m in METHODS if all(m in r["test_time"]["test"] for r in rs)}
     else:

@@ -360,27 +360,20 @@ class HebbianSoftmax(OutputLayer):
         then clear them. A no-op when nothing is pending (except that under DDP every rank takes part
         in the all-gather, so no rank can hang waiting for another)."""
         triton = self.uses_triton(self.weight)
-        if triton and not self._distributed():
-            # the kernel skips the sentinel slots itself: no filtering, no host sync
-            stats, self._stats = self._stats, None
-            if stats is not None:
-                from lmmem.kernels.hebbian import hebbian_mix_triton_
-
-                hebbian_mix_triton_(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
-            return
-        stats = self.pending_statistics()  # without the ignore sentinel
-        self._stats = None
         if self._distributed():
-            stats = self._all_gather_stats(stats)
+            stats = self._all_gather_stats(self.pending_statistics())  # without the ignore sentinel
+        elif triton:
+            stats = self._stats  # the kernel skips the sentinel slots itself: no filtering, no host sync
+        else:
+            stats = self.pending_statistics()
+        self._stats = None
         if stats is None:
             return
-        ids, n, sums = stats
         if triton:
-            from lmmem.kernels.hebbian import hebbian_mix_triton_
-
-            hebbian_mix_triton_(self.weight.data, self.counts, ids, n, sums, self.gamma, self.smoothing_limit, self.rescale)
+            from lmmem.kernels.hebbian import hebbian_mix_triton_ as mix
         else:
-            hebbian_mix_(self.weight.data, self.counts, ids, n, sums, self.gamma, self.smoothing_limit, self.rescale)
+            mix = hebbian_mix_
+        mix(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
 
     def on_optimizer_step(self) -> None:
         self.hebbian_update_()
