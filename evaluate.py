@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mbpa-memory", type=int, default=MbPAConfig.memory, help="memory size (pairs per stream)")
     m.add_argument("--mbpa-lambda", type=float, default=MbPAConfig.lam, help="MbPA interpolation λ")
     m.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
-                   help="0: adapt every output row (exact MbPA, ~250× the plain evaluation on CPU); N: adapt only the rows "
-                        "of the query's top-N words and the neighbours' next words (≈3× the plain evaluation on CPU at N=128)")
+                   help="N: adapt only the rows of the query's top-N words and the neighbours' next words (2.2× the plain "
+                        "evaluation on CPU at N=128, the same valid perplexity as exact MbPA in docs/results/test-time-memory.md); "
+                        "0: every output row (exact MbPA, ~75× the plain evaluation on CPU)")
     m.add_argument("--mbpa-train-pairs", type=int, default=MbPAConfig.train_pairs,
                    help="prefill each stream's MbPA memory with the last N (activation, next word) pairs of the train split")
     m.add_argument("--dynamic", action="store_true", help="add dynamic evaluation (Krause et al. 2018)")

@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--vocab", type=int, default=30_000)
     p.add_argument("--tokens", type=int, default=40_000, help="stream length (16 rows × 2,500: the 2,000-pair memories fill)")
-    p.add_argument("--exact-tokens", type=int, default=1_200,
-                   help="stream length for exact MbPA (every output row adapted; ~100× plain on CPU), timed with its own plain baseline")
+    p.add_argument("--exact-tokens", type=int, default=5_600,
+                   help="stream length for exact MbPA (every output row adapted; ~75× plain on CPU), timed with its own plain baseline")
     p.add_argument("--dim", type=int, default=0, help="softmax input width (0: the tiny preset's 128)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--window", type=int, default=2000)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     stream = rng.choice(args.vocab, size=max(args.tokens, args.exact_tokens) + 1, p=prob / prob.sum()).astype("<u4")
     bucket_of = np.zeros(args.vocab, dtype=np.int64)
     cache = CacheConfig(window=args.window)
-    mbpa = MbPAConfig(k=args.k, steps=args.steps, memory=args.memory)
+    mbpa = MbPAConfig(k=args.k, steps=args.steps, memory=args.memory, vocab=0)
     mbpa_r = MbPAConfig(k=args.k, steps=args.steps, memory=args.memory, vocab=args.mbpa_vocab)
     common = dict(bucket_of=bucket_of, num_buckets=1, batch_size=args.batch_size, bptt=bptt, device=dev)
     runs = {

@@ -33,8 +33,11 @@ def machine() -> dict:
     except ImportError:
         info["triton"] = None
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip() or None
+        here = Path(__file__).parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+        # tracked files edited since that commit: the numbers are not that commit's
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results"], cwd=here).returncode == 1
+        info["git_commit"] = (commit + ("+dirty" if dirty else "")) or None
     except OSError:
         info["git_commit"] = None
     return info

@@ -30,14 +30,14 @@ def _tiny_model(arch):
                                    context=12, num_heads=2)).double().eval()
 
 
-@pytest.mark.parametrize("arch", ["lstm", "transformer"])
-def test_batch_size_1_and_8_give_the_same_perplexity(arch):
+@pytest.mark.parametrize("arch,mbpa_vocab", [("lstm", 0), ("transformer", 0), ("lstm", 10)])
+def test_batch_size_1_and_8_give_the_same_perplexity(arch, mbpa_vocab):
     """With a fixed number of streams the sequences scored do not depend on the batch size."""
     model = _tiny_model(arch)
     tokens = np.random.default_rng(0).integers(0, 40, size=403).astype("<u4")
     bucket_of = FrequencyBuckets((1000, 100)).assign(np.random.default_rng(1).integers(0, 3000, size=40))
     kw = dict(bucket_of=bucket_of, num_buckets=3, streams=8, bptt=12, cache=CacheConfig(window=30, lam=0.2),
-              mbpa=MbPAConfig(k=5, steps=2, lr=0.2, memory=25, lam=0.3))
+              mbpa=MbPAConfig(k=5, steps=2, lr=0.2, memory=25, lam=0.3, vocab=mbpa_vocab))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     one = score_test_time(model, tokens, batch_size=1, **kw)
     eight = score_test_time(model, tokens, batch_size=8, **kw)

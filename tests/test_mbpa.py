@@ -34,7 +34,7 @@ def test_fast_mbpa_equals_naive_autograd(k, steps, memory, chunk):
     g = torch.Generator().manual_seed(1)
     h = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, 7, (2, 30), generator=g)
-    cfg = MbPAConfig(k=k, steps=steps, lr=0.5, alpha=0.3, eps=0.1, memory=memory, max_elements=5 * k * 7)
+    cfg = MbPAConfig(k=k, steps=steps, lr=0.5, alpha=0.3, eps=0.1, memory=memory, vocab=0, max_elements=5 * k * 7)
     fast = _run_fast(layer, h, y, cfg, chunk)
     for r in range(2):
         ref = mbpa_reference(h[r], y[r], layer.weight, layer.bias, cfg)
@@ -49,7 +49,7 @@ def test_fast_mbpa_equals_naive_without_bias():
     assert layer.bias is None
     g = torch.Generator().manual_seed(2)
     h, y = torch.randn(1, 20, 5, generator=g, dtype=torch.float64), torch.randint(0, 7, (1, 20), generator=g)
-    cfg = MbPAConfig(k=4, steps=4, lr=0.3, alpha=0.1, eps=0.1, memory=12)
+    cfg = MbPAConfig(k=4, steps=4, lr=0.3, alpha=0.1, eps=0.1, memory=12, vocab=0)
     torch.testing.assert_close(_run_fast(layer, h, y, cfg, 6)[0], mbpa_reference(h[0], y[0], layer.weight, None, cfg),
                                rtol=1e-8, atol=1e-8)
 
@@ -58,13 +58,13 @@ def test_zero_steps_is_the_plain_model():
     layer = _layer()
     g = torch.Generator().manual_seed(3)
     h, y = torch.randn(3, 16, 5, generator=g, dtype=torch.float64), torch.randint(0, 7, (3, 16), generator=g)
-    fast = _run_fast(layer, h, y, MbPAConfig(k=4, steps=0, memory=8), 5)
+    fast = _run_fast(layer, h, y, MbPAConfig(k=4, steps=0, memory=8, vocab=0), 5)
     torch.testing.assert_close(fast, layer.target_log_probs(h.reshape(-1, 5), y.reshape(-1)).view(3, 16), rtol=0, atol=1e-12)
 
 
 def test_mbpa_memory_does_not_grow():
     layer = _layer().float()
-    mb = MbPA(2, 5, MbPAConfig(k=4, steps=2, memory=9))
+    mb = MbPA(2, 5, MbPAConfig(k=4, steps=2, memory=9, vocab=0))
     before = (mb.memory.keys.shape, mb.memory.nbytes())
     for _ in range(40):
         mb.target_log_probs(torch.randn(2, 6, 5), torch.randint(0, 7, (2, 6)), layer)
@@ -80,7 +80,7 @@ def test_mbpa_steps_zero_in_the_scoring_loop_equals_plain():
     bucket_of = FrequencyBuckets((1000, 100)).assign(np.random.default_rng(1).integers(0, 3000, size=30))
     plain, _ = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=2, bptt=11)
     s = score_test_time(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=2, bptt=11,
-                        mbpa=MbPAConfig(k=4, steps=0, memory=20, lam=0.5))
+                        mbpa=MbPAConfig(k=4, steps=0, memory=20, lam=0.5, vocab=0))
     np.testing.assert_allclose(s.sums(mbpa_lambda=0.5), plain, rtol=1e-12)
     np.testing.assert_allclose(s.sums(mbpa_lambda=0.0), plain, rtol=1e-13)
 
@@ -100,7 +100,7 @@ def test_restricted_mbpa_equals_naive_masked_autograd(vocab, k, steps, memory, b
         ref = mbpa_reference(h[r], y[r], layer.weight, layer.bias, cfg)
         torch.testing.assert_close(fast[r], ref, rtol=1e-8, atol=1e-8)
     if vocab >= 7:
-        exact = _run_fast(layer, h, y, MbPAConfig(k=k, steps=steps, lr=0.5, alpha=0.3, eps=0.1, memory=memory), 6)
+        exact = _run_fast(layer, h, y, MbPAConfig(k=k, steps=steps, lr=0.5, alpha=0.3, eps=0.1, memory=memory, vocab=0), 6)
         torch.testing.assert_close(fast, exact, rtol=1e-8, atol=1e-8)
 
 
@@ -111,9 +111,16 @@ def test_restricted_mbpa_in_the_scoring_loop_is_close_to_exact():
     model = build_model(ModelConfig(vocab_size=60, embed_dim=8, hidden_dim=12, tie_weights=False)).double().eval()
     tokens = np.random.default_rng(0).integers(0, 60, size=120).astype("<u4")
     kw = dict(bucket_of=np.zeros(60, dtype=np.int64), num_buckets=1, batch_size=2, bptt=11)
-    exact = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5), **kw)
+    exact = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=0), **kw)
     full = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=60), **kw)
     part = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=20), **kw)
     np.testing.assert_allclose(full.nll, exact.nll, rtol=1e-10)
     assert not np.allclose(exact.sums(mbpa_lambda=0.5), exact.sums(mbpa_lambda=0.0))
     np.testing.assert_allclose(part.nll, exact.nll, rtol=1e-2)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(k=0), "K > 0"), (dict(lam=1.5), "λ"), (dict(vocab=-1), "vocabulary"),
+                                       (dict(memory=10, train_pairs=11), "training pairs"), (dict(max_elements=-1), "max_elements")])
+def test_config_names_the_bad_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MbPAConfig(**bad)

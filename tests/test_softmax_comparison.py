@@ -62,7 +62,11 @@ def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):
                     tmp_path / "m.pt")
     out = tmp_path / "s.json"
     assert mbpa_sweep.main([str(tmp_path / "m.pt"), "--lrs", "0.1", "0.3", "--alphas", "0.5", "--lambdas", "0.1", "0.3",
-                            "--mbpa-k", "3", "--mbpa-steps", "1", "--mbpa-vocab", "5", "--batch-size", "2", "--json", str(out)]) == 0
+                            "--mbpa-k", "3", "--mbpa-steps", "1", "--mbpa-vocab", "0", "5", "--eps", "0.01", "--batch-size", "2",
+                            "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["lr"], r["alpha"]) for r in rows] == [(0.1, 0.5), (0.3, 0.5)]
-    assert all(r["best_lambda"] in (0.1, 0.3) and r["valid_ppl"] > 0 for r in rows)
+    assert [(r["vocab"], r["lr"], r["alpha"], r["eps"]) for r in rows] == [(0, 0.1, 0.5, 0.01), (0, 0.3, 0.5, 0.01),
+                                                                           (5, 0.1, 0.5, 0.01), (5, 0.3, 0.5, 0.01)]
+    assert all(r["best_lambda"] in (0.1, 0.3) and r["valid_ppl"] == min(r["ppl_by_lambda"].values()) for r in rows)
+    # the restricted candidate set (5 of 60 rows + neighbours' words) changes the adapted model
+    assert rows[0]["ppl_by_lambda"] != rows[2]["ppl_by_lambda"]

@@ -1,16 +1,20 @@
-"""Grid over MbPA's learning rate η and pull α on the validation split of a checkpoint's corpus.
+"""Grid over MbPA's settings on the validation split of a checkpoint's corpus: learning rate η,
+pull α, kernel ε and the restricted candidate set N (0 = exact MbPA, every output row adapted).
 
     python -m lmmem.experiments.mbpa_sweep runs/cmp-news/full-seed1/best.pt --json sweep.json
+    python -m lmmem.experiments.mbpa_sweep CKPT --lrs 0.3 --alphas 0.1 --mbpa-vocab 0 32 128 512 --lambdas 0.1 0.2 1.0
 
-For every (η, α): one pass over the split with MbPA alone, λ chosen from ``--lambdas`` on the same
-pass (the mixture is computed for every λ at once). Prints a table and writes JSON. Valid split
-only by default: choosing η and α on test would be tuning on test.
+For every cell: one pass over the split with MbPA alone, λ chosen from ``--lambdas`` on the same
+pass (the mixture is computed for every λ at once; the perplexity at every λ is kept too, so λ = 1,
+the adapted softmax alone, compares variants without the mixture). Prints a line per cell and
+writes JSON. Valid split only by default: choosing settings on test would be tuning on test.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 import sys
 import time
 
@@ -21,7 +25,8 @@ from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
 
 
-def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, vocab=128, batch_size=16, device="auto"):
+def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, vocabs=(128,), epss=(MbPAConfig.eps,),
+          batch_size=16, device="auto"):
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     corpus = PreparedCorpus.open(ckpt["train_config"]["data"])
@@ -31,15 +36,17 @@ def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, voc
               bptt=int(ckpt["train_config"]["bptt"]), device=dev)
     tokens = corpus.tokens(split)
     rows = []
-    for lr, alpha in itertools.product(lrs, alphas):
+    for vocab, eps, lr, alpha in itertools.product(vocabs, epss, lrs, alphas):
         t0 = time.monotonic()
-        cfg = MbPAConfig(k=k, steps=steps, lr=lr, alpha=alpha, vocab=vocab)
+        cfg = MbPAConfig(k=k, steps=steps, lr=lr, alpha=alpha, eps=eps, vocab=vocab)
         s = score_test_time(model, tokens, mbpa=cfg, mbpa_lambdas=[0.0, *lambdas], **kw)
         best = min(lambdas, key=lambda lam: s.sums(mbpa_lambda=lam).sum())
-        rows.append({"lr": lr, "alpha": alpha, "best_lambda": best, f"{split}_ppl": s.report(buckets, mbpa_lambda=best).perplexity,
+        rows.append({"vocab": vocab, "eps": eps, "lr": lr, "alpha": alpha, "best_lambda": best,
+                     f"{split}_ppl": s.report(buckets, mbpa_lambda=best).perplexity,
+                     "ppl_by_lambda": {str(lam): s.report(buckets, mbpa_lambda=lam).perplexity for lam in lambdas},
                      "plain_ppl": s.report(buckets).perplexity, "seconds": round(time.monotonic() - t0, 1)})
-        print(f"η {lr:<6} α {alpha:<5} λ {best:<5} {split} ppl {rows[-1][f'{split}_ppl']:.2f} "
-              f"(plain {rows[-1]['plain_ppl']:.2f})", flush=True)
+        print(f"N {vocab or 'exact':<6} ε {eps:<6} η {lr:<6} α {alpha:<5} λ {best:<5} {split} ppl {rows[-1][f'{split}_ppl']:.2f} "
+              f"(plain {rows[-1]['plain_ppl']:.2f}, {rows[-1]['seconds']} s)", flush=True)
     return rows
 
 
@@ -52,15 +59,17 @@ def main(argv=None) -> int:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
     p.add_argument("--mbpa-k", type=int, default=MbPAConfig.k)
     p.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps)
-    p.add_argument("--mbpa-vocab", type=int, default=128)
+    p.add_argument("--mbpa-vocab", type=int, nargs="+", default=[128], help="candidate rows N (0: exact MbPA)")
+    p.add_argument("--eps", type=float, nargs="+", default=[MbPAConfig.eps], help="ε of the kernel 1/(ε + d²)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     args = p.parse_args(argv)
     rows = sweep(args.checkpoint, lrs=args.lrs, alphas=args.alphas, lambdas=args.lambdas, split=args.split, k=args.mbpa_k,
-                 steps=args.mbpa_steps, vocab=args.mbpa_vocab, batch_size=args.batch_size, device=args.device)
+                 steps=args.mbpa_steps, vocabs=args.mbpa_vocab, epss=args.eps, batch_size=args.batch_size, device=args.device)
     if args.json:
-        write_json({"checkpoint": args.checkpoint, "command": " ".join(sys.argv), "rows": rows}, args.json)
+        command = shlex.join(["python", "-m", "lmmem.experiments.mbpa_sweep", *(sys.argv[1:] if argv is None else argv)])
+        write_json({"checkpoint": args.checkpoint, "command": command, "rows": rows}, args.json)
     return 0
 
 

@@ -233,8 +233,8 @@ def main(argv=None) -> int:
     t.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps)
     t.add_argument("--mbpa-lr", type=float, default=MbPAConfig.lr)
     t.add_argument("--mbpa-alpha", type=float, default=MbPAConfig.alpha)
-    t.add_argument("--mbpa-vocab", type=int, default=128,
-                   help="restricted MbPA over this many candidate rows (0: exact MbPA, ~50× slower on CPU)")
+    t.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
+                   help="restricted MbPA over this many candidate rows (0: exact MbPA, ~20× slower on CPU)")
     t.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     t.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
