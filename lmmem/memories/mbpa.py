@@ -34,7 +34,7 @@ the tests check both agree to 1e-8 in float64.
 
 Cost: ``K·V·D`` (the neighbours' base logits) ``+ (steps − 1)·K²·V`` multiply-adds and
 ``steps·K·V`` exponentials per query, against ``V·D`` for the plain softmax: at ``K = 32``, 5 steps,
-``D = 128`` that is ~64× the plain softmax's multiply-adds, and measured 75× the plain evaluation's
+``D = 128`` that is ~64× the plain softmax's multiply-adds, and measured 73× the plain evaluation's
 CPU time (benchmarks/bench_test_time.py) — the arithmetic, not the implementation, bounds it.
 
 Restricted adaptation (``vocab = N > 0``)
