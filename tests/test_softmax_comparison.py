@@ -43,10 +43,16 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     one = work / "full-seed1" / "test-time.json"
     saved = json.loads(one.read_text())
     del saved["key"]["mbpa"]["train_pairs"]
+    saved["key"]["mbpa"]["max_elements"] = 1 << 24  # a performance knob, not a setting of the method
     one.write_text(json.dumps(saved))
     before = one.stat().st_mtime_ns
     assert softmax_comparison.main(argv) == 0
     assert one.stat().st_mtime_ns == before
+    # ... but one made with another MbPA setting is redone
+    saved["key"]["mbpa"]["eps"] = 123.0
+    one.write_text(json.dumps(saved))
+    assert softmax_comparison.main(argv) == 0
+    assert json.loads(one.read_text())["key"]["mbpa"]["eps"] != 123.0
 
 
 def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):

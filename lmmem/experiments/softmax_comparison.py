@@ -42,6 +42,7 @@ from lmmem.training import config_from_args, load_checkpoint, train
 METHODS = ("plain", "+cache", "+mbpa", "+cache+mbpa")
 # config fields added after evaluations were cached, with the value that reproduces the old behaviour
 _ADDED_DEFAULTS = {"mbpa": {"train_pairs": 0}}
+_PERFORMANCE_ONLY = {"max_elements"}
 METHOD_LABELS = {"plain": "", "+cache": " + cache", "+mbpa": " + MbPA", "+cache+mbpa": " + cache + MbPA"}
 # Rae et al. 2018, Table 1 / Figure 4 (WikiText-103, LSTM, valid/test perplexity) — for orientation only:
 # a different corpus, model size and budget.
@@ -189,7 +190,9 @@ def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAC
     the checkpoint's step and the settings, so a retrained model or other settings are redone)."""
     from dataclasses import asdict
 
-    key = {"step": load_checkpoint(best)["progress"]["step"], "cache": asdict(cache), "mbpa": asdict(mbpa),
+    # max_elements only sets how many queries are adapted at once: it does not change a score
+    mbpa_key = {f: v for f, v in asdict(mbpa).items() if f not in _PERFORMANCE_ONLY}
+    key = {"step": load_checkpoint(best)["progress"]["step"], "cache": asdict(cache), "mbpa": mbpa_key,
            "batch_size": batch_size, "streams": streams, "thetas": list(thetas), "lambdas": list(lambdas),
            "bucket_edges": list(buckets.edges)}
     path = out / "test-time.json"
@@ -200,6 +203,8 @@ def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAC
         for name, added in _ADDED_DEFAULTS.items():
             if isinstance(old.get(name), dict):
                 old[name] = {**{f: v for f, v in added.items() if f not in old[name]}, **old[name]}
+        if isinstance(old.get("mbpa"), dict):
+            old["mbpa"] = {f: v for f, v in old["mbpa"].items() if f not in _PERFORMANCE_ONLY}
         if old == key:
             return saved["result"]
     reports, meta = evaluate_methods(best, split="test", batch_size=batch_size, streams=streams, buckets=buckets,
@@ -233,6 +238,7 @@ def main(argv=None) -> int:
     t.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps)
     t.add_argument("--mbpa-lr", type=float, default=MbPAConfig.lr)
     t.add_argument("--mbpa-alpha", type=float, default=MbPAConfig.alpha)
+    t.add_argument("--mbpa-eps", type=float, default=MbPAConfig.eps)
     t.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
                    help="restricted MbPA over this many candidate rows (0: exact MbPA, ~20× slower on CPU)")
     t.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
@@ -259,7 +265,8 @@ def main(argv=None) -> int:
     extra = dict(kv.split("=", 1) for kv in args.train_args.split())
     buckets = FrequencyBuckets()
     cache_cfg = CacheConfig(window=args.cache_window)
-    mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, lr=args.mbpa_lr, alpha=args.mbpa_alpha, vocab=args.mbpa_vocab)
+    mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, lr=args.mbpa_lr, alpha=args.mbpa_alpha, eps=args.mbpa_eps,
+                          vocab=args.mbpa_vocab)
     variants = dict(parse_variant(v) for v in args.variants)
     variant_seeds = {label: _variant_seeds(overrides, args.seeds) for label, overrides in variants.items()}
     runs: dict[str, list[dict]] = {label: [] for label in variants}
@@ -289,7 +296,8 @@ def main(argv=None) -> int:
                     streams=args.eval_batch_size, buckets=buckets, thetas=args.thetas, lambdas=args.lambdas)
                 steps_run.append(f"python evaluate.py {out / 'best.pt'} --split test --batch-size {args.eval_batch_size} --tune "
                                  f"--cache --cache-window {args.cache_window} --mbpa --mbpa-k {args.mbpa_k} --mbpa-steps "
-                                 f"{args.mbpa_steps} --mbpa-lr {args.mbpa_lr} --mbpa-alpha {args.mbpa_alpha} --mbpa-vocab {args.mbpa_vocab}")
+                                 f"{args.mbpa_steps} --mbpa-lr {args.mbpa_lr} --mbpa-alpha {args.mbpa_alpha} --mbpa-eps {args.mbpa_eps} "
+                                 f"--mbpa-vocab {args.mbpa_vocab}")
             runs[sm].append(record)
             print(f"{sm} seed {seed}: valid ppl {record['valid']['perplexity']:.2f}, test ppl {record['test']['perplexity']:.2f}"
                   + ("" if not args.test_time else ", with test-time memories " + ", ".join(
