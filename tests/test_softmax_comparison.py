@@ -3,6 +3,8 @@ evaluates plain/+cache/+MbPA/+both tuned on valid, writes the page, and reuses f
 
 import json
 
+import pytest
+
 from conftest import write_prepared_corpus
 
 from lmmem.experiments import softmax_comparison
@@ -76,3 +78,12 @@ def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):
     assert all(r["best_lambda"] in (0.1, 0.3) and r["valid_ppl"] == min(r["ppl_by_lambda"].values()) for r in rows)
     # the restricted candidate set (5 of 60 rows + neighbours' words) changes the adapted model
     assert rows[0]["ppl_by_lambda"] != rows[2]["ppl_by_lambda"]
+    # on top of the cache: MbPA alone is the same numbers, the combination is chosen over θ and both λs
+    assert mbpa_sweep.main([str(tmp_path / "m.pt"), "--lrs", "0.1", "--alphas", "0.5", "--lambdas", "0.1", "0.3",
+                            "--mbpa-k", "3", "--mbpa-steps", "1", "--mbpa-vocab", "0", "--eps", "0.01", "--batch-size", "2",
+                            "--with-cache", "--thetas", "0.3", "1.0", "--json", str(out)]) == 0
+    (both,) = json.loads(out.read_text())["rows"]
+    assert both["ppl_by_lambda"] == pytest.approx(rows[0]["ppl_by_lambda"], rel=1e-12)
+    assert both["cache_mbpa_choice"]["theta"] in (0.3, 1.0) and both["cache_mbpa_choice"]["cache_lambda"] > 0
+    assert both["cache_mbpa_choice"]["mbpa_lambda"] > 0 and both["cache_choice"]["mbpa_lambda"] == 0
+    assert both["cache_mbpa_valid_ppl"] > 0 and both["cache_ppl"] > 0

@@ -7,7 +7,9 @@ pull α, kernel ε and the restricted candidate set N (0 = exact MbPA, every out
 For every cell: one pass over the split with MbPA alone, λ chosen from ``--lambdas`` on the same
 pass (the mixture is computed for every λ at once; the perplexity at every λ is kept too, so λ = 1,
 the adapted softmax alone, compares variants without the mixture). Prints a line per cell and
-writes JSON. Valid split only by default: choosing settings on test would be tuning on test.
+writes JSON. ``--with-cache`` scores each cell on top of the neural cache as well (θ and both λs
+chosen on the same pass), since the settings best for MbPA alone need not be best for the
+combination. Valid split only by default: choosing settings on test would be tuning on test.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import time
 
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import FrequencyBuckets, score_test_time, write_json
-from lmmem.memories import MbPAConfig
+from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
 
 
-def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, vocabs=(128,), epss=(MbPAConfig.eps,),
-          batch_size=16, device="auto"):
+def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, vocabs=(MbPAConfig.vocab,),
+          epss=(MbPAConfig.eps,), with_cache=False, thetas=(0.1, 0.3, 1.0), batch_size=16, device="auto"):
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     corpus = PreparedCorpus.open(ckpt["train_config"]["data"])
@@ -39,14 +41,23 @@ def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, voc
     for vocab, eps, lr, alpha in itertools.product(vocabs, epss, lrs, alphas):
         t0 = time.monotonic()
         cfg = MbPAConfig(k=k, steps=steps, lr=lr, alpha=alpha, eps=eps, vocab=vocab)
-        s = score_test_time(model, tokens, mbpa=cfg, mbpa_lambdas=[0.0, *lambdas], **kw)
-        best = min(lambdas, key=lambda lam: s.sums(mbpa_lambda=lam).sum())
-        rows.append({"vocab": vocab, "eps": eps, "lr": lr, "alpha": alpha, "best_lambda": best,
-                     f"{split}_ppl": s.report(buckets, mbpa_lambda=best).perplexity,
-                     "ppl_by_lambda": {str(lam): s.report(buckets, mbpa_lambda=lam).perplexity for lam in lambdas},
-                     "plain_ppl": s.report(buckets).perplexity, "seconds": round(time.monotonic() - t0, 1)})
-        print(f"N {vocab or 'exact':<6} ε {eps:<6} η {lr:<6} α {alpha:<5} λ {best:<5} {split} ppl {rows[-1][f'{split}_ppl']:.2f} "
-              f"(plain {rows[-1]['plain_ppl']:.2f}, {rows[-1]['seconds']} s)", flush=True)
+        cache = dict(cache=CacheConfig(), thetas=list(thetas), cache_lambdas=[0.0, *lambdas]) if with_cache else {}
+        s = score_test_time(model, tokens, mbpa=cfg, mbpa_lambdas=[0.0, *lambdas], **cache, **kw)
+        th0 = s.thetas[0]  # MbPA alone does not depend on θ
+        best = min(lambdas, key=lambda lam: s.sums(th0, mbpa_lambda=lam).sum())
+        row = {"vocab": vocab, "eps": eps, "lr": lr, "alpha": alpha, "best_lambda": best,
+               f"{split}_ppl": s.report(buckets, theta=th0, mbpa_lambda=best).perplexity,
+               "ppl_by_lambda": {str(lam): s.report(buckets, theta=th0, mbpa_lambda=lam).perplexity for lam in lambdas},
+               "plain_ppl": s.report(buckets, theta=th0).perplexity}
+        line = ""
+        if with_cache:  # the paper's combination: θ, cache λ and MbPA λ chosen on the same pass
+            both, alone = s.best(cache=True, mbpa=True), s.best(cache=True, mbpa=False)
+            row.update({"cache_ppl": s.report(buckets, **alone).perplexity, "cache_choice": alone,
+                        f"cache_mbpa_{split}_ppl": s.report(buckets, **both).perplexity, "cache_mbpa_choice": both})
+            line = f", +cache {row['cache_ppl']:.2f}, +cache+MbPA {row[f'cache_mbpa_{split}_ppl']:.2f}"
+        rows.append({**row, "seconds": round(time.monotonic() - t0, 1)})
+        print(f"N {vocab or 'exact':<6} ε {eps:<6} η {lr:<6} α {alpha:<5} λ {best:<5} {split} ppl {row[f'{split}_ppl']:.2f} "
+              f"(plain {row['plain_ppl']:.2f}{line}, {rows[-1]['seconds']} s)", flush=True)
     return rows
 
 
@@ -59,14 +70,18 @@ def main(argv=None) -> int:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
     p.add_argument("--mbpa-k", type=int, default=MbPAConfig.k)
     p.add_argument("--mbpa-steps", type=int, default=MbPAConfig.steps)
-    p.add_argument("--mbpa-vocab", type=int, nargs="+", default=[128], help="candidate rows N (0: exact MbPA)")
+    p.add_argument("--mbpa-vocab", type=int, nargs="+", default=[MbPAConfig.vocab], help="candidate rows N (0: exact MbPA)")
+    p.add_argument("--with-cache", action="store_true",
+                   help="also score MbPA on top of the neural cache (θ from --thetas, both λs from --lambdas)")
+    p.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     p.add_argument("--eps", type=float, nargs="+", default=[MbPAConfig.eps], help="ε of the kernel 1/(ε + d²)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     args = p.parse_args(argv)
     rows = sweep(args.checkpoint, lrs=args.lrs, alphas=args.alphas, lambdas=args.lambdas, split=args.split, k=args.mbpa_k,
-                 steps=args.mbpa_steps, vocabs=args.mbpa_vocab, epss=args.eps, batch_size=args.batch_size, device=args.device)
+                 steps=args.mbpa_steps, vocabs=args.mbpa_vocab, epss=args.eps, with_cache=args.with_cache,
+                 thetas=args.thetas, batch_size=args.batch_size, device=args.device)
     if args.json:
         command = shlex.join(["python", "-m", "lmmem.experiments.mbpa_sweep", *(sys.argv[1:] if argv is None else argv)])
         write_json({"checkpoint": args.checkpoint, "command": command, "rows": rows}, args.json)
