@@ -36,7 +36,9 @@ def machine() -> dict:
         here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
         # tracked files edited since that commit: the numbers are not that commit's
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results"], cwd=here).returncode == 1
+        # (pathspecs from the repository's top, not from benchmarks/, where git runs)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+                               cwd=here).returncode == 1
         info["git_commit"] = (commit + ("+dirty" if dirty else "")) or None
     except OSError:
         info["git_commit"] = None

@@ -184,28 +184,32 @@ def test_time_markdown(results: dict) -> list[str]:
     return lines
 
 
+def _comparable_key(key: dict) -> dict:
+    """An evaluation's settings as compared for reuse: options added to the configs since it was
+    made count with their old behaviour, and performance-only options (max_elements: how many
+    queries are adapted at once) do not count."""
+    key = dict(key)
+    for name, added in _ADDED_DEFAULTS.items():
+        if isinstance(key.get(name), dict):
+            key[name] = {**added, **key[name]}
+    if isinstance(key.get("mbpa"), dict):
+        key["mbpa"] = {f: v for f, v in key["mbpa"].items() if f not in _PERFORMANCE_ONLY}
+    return key
+
+
 def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAConfig, batch_size: int, streams: int,
                        buckets: FrequencyBuckets, thetas, lambdas) -> dict:
     """Tune on valid, score test with plain/+cache/+mbpa/+both; cached in OUT/test-time.json (keyed by
     the checkpoint's step and the settings, so a retrained model or other settings are redone)."""
     from dataclasses import asdict
 
-    # max_elements only sets how many queries are adapted at once: it does not change a score
-    mbpa_key = {f: v for f, v in asdict(mbpa).items() if f not in _PERFORMANCE_ONLY}
-    key = {"step": load_checkpoint(best)["progress"]["step"], "cache": asdict(cache), "mbpa": mbpa_key,
-           "batch_size": batch_size, "streams": streams, "thetas": list(thetas), "lambdas": list(lambdas),
-           "bucket_edges": list(buckets.edges)}
+    key = _comparable_key({"step": load_checkpoint(best)["progress"]["step"], "cache": asdict(cache), "mbpa": asdict(mbpa),
+                           "batch_size": batch_size, "streams": streams, "thetas": list(thetas), "lambdas": list(lambdas),
+                           "bucket_edges": list(buckets.edges)})
     path = out / "test-time.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        old = saved.get("key", {})
-        # options added to the configs since the evaluation was made count with their old behaviour
-        for name, added in _ADDED_DEFAULTS.items():
-            if isinstance(old.get(name), dict):
-                old[name] = {**{f: v for f, v in added.items() if f not in old[name]}, **old[name]}
-        if isinstance(old.get("mbpa"), dict):
-            old["mbpa"] = {f: v for f, v in old["mbpa"].items() if f not in _PERFORMANCE_ONLY}
-        if old == key:
+        if _comparable_key(saved.get("key", {})) == key:
             return saved["result"]
     reports, meta = evaluate_methods(best, split="test", batch_size=batch_size, streams=streams, buckets=buckets,
                                      cache=cache, mbpa=mbpa, tune=True, thetas=thetas, lambdas=lambdas)

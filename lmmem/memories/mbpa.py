@@ -60,8 +60,9 @@ the cache; ``η``, ``α``, ``ε`` are not given in the papers in a form that tra
 the scale of the activations). ``η = 0.1``, ``α = 0.1``, ``ε = 3`` come from grids on the validation
 splits of ABC news, Gutenberg and WikiText-2 (tiny LSTMs, restricted N = 128): the best for MbPA on
 top of the cache on two corpora and within 0.25% on the third, and better than the first guess
-(0.1, 0.5, 1e-3) or within 0.04 perplexity of it on every split, alone or combined; ``η = 0.3`` is better for MbPA *alone* on two corpora. A small
-ε lets a near-duplicate key take a step of η/ε. Tune them for another model
+(0.1, 0.5, 1e-3) or within 0.04 perplexity of it on every split, alone or combined; ``η = 0.3`` is
+better for MbPA *alone* on two corpora. A small ε lets a near-duplicate key take a step of η/ε.
+Tune them for another model
 (``python -m lmmem.experiments.mbpa_sweep --with-cache``); ``M = 2000`` matches the cache.
 Neighbours with no pair behind them (fewer than ``K`` stored) get weight 0; a query with no
 neighbour at all is scored by the unadapted model.
