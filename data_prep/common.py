@@ -540,3 +540,7 @@ def print_summary(out: Path, meta: dict) -> None:
         if "oov_rate" in info:
             line += f" (out-of-vocabulary {100 * info['oov_rate']:.2f}%)"
         print(line)
+    if meta.get("decoding"):
+        from data_prep.reading import describe_decoding
+
+        print("\n".join(describe_decoding(meta["decoding"])))

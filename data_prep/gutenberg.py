@@ -19,6 +19,15 @@ Units
     blank lines; the hard line wraps inside a paragraph are just spaces (verse and plays: a
     stanza or a speech is a paragraph). ``--eos line``: one ``<eos>`` per non-blank line.
 
+Encodings
+    ``--encoding auto`` (default): each book is read in the encoding its header declares
+    (``Character set encoding: ISO-8859-1``; a declared ASCII is read as UTF-8, its superset),
+    UTF-8 when it declares none; with ``--encoding-errors fallback`` (the default here) a line
+    that is not valid in that encoding is read as Windows-1252, or Latin-1. meta.json's
+    ``decoding`` records how many lines of which book were decoded how (books read entirely as
+    undeclared UTF-8 are only counted), and the summary prints it. ``--encoding-errors strict``
+    stops at the first invalid byte instead; ``--encoding NAME`` reads every book as NAME.
+
 Tokens
     The ``regex`` rule of ``data_prep.tokenization`` (words with internal apostrophes and
     hyphens, numbers, each punctuation mark on its own); case kept unless ``--lowercase``.
@@ -38,14 +47,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 from lmmem.data.corpus import SPLITS
 from lmmem.errors import DataError
 
 from data_prep import options as O
 from data_prep.common import ReadContext, TextSource, check_split_coverage
-from data_prep.reading import ReadOptions, iter_blocks, nth_line_end, require_folder, text_as_file
+from data_prep.reading import ReadOptions, declared_encoding, iter_blocks, nth_line_end, require_folder, text_as_file
 
 NAME = "gutenberg"
 HUB_DATASET = "deepmind/pg19"
@@ -80,7 +91,9 @@ def add_arguments(p) -> None:
     g.add_argument("--eos", choices=("paragraph", "line"), default="paragraph", help="one <eos> per paragraph (default) or per non-blank line")
     g.add_argument("--valid-fraction", type=O.fraction, default=0.1, help="share of the books in the valid split (default 0.1)")
     g.add_argument("--test-fraction", type=O.fraction, default=0.1, help="share of the books in the test split (default 0.1)")
-    O.add_common_arguments(p, min_count=3, rule="regex")
+    O.add_common_arguments(p, min_count=3, rule="regex", encoding="auto", encoding_errors="fallback",
+                           encoding_help="auto: each book in the encoding its header declares "
+                                         "(\"Character set encoding: ...\"), UTF-8 when none; or a codec name for every book (default auto)")
 
 
 def run(args) -> dict:
@@ -202,6 +215,16 @@ def assign_books(names: list[str], valid_fraction: float, test_fraction: float) 
     return out
 
 
+def book_read_options(path, read_opts: ReadOptions) -> tuple[ReadOptions, str | None]:
+    """The options to read one book with, and the encoding its header declares (None when it
+    declares none): ``--encoding auto`` reads the book in its declared encoding (UTF-8 when it
+    declares none or a name Python does not know); any other ``--encoding`` is used as given."""
+    if read_opts.encoding != "auto":
+        return read_opts, None
+    declared, codec = declared_encoding(path)
+    return replace(read_opts, encoding=codec or "utf-8"), declared
+
+
 def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_fraction=0.1, test_fraction=0.1,
                  allow_missing_splits=False) -> TextSource:
     folder = require_folder(folder, "Project Gutenberg .txt books")
@@ -218,6 +241,9 @@ def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_frac
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
         stats = ctx.info.setdefault("licence_stripped", {"headers": 0, "footers": 0})
+        decoding = ctx.info.setdefault("decoding", {"encoding": read_opts.encoding, "errors": read_opts.encoding_errors,
+                                                     "lines": {}, "books": {}})
+        total = Counter()
         for path in books:
             split = assignment[names[path]]
             if split not in ctx.wanted:
@@ -225,8 +251,16 @@ def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_frac
                     ctx.progress.update(path.stat().st_size)
                 continue
             ctx.documents[split] += 1
-            for text in book_units(iter_blocks(path, read_opts, progress=ctx.progress), unit, stats):
+            opts, declared = book_read_options(path, read_opts)
+            lines = Counter()
+            for text in book_units(iter_blocks(path, opts, progress=ctx.progress, lines=lines), unit, stats):
                 yield split, text
+            total.update(lines)
+            # A book read entirely as undeclared UTF-8 is the unremarkable case: only counted.
+            if declared or set(lines) - {"utf-8"}:
+                decoding["books"][names[path]] = {"declared": declared, "read_as": opts.encoding,
+                                                  "lines": dict(lines.most_common())}
+            decoding["lines"] = dict(total.most_common())
 
     split_info = {s: {"books": len(v), **({"book_names": v} if len(books) <= MAX_LISTED_BOOKS else {})} for s, v in by_split.items()}
     return TextSource(
@@ -237,6 +271,7 @@ def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_frac
 
 
 def hub_source(dataset: str, *, unit="paragraph", max_line_chars=1_000_000) -> TextSource:
+    # Hub rows are already text: no encoding to choose.
     from data_prep.wikitext import open_hub_split
 
     read_opts = ReadOptions(max_line_chars=max_line_chars)

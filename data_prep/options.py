@@ -48,7 +48,8 @@ def add_source_argument(p: argparse.ArgumentParser, local_help: str, hub_default
     )
 
 
-def add_common_arguments(p: argparse.ArgumentParser, *, min_count: int, rule: str) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, *, min_count: int, rule: str, encoding: str = "utf-8",
+                         encoding_errors: str = "strict", encoding_help: str = "") -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write vocab.txt, {train,valid,test}.bin, meta.json into")
     g = p.add_argument_group("vocabulary")
     g.add_argument("--min-count", type=positive_int, default=None,
@@ -70,10 +71,12 @@ def add_common_arguments(p: argparse.ArgumentParser, *, min_count: int, rule: st
                    help="at most this many train units are sampled to train SentencePiece (its input_sentence_size; default 1,000,000)")
     t.add_argument("--seed", type=int, default=0, help="seed of SentencePiece's sampling (default 0)")
     r = p.add_argument_group("reading")
-    r.add_argument("--encoding", default="utf-8", help="text encoding of the input files (default utf-8)")
-    r.add_argument("--encoding-errors", choices=("strict", "fallback", "replace"), default="strict",
-                   help="strict: stop at bytes that are not valid in --encoding (default); fallback: read such lines as "
-                        "Windows-1252/Latin-1 (old Gutenberg etexts, newswire); replace: read such bytes as U+FFFD")
+    r.add_argument("--encoding", default=encoding,
+                   help=encoding_help or f"text encoding of the input files (default {encoding})")
+    r.add_argument("--encoding-errors", choices=("strict", "fallback", "replace"), default=encoding_errors,
+                   help="strict: stop at bytes that are not valid in --encoding; fallback: read such lines as "
+                        "Windows-1252/Latin-1 (old Gutenberg etexts, newswire); replace: read such bytes as U+FFFD "
+                        f"(default {encoding_errors})")
     r.add_argument("--max-line-chars", type=positive_int, default=1_000_000,
                    help="refuse lines longer than this many bytes instead of holding them in memory (default 1,000,000)")
     p.add_argument("--workers", type=positive_int, default=1,

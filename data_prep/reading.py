@@ -17,9 +17,12 @@ newlines) and a leading byte-order mark is dropped.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
+import re
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,26 +59,41 @@ def _progress_update(progress, raw: BinaryIO, last: int) -> int:
     return pos
 
 
-def _decode_lines_with_fallback(block: bytes, encoding: str) -> str:
+FALLBACK_CP1252 = "cp1252 (fallback)"
+FALLBACK_LATIN1 = "latin-1 (fallback)"
+
+
+def _decode_lines_with_fallback(block: bytes, encoding: str, lines: Counter | None = None) -> str:
     """``--encoding-errors fallback``: a line that is not valid in ``encoding`` is read as
     Windows-1252, or Latin-1 where that fails (old Project Gutenberg etexts and newswire often
-    carry a few such lines: ``Caesar`` with an ``ae`` ligature, ``cafe`` with an accent)."""
+    carry a few such lines: ``Caesar`` with an ``ae`` ligature, ``cafe`` with an accent).
+    ``lines`` counts the lines read each way."""
     out = []
-    for line in block.split(b"\n"):
+    pieces = block.split(b"\n")
+    used = Counter()
+    for line in pieces:
         try:
             out.append(line.decode(encoding))
+            used[encoding] += 1
         except UnicodeDecodeError:
             try:
                 out.append(line.decode("cp1252"))
+                used[FALLBACK_CP1252] += 1
             except UnicodeDecodeError:
                 out.append(line.decode("latin-1"))
+                used[FALLBACK_LATIN1] += 1
+    if lines is not None:
+        used[encoding] -= 1  # the block ends with a line break: the last piece is not a line
+        lines.update(used)
     return "\n".join(out)
 
 
-def _decode(block: bytes, name: str, first_line: int, opts: ReadOptions) -> str:
+def _decode(block: bytes, name: str, first_line: int, opts: ReadOptions, lines: Counter | None = None) -> str:
     fallback = opts.encoding_errors == "fallback"
     try:
         text = block.decode(opts.encoding, "strict" if fallback else opts.encoding_errors)
+        if lines is not None:
+            lines[opts.encoding] += block.count(b"\n")
     except UnicodeDecodeError as e:
         if not fallback:
             line = first_line + block.count(b"\n", 0, e.start)
@@ -85,7 +103,7 @@ def _decode(block: bytes, name: str, first_line: int, opts: ReadOptions) -> str:
                 "fix the file, or pass --encoding-errors fallback (read such lines as Windows-1252/Latin-1) "
                 "or --encoding-errors replace (read such bytes as U+FFFD)"
             ) from None
-        text = _decode_lines_with_fallback(block, opts.encoding)
+        text = _decode_lines_with_fallback(block, opts.encoding, lines)
     except LookupError:
         raise DataError(f"unknown --encoding {opts.encoding!r}; use a Python codec name such as utf-8 or latin-1") from None
     if "\r" in text:
@@ -100,12 +118,14 @@ def iter_blocks(
     name: str | None = None,
     progress=None,
     block_bytes: int = BLOCK_BYTES,
+    lines: Counter | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Yield ``(line number of the block's first line, text)``; each text ends with ``\\n``.
 
     ``source`` is a path (gzip is recognised by its magic bytes, whatever the file is called) or
     an open binary file. ``progress`` (a tqdm bar counting bytes) advances by the bytes read from
-    disk, compressed bytes for gzip files.
+    disk, compressed bytes for gzip files. ``lines``, when given, counts the lines decoded with
+    each codec (``opts.encoding``, or the per-line fallbacks of ``--encoding-errors fallback``).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -140,7 +160,7 @@ def iter_blocks(
             last = _progress_update(progress, raw, last)
             if not data:
                 if carry_len:
-                    text = _decode(b"".join(carry) + b"\n", name, lineno, opts)
+                    text = _decode(b"".join(carry) + b"\n", name, lineno, opts, lines)
                     yield lineno, (text.lstrip("\ufeff") if first else text)
                 return
             cut = data.rfind(b"\n") + 1
@@ -156,7 +176,7 @@ def iter_blocks(
             block = b"".join(carry) + data[:cut] if carry else data[:cut]
             rest = data[cut:]
             carry, carry_len = ([rest], len(rest)) if rest else ([], 0)
-            text = _decode(block, name, lineno, opts)
+            text = _decode(block, name, lineno, opts, lines)
             if first:
                 text = text.lstrip("\ufeff")
                 first = False
@@ -180,3 +200,46 @@ def nth_line_end(text: str, n: int, start: int = 0) -> int:
             return len(text)
         pos = nl + 1
     return pos
+
+
+# ---------------------------------------------------------------------------------------------
+# declared encodings (Project Gutenberg headers)
+
+DECLARED_RE = re.compile(rb"^[ \t]*Character[ \t]+set[ \t]+encoding:[ \t]*([^\r\n]*?)[ \t]*\r?$", re.MULTILINE | re.IGNORECASE)
+DECLARATION_LOOKAHEAD = 1 << 16  # the declaration sits in a book's first few dozen lines
+# Names Project Gutenberg headers use that Python's codec registry does not know as written.
+_DECLARED_ALIASES = {"iso latin-1": "latin-1", "iso-latin-1": "latin-1", "unicode utf-8": "utf-8", "unicode": "utf-8",
+                     "utf8": "utf-8", "mac roman": "mac-roman", "macroman": "mac-roman"}
+
+
+def declared_encoding(path: Path) -> tuple[str | None, str | None]:
+    """``(what the header declares, the Python codec to read it with)`` from a Project Gutenberg
+    ``Character set encoding: ...`` line near the top of ``path``; ``(None, None)`` without one.
+    An unknown name gives ``(name, None)``. A declared ASCII is read as UTF-8, its superset: such
+    books often carry a few stray non-ASCII bytes, which the per-line fallback then catches."""
+    with open(path, "rb") as f:
+        head = f.read(DECLARATION_LOOKAHEAD)
+    m = DECLARED_RE.search(head)
+    if m is None:
+        return None, None
+    declared = m.group(1).decode("ascii", "replace").strip()
+    name = _DECLARED_ALIASES.get(declared.lower(), declared)
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        return declared, None
+    return declared, "utf-8" if codec in ("ascii", "utf-8") else codec
+
+
+def describe_decoding(info: dict, limit: int = 10) -> list[str]:
+    """Summary lines for meta.json's ``decoding`` record (see ``data_prep.gutenberg``)."""
+    total = info.get("lines", {})
+    out = ["decoded lines: " + ", ".join(f"{n:,} {how}" for how, n in total.items())]
+    books = info.get("books", {})
+    for i, (name, b) in enumerate(books.items()):
+        if i == limit:
+            out.append(f"  ... and {len(books) - limit:,} more books (all in meta.json)")
+            break
+        declared = f"declares {b['declared']!r}" if b.get("declared") else "no declaration"
+        out.append(f"  {name} ({declared}, read as {b['read_as']}): " + ", ".join(f"{n:,} {how}" for how, n in b["lines"].items()))
+    return out

@@ -118,7 +118,9 @@ def test_bad_bytes_name_file_and_line_and_the_options(tmp_path, capsys):
     for i in range(3):
         (folder / f"b{i}.txt").write_text("A fine story.\n\nIt ends well.\n")
     (folder / "b1.txt").write_bytes(b"First line.\n\nThe caf\xe9 was shut.\n")  # Latin-1, not UTF-8
-    rc, _, err = run_cli(capsys, "gutenberg", "--source", str(folder), "--out", str(tmp_path / "o"), "--quiet")
+    # strict is explicit for Gutenberg (its default reads declared encodings and falls back per line)
+    rc, _, err = run_cli(capsys, "gutenberg", "--source", str(folder), "--out", str(tmp_path / "o"), "--quiet",
+                         "--encoding-errors", "strict")
     assert rc == 2
     assert "b1.txt:3:" in err and "not valid utf-8" in err and "--encoding-errors" in err and err.count("\n") == 1
     for mode, words in (("fallback", "The caf\u00e9 was"), ("replace", "The caf \ufffd was")):
