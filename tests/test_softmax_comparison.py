@@ -87,3 +87,56 @@ def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):
     assert both["cache_mbpa_choice"]["theta"] in (0.3, 1.0) and both["cache_mbpa_choice"]["cache_lambda"] > 0
     assert both["cache_mbpa_choice"]["mbpa_lambda"] > 0 and both["cache_choice"]["mbpa_lambda"] == 0
     assert both["cache_mbpa_valid_ppl"] > 0 and both["cache_ppl"] > 0
+
+
+def test_runner_continues_an_interrupted_run_from_last_pt(tmp_path, one_thread, monkeypatch, capsys):
+    """An interrupted training run is continued from its last.pt (train.py --resume semantics), not
+    redone, and ends with exactly the weights of an uninterrupted run; train_minutes is recorded."""
+    import contextlib
+
+    import torch
+
+    from lmmem.training import trainer
+    from lmmem.training.checkpoint import load_checkpoint
+
+    def argv(work):
+        return ["synthetic", "--work", str(work), "--preset", "tiny", "--max-steps", "8", "--seeds", "1", "--variants", "full",
+                "--train-args", "batch_size=4 bptt=12 eval_interval=4 checkpoint_interval=100", "--eval-batch-size", "2"]
+
+    for work in (tmp_path / "straight", tmp_path / "interrupted"):
+        write_prepared_corpus(work / "data", vocab_size=120, tokens={"train": 3000, "valid": 500, "test": 500})
+    assert softmax_comparison.main(argv(tmp_path / "straight")) == 0
+
+    class StopAfter(dict):
+        """The trainer's stop flag, raised (as by Ctrl-C) when it is read for the 5th time: after step 5."""
+
+        def __init__(self):
+            super().__init__(stop=False)
+            self.reads = 0
+
+        def __getitem__(self, key):
+            self.reads += 1
+            return self.reads >= 5
+
+    real = trainer.stop_on_signals
+    monkeypatch.setattr(trainer, "stop_on_signals", contextlib.contextmanager(lambda: (yield StopAfter())))
+    work = tmp_path / "interrupted"
+    assert softmax_comparison.main(argv(work)) == 130
+    run = work / "full-seed1"
+    assert load_checkpoint(run / "last.pt")["progress"]["step"] == 5
+    assert "run the same command again to continue it" in capsys.readouterr().out
+    monkeypatch.setattr(trainer, "stop_on_signals", real)
+    assert softmax_comparison.main(argv(work)) == 0
+    assert f"resumed {run / 'last.pt'} at step 5" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in metrics if "train_loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # steps 1-5 were not trained again
+    a = load_checkpoint(tmp_path / "straight" / "full-seed1" / "last.pt")
+    b = load_checkpoint(run / "last.pt")
+    assert a["progress"]["step"] == b["progress"]["step"] == 8
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    results = json.loads((work / "results.json").read_text())
+    (record,) = results["runs"]["full"]
+    assert record["train_minutes"] is not None and record["train_minutes"] >= 0
+    assert b["train_seconds"] > 0 and record["train_minutes"] == round(b["train_seconds"] / 60, 2)

@@ -14,8 +14,9 @@ on the valid split (:func:`lmmem.evaluation.evaluate_methods` with ``tune=True``
 the mean and spread over seeds, the commands, machine and versions) and ``WORK/results.png``;
 ``--page`` also writes the page, its JSON and chart to a docs folder. The validation split picks
 the checkpoint and the test-time values; nothing is tuned on test. Finished runs and evaluations
-are reused (a run is retrained only if its settings changed), so an interrupted command can be
-repeated.
+are reused (a run is retrained only if its settings changed) and an interrupted training run is
+continued from its ``last.pt`` (``train.py --resume`` semantics), so an interrupted command is
+simply repeated.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -283,13 +283,13 @@ def main(argv=None) -> int:
                      "max_steps": args.max_steps, **extra, **overrides}
             cfg = config_from_args({k: _coerce(k, v) for k, v in flags.items()})
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
-            t0 = time.monotonic()
-            if not finished(out, cfg):
+            state = run_state(out, cfg)
+            if state != "finished":
+                cfg.resume = state == "resumable"  # continue an interrupted run from its last.pt (train.py --resume)
                 if train(cfg).stopped_by == "interrupt":
-                    print(f"interrupted: {out} is incomplete; run the same command again to redo it")
+                    print(f"interrupted: {out} is incomplete; run the same command again to continue it")
                     return 130
-            minutes = (time.monotonic() - t0) / 60
-            record = {"seed": seed, "steps": cfg.max_steps, "train_minutes": round(minutes, 2)}
+            record = {"seed": seed, "steps": cfg.max_steps, "train_minutes": train_minutes(out)}
             for split in ("valid", "test"):
                 res = evaluate_checkpoint(out / "best.pt", split=split, batch_size=args.eval_batch_size, buckets=buckets)
                 record[split] = res.report.to_dict()
@@ -340,12 +340,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def finished(out: Path, cfg) -> bool:
-    """A run is reused only when it completed with exactly these settings (a run that was
-    interrupted, or trained with other flags, is trained again from scratch)."""
+def run_state(out: Path, cfg) -> str:
+    """``finished``: OUT holds a run completed with exactly these settings (reused);
+    ``resumable``: its last.pt was saved with these settings before ``max_steps`` (an interrupted
+    run, continued from there as ``train.py --resume`` would); ``new``: nothing usable (no
+    last.pt, or one trained with other settings: trained again from scratch)."""
     last = out / "last.pt"
-    if not last.is_file() or not (out / "best.pt").is_file():
-        return False
+    if not last.is_file():
+        return "new"
     from dataclasses import fields
 
     from lmmem.training import TrainConfig
@@ -356,7 +358,23 @@ def finished(out: Path, cfg) -> bool:
     # fill options added since the run was made with their defaults
     saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-    return saved == wanted and ckpt["progress"]["step"] >= cfg.max_steps
+    if saved != wanted:
+        return "new"
+    if ckpt["progress"]["step"] >= cfg.max_steps and (out / "best.pt").is_file():
+        return "finished"
+    return "resumable"
+
+
+def finished(out: Path, cfg) -> bool:
+    """A run is reused only when it completed with exactly these settings."""
+    return run_state(out, cfg) == "finished"
+
+
+def train_minutes(out: Path) -> float | None:
+    """Training wall time of OUT's run in minutes, summed over resumes, from its last.pt (None for
+    checkpoints written before the trainer recorded it)."""
+    seconds = load_checkpoint(out / "last.pt").get("train_seconds")
+    return round(seconds / 60, 2) if seconds else None
 
 
 def _variant_seeds(overrides: dict, seeds: list[int]) -> list[int]:

@@ -339,6 +339,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "progress": vars(progress).copy(),
+                # wall time in the training loop, summed over resumes; kept out of Progress, which
+                # is identical for a resumed and an uninterrupted run
+                "train_seconds": seconds_before + (time.monotonic() - t_start),
                 "rng": rngs,
                 "carried_state": carried,
             },
@@ -352,6 +355,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         )
 
     t_start = time.monotonic()
+    seconds_before = float(ckpt.get("train_seconds", 0.0)) if cfg.resume else 0.0
     t_log, tokens_at_log = t_start, progress.tokens
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     loss_steps = 0
