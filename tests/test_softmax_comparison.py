@@ -140,3 +140,31 @@ def test_runner_continues_an_interrupted_run_from_last_pt(tmp_path, one_thread, 
     (record,) = results["runs"]["full"]
     assert record["train_minutes"] is not None and record["train_minutes"] >= 0
     assert b["train_seconds"] > 0 and record["train_minutes"] == round(b["train_seconds"] / 60, 2)
+
+
+def test_render_redraws_a_committed_page_from_its_json(tmp_path):
+    """`render PAGE` rewrites the page and its faceted chart from the results.json beside it, with
+    one number format for perplexities (11,376.36) and counts (2,000)."""
+    import shutil
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    page = tmp_path / "reproduction-gutenberg.md"
+    (tmp_path / "reproduction-gutenberg").mkdir()
+    shutil.copy(docs / "reproduction-gutenberg" / "results.json", tmp_path / "reproduction-gutenberg" / "results.json")
+    assert softmax_comparison.main(["render", str(page)]) == 0
+    text = page.read_text()
+    assert text == (docs / "reproduction-gutenberg.md").read_text()  # the committed page is up to date
+    assert "| full | 118.65 ± 7.32 | 116.84 ± 4.18 | 10.76 ± 0.16 | 54.41 ± 2.92 | 575.92 ± 36.07 | 11,376.36 ± 848.39 |" in text
+    assert "| full | 1 | 2,000 | – | 121.49 |" in text  # train_minutes not recorded for these runs
+    assert (tmp_path / "reproduction-gutenberg" / "results.png").stat().st_size > 10_000
+    panels = softmax_comparison.chart_panels(json.loads((tmp_path / "reproduction-gutenberg" / "results.json").read_text()))
+    assert list(panels) == ["full (3 seeds)", "hebbian (3 seeds)", "hebbian-rescale (seed 1)", "hebbian-T100 (seed 1)"]
+    assert all(list(p) == ["plain", "+ cache", "+ MbPA", "+ cache + MbPA"] for p in panels.values())
+
+
+def test_one_number_format():
+    from lmmem.evaluation.report import format_count, format_perplexity
+
+    assert [format_perplexity(x) for x in (8619.644, 14549.2, 10.755, None)] == ["8,619.64", "14,549.20", "10.76", "–"]
+    assert format_count(14549) == "14,549"

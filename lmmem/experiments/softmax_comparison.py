@@ -5,6 +5,9 @@
         --work runs/cmp-gutenberg --preset small --max-steps 3000 --seeds 1 2 --test-time \\
         --page docs/results/reproduction-gutenberg.md
 
+``python -m lmmem.experiments.softmax_comparison render PAGE...`` rewrites pages and charts from
+the results.json beside them, without training or evaluating.
+
 One command: prepares the corpus (``python -m data_prep``, skipped when WORK/data is already
 prepared), trains one model per (softmax, seed) with identical settings — the same seed gives both
 softmaxes the same initial weights and dropout noise — evaluates each ``best.pt`` on the valid and
@@ -33,8 +36,9 @@ from pathlib import Path
 import torch
 
 from lmmem.evaluation import (
-    FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, plot_bucketed_perplexity, write_json,
+    FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
 )
+from lmmem.evaluation.report import format_count, format_perplexity, plot_bucket_panels
 from lmmem.evaluation.perplexity import BucketResult
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.training import config_from_args, load_checkpoint, train
@@ -86,8 +90,8 @@ def spread(values: list[float | None]) -> str:
     if not vals:
         return "–"
     if len(vals) == 1:
-        return f"{vals[0]:.2f}"
-    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+        return format_perplexity(vals[0])
+    return f"{format_perplexity(statistics.mean(vals))} ± {format_perplexity(statistics.stdev(vals))}"
 
 
 def markdown(results: dict) -> str:
@@ -107,13 +111,16 @@ def markdown(results: dict) -> str:
     lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items())
                                          + (f" (seeds {', '.join(map(str, vseeds[k]))})" if vseeds.get(k, results["seeds"]) != results["seeds"] else "")
                                          for k, v in results["variants"].items()),
-              f"preset `{results['preset']}`, {results['max_steps']} steps each."]
-    lines += ["", "Per seed (test perplexity):", "", "| model | seed | steps | test ppl | " + " | ".join(names) + " |",
-              "|---|---|---|---|" + "---|" * len(names)]
+              f"preset `{results['preset']}`, {format_count(results['max_steps'])} steps each."]
+    lines += ["", "Per seed (test perplexity; training minutes of wall time, – where the run did not record it):", "",
+              "| model | seed | steps | train min | test ppl | " + " | ".join(names) + " |",
+              "|---|---|---|---|---|" + "---|" * len(names)]
     for sm, runs in results["runs"].items():
         for r in runs:
-            cells = [f"{b['perplexity']:.2f}" if b["perplexity"] else "–" for b in r["test"]["buckets"]]
-            lines.append(f"| {sm} | {r['seed']} | {r['steps']} | {r['test']['perplexity']:.2f} | " + " | ".join(cells) + " |")
+            cells = [format_perplexity(b["perplexity"]) for b in r["test"]["buckets"]]
+            minutes = f"{r['train_minutes']:.1f}" if r.get("train_minutes") else "–"
+            lines.append(f"| {sm} | {r['seed']} | {format_count(r['steps'])} | {minutes} | {format_perplexity(r['test']['perplexity'])} | "
+                         + " | ".join(cells) + " |")
     if results.get("test_time"):
         lines += ["", *test_time_markdown(results)]
     lines += ["", "## Commands", "", "```", results["command"], *results["steps"], "```", "",
@@ -173,14 +180,15 @@ def test_time_markdown(results: dict) -> list[str]:
             if r.get("test_time"):
                 lines.append(f"- {sm}, seed {r['seed']}: " + "; ".join(
                     f"{m}: {_choice_text(c)}" for m, c in r["test_time"]["choice"].items()))
-    lines += ["", f"Cache: window {tt['cache']['window']}, θ ∈ {tt['thetas']}, λ ∈ {tt['lambdas']}. MbPA: K = {tt['mbpa']['k']}, "
+    lines += ["", f"Cache: window {format_count(tt['cache']['window'])}, θ ∈ {tt['thetas']}, λ ∈ {tt['lambdas']}. MbPA: K = {tt['mbpa']['k']}, "
               f"{tt['mbpa']['steps']} steps, η = {tt['mbpa']['lr']}, α = {tt['mbpa']['alpha']}, ε = {tt['mbpa']['eps']}, memory "
-              f"{tt['mbpa']['memory']} pairs per stream, " + (f"adapting the rows of the query's top-{tt['mbpa']['vocab']} words and the "
+              f"{format_count(tt['mbpa']['memory'])} pairs per stream, " + (f"adapting the rows of the query's top-{tt['mbpa']['vocab']} words and the "
               "neighbours' words (restricted MbPA)" if tt["mbpa"]["vocab"] else "adapting every row (exact MbPA)")
               + f"; {tt['streams']} evaluation streams.", "",
               "For orientation only, the paper's WikiText-103 numbers (valid/test; a much larger corpus, model and budget): "
               + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in PAPER_WT103.items())
-              + "; the LSTM's test perplexity by bucket: " + ", ".join(f"{k} {v:,}" for k, v in PAPER_WT103_BUCKETS.items()) + "."]
+              + "; the LSTM's test perplexity by bucket (as the paper prints them): "
+              + ", ".join(f"{k} {v:,}" for k, v in PAPER_WT103_BUCKETS.items()) + "."]
     return lines
 
 
@@ -222,6 +230,9 @@ def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAC
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["render"]:
+        return render_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("corpus", choices=["wikitext-103", "gutenberg", "gigaword", "synthetic"])
     p.add_argument("--source", help="corpus source for data_prep (folder or 'hub')")
@@ -318,25 +329,63 @@ def main(argv=None) -> int:
 
         results["test_time"] = {"cache": asdict(cache_cfg), "mbpa": asdict(mbpa_cfg), "thetas": args.thetas,
                                 "lambdas": args.lambdas, "streams": args.eval_batch_size}
-        means = {f"{sm}{METHOD_LABELS[m]}": mean_report([report_from_dict(r["test_time"]["test"][m]) for r in rs])
-                 for sm, rs in runs.items() for m in METHODS if all(m in r["test_time"]["test"] for r in rs)}
-    else:
-        means = {sm: mean_report([report_from_dict(r["test"]) for r in rs]) for sm, rs in runs.items()}
-    title = f"{name}: test perplexity by training frequency" + (f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else "")
     targets = [(work / "results.md", work / "results.json", work / "results.png")]
     if args.page:
-        page = Path(args.page)
-        folder = page.with_suffix("")
-        targets.append((page, folder / "results.json", folder / "results.png"))
+        targets.append(page_targets(Path(args.page)))
+    write_outputs(results, targets)
+    print((work / "results.md").read_text())
+    return 0
+
+
+def page_targets(page: Path) -> tuple[Path, Path, Path]:
+    """(page, its results.json, its chart): the JSON and chart in a folder named after the page."""
+    folder = page.with_suffix("")
+    return page, folder / "results.json", folder / "results.png"
+
+
+def chart_panels(results: dict) -> dict[str, dict[str, PerplexityReport]]:
+    """{model (seeds): {method: test report of the mean loss over seeds}}: one chart panel per model."""
+    panels = {}
+    for sm, rs in results["runs"].items():
+        seeds = [r["seed"] for r in rs]
+        label = f"{sm} ({len(seeds)} seeds)" if len(seeds) > 1 else f"{sm} (seed {seeds[0]})"
+        if results.get("test_time"):
+            panels[label] = {METHOD_LABELS[m].strip() or "plain": mean_report([report_from_dict(r["test_time"]["test"][m]) for r in rs])
+                             for m in METHODS if all(m in r["test_time"]["test"] for r in rs)}
+        else:
+            panels[label] = {"plain": mean_report([report_from_dict(r["test"]) for r in rs])}
+    if not results.get("test_time"):  # one method per model: the models side by side in one panel
+        panels = {"": {k.split(" (")[0]: v["plain"] for k, v in panels.items()}}
+    return panels
+
+
+def write_outputs(results: dict, targets: list[tuple[Path, Path, Path]]) -> None:
+    """Write results.json, the chart and the page for each (page, json, chart) target."""
+    title = (f"{results.get('name') or results['corpus']}: test perplexity by the target word's training frequency"
+             + (" (exp of the mean loss over seeds)" if any(len(rs) > 1 for rs in results["runs"].values()) else ""))
     for md, js, png in targets:
         write_json(results, js)
-        chart = plot_bucketed_perplexity(means, png, title=title)
+        chart = plot_bucket_panels(chart_panels(results), png, title=title)
         text = markdown(results)
         if chart is not None:
             text = text.replace("\n## Commands", f"\n![test perplexity by bucket]({png.relative_to(md.parent).as_posix()})\n\n## Commands", 1)
         md.parent.mkdir(parents=True, exist_ok=True)
         md.write_text(text, encoding="utf-8")
-    print((work / "results.md").read_text())
+
+
+def render_main(argv: list[str]) -> int:
+    """``render PAGE...``: rewrite each page and its chart from the results.json beside it (no
+    training, no evaluation), e.g. after a change to the page layout or the chart."""
+    p = argparse.ArgumentParser(prog="python -m lmmem.experiments.softmax_comparison render",
+                                description=render_main.__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("pages", nargs="+", help="results pages written with --page, e.g. docs/results/reproduction-gutenberg.md")
+    args = p.parse_args(argv)
+    for page in map(Path, args.pages):
+        md, js, png = page_targets(page)
+        if not js.is_file():
+            raise SystemExit(f"error: {js} does not exist; render needs the results.json that --page wrote beside {page}")
+        write_outputs(json.loads(js.read_text(encoding="utf-8")), [(md, js, png)])
+        print(f"wrote {md} and {png}")
     return 0
 
 
