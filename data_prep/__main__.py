@@ -11,12 +11,13 @@ import sys
 
 from lmmem.errors import DataError
 
-from data_prep import gigaword, gutenberg, synthetic, wikitext
+from data_prep import gigaword, gutenberg, synthetic, text, wikitext
 
 CORPORA = {
     "wikitext-103": (wikitext, "WikiText-103 / WikiText-2 (.tokens files or the hub): official tokens, <eos> per line"),
     "gutenberg": (gutenberg, "Project Gutenberg books (folder of .txt or PG-19 on the hub): licence stripped, split by book"),
     "gigaword": (gigaword, "GigaWord SGML (.gz), sentence-per-line news .txt, or the hub's gigaword: split by document order"),
+    "text": (text, "any text: a .txt/.jsonl/.parquet file or folder named by split, or a hub dataset (hub:NAME, --text-column)"),
     "synthetic": (synthetic, "the embedded synthetic corpus (Zipfian words, recurring rare names), offline and deterministic"),
 }
 

@@ -94,6 +94,7 @@ class VocabOptions:
     max_vocab: int | None = None
     vocab_splits: tuple[str, ...] | None = None  # None: train, or every split written when train is absent
     keep_eval_types: bool = False  # types seen only outside the vocabulary splits join it with count 0
+    fixed: Any = None  # a data_prep.vocab_from.VocabSource: encode with its vocabulary instead of building one
 
 
 @dataclass
@@ -306,6 +307,8 @@ def make_progress(total: int | None, desc: str, quiet: bool, unit: str = "B"):
 
 
 def _resolve_vocab_splits(source: TextSource, vocab: VocabOptions) -> tuple[str, ...]:
+    if vocab.fixed is not None:
+        return ()  # the vocabulary is given: no split counts towards it
     if vocab.vocab_splits:
         missing = [s for s in vocab.vocab_splits if s not in source.splits]
         if missing:
@@ -406,7 +409,7 @@ def prepare(
             if vocab_opts.min_count != 1 or vocab_opts.max_vocab is not None:
                 raise DataError("--min-count and --max-vocab apply to word vocabularies; with SentencePiece set --vocab-size")
             n_tokens, vocab, ctx, tok_meta = spt.encode_with_sentencepiece(
-                out, source, tokenizer, vocab_splits, spm_tmp, tmp_files, workers, quiet
+                out, source, tokenizer, vocab_splits, spm_tmp, tmp_files, workers, quiet, fixed=vocab_opts.fixed
             )
             perm = None
         else:
@@ -455,6 +458,7 @@ def prepare(
             "vocab_fingerprint": vocab.fingerprint,
             "vocab_splits": list(vocab_splits),
             "specials": list(vocab.specials),
+            **({"vocab_from": vocab_opts.fixed.describe()} if vocab_opts.fixed is not None else {}),
             "splits": splits_meta,
             **source.info,
             **ctx.info,
@@ -492,6 +496,8 @@ def _encode_words(out, source, tokenizer, vocab_opts, vocab_splits, ctx, workers
     _check_nonempty(source, n_tokens)
 
     types = encoder.types
+    if vocab_opts.fixed is not None:
+        return n_tokens, *_fixed_vocab(out, source, types, n_tokens, vocab_opts.fixed.vocab, ctx)
     counts = np.zeros(len(types), dtype=np.int64)
     for split in vocab_splits:
         counts += _bincount_file(_tmp_path(out, split), n_tokens[split], len(types))
@@ -509,6 +515,24 @@ def _encode_words(out, source, tokenizer, vocab_opts, vocab_splits, ctx, workers
     unk = vocab.unk_id
     perm = np.fromiter((vocab.ids.get(t, unk) for t in types), dtype=np.uint32, count=len(types))
     return n_tokens, vocab, perm
+
+
+def _fixed_vocab(out, source, types, n_tokens, vocab: Vocabulary, ctx, most_common: int = 50):
+    """``--vocab-from``: every seen type maps to its id in the given vocabulary or to ``<unk>``;
+    the unknown types and their counts (all splits) go to meta.json's ``unknown_words``."""
+    unk = vocab.unk_id
+    if unk is None:
+        raise DataError("the --vocab-from vocabulary has no <unk> entry, so unknown words cannot be encoded")
+    perm = np.fromiter((vocab.ids.get(t, unk) for t in types), dtype=np.uint32, count=len(types))
+    counts = np.zeros(len(types), dtype=np.int64)
+    for split in source.splits:
+        counts += _bincount_file(_tmp_path(out, split), n_tokens[split], len(types))
+    unknown = np.flatnonzero((perm == unk) & (counts > 0))
+    unknown = unknown[unknown != 1]  # the text's own <unk> (provisional id 1) is not an unknown word
+    order = unknown[np.lexsort((unknown, -counts[unknown]))][:most_common]
+    ctx.info["unknown_words"] = {"types": int(len(unknown)), "tokens": int(counts[unknown].sum()),
+                                 "most_common": [[types[i], int(counts[i])] for i in order]}
+    return vocab, perm
 
 
 def _check_nonempty(source: TextSource, n_tokens: dict) -> None:
@@ -529,10 +553,15 @@ def print_summary(out: Path, meta: dict) -> None:
     if opts.get("max_vocab"):
         detail += f", max {opts['max_vocab']:,}"
     print(f"prepared {meta['corpus']} from {meta['source']} -> {out}")
-    print(
-        f"vocab size: {meta['vocab_size']:,} ({how}; from {'+'.join(meta['vocab_splits'])}"
-        f"{'; ' + detail if detail else ''}); one {EOS} per {meta['unit']}"
-    )
+    if meta.get("vocab_from"):
+        vf = meta["vocab_from"]
+        print(f"vocab size: {meta['vocab_size']:,} ({how}), the vocabulary of {vf.get('checkpoint', vf['corpus'])} "
+              f"(fingerprint {vf['fingerprint']}); one {EOS} per {meta['unit']}")
+    else:
+        print(
+            f"vocab size: {meta['vocab_size']:,} ({how}; from {'+'.join(meta['vocab_splits'])}"
+            f"{'; ' + detail if detail else ''}); one {EOS} per {meta['unit']}"
+        )
     for split, info in meta["splits"].items():
         docs = info.get("documents")
         extra = f" in {docs:,} document{'s' if docs != 1 else ''}" if docs else ""
@@ -540,6 +569,10 @@ def print_summary(out: Path, meta: dict) -> None:
         if "oov_rate" in info:
             line += f" (out-of-vocabulary {100 * info['oov_rate']:.2f}%)"
         print(line)
+    if meta.get("unknown_words"):
+        from data_prep.vocab_from import describe_unknown
+
+        print(describe_unknown(meta["unknown_words"]))
     if meta.get("decoding"):
         from data_prep.reading import describe_decoding
 

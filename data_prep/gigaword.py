@@ -212,6 +212,7 @@ def local_source(folder, read_opts: ReadOptions, *, valid_fraction=0.05, test_fr
 
 
 def hub_source(dataset: str) -> TextSource:
+    from data_prep.text import hub_column_fix, row_text
     from data_prep.wikitext import open_hub_split
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
@@ -219,7 +220,7 @@ def hub_source(dataset: str) -> TextSource:
             if split not in ctx.wanted:
                 continue
             for row in open_hub_split(dataset, None, HUB_SPLITS[split]):
-                text = " ".join(row["document"].split())
+                text = " ".join(row_text(row, "document", f"{dataset} [{HUB_SPLITS[split]}]", hub_column_fix(dataset)).split())
                 ctx.documents[split] += 1
                 if text:
                     yield split, text + "\n"

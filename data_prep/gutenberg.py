@@ -272,6 +272,7 @@ def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_frac
 
 def hub_source(dataset: str, *, unit="paragraph", max_line_chars=1_000_000) -> TextSource:
     # Hub rows are already text: no encoding to choose.
+    from data_prep.text import hub_column_fix, row_text
     from data_prep.wikitext import open_hub_split
 
     read_opts = ReadOptions(max_line_chars=max_line_chars)
@@ -283,11 +284,12 @@ def hub_source(dataset: str, *, unit="paragraph", max_line_chars=1_000_000) -> T
                 continue
             for i, row in enumerate(open_hub_split(dataset, None, HUB_SPLITS[split])):
                 name = row.get("short_book_title") or row.get("url") or f"{split}-{i}"
+                body = row_text(row, "text", f"{dataset} [{HUB_SPLITS[split]}]", hub_column_fix(dataset))
                 ctx.documents[split] += 1
-                for text in book_units(iter_blocks(text_as_file(row["text"], name), read_opts), unit, stats):
+                for text in book_units(iter_blocks(text_as_file(body, name), read_opts), unit, stats):
                     yield split, text
                 if ctx.progress is not None:
-                    ctx.progress.update(len(row["text"]))
+                    ctx.progress.update(len(body))
 
     return TextSource(corpus=NAME, source=f"hub:{dataset}", splits=SPLITS, read=read, unit=unit,
                       info={"split_rule": f"the hub's own splits of {dataset}"})

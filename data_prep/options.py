@@ -59,6 +59,10 @@ def add_common_arguments(p: argparse.ArgumentParser, *, min_count: int, rule: st
                    help="comma-separated splits the vocabulary and its counts come from (default: train; all written splits when train is absent)")
     g.add_argument("--keep-eval-types", action="store_true",
                    help="add types that occur only outside the vocabulary splits to the vocabulary with count 0 instead of mapping them to <unk>")
+    g.add_argument("--vocab-from", default=None, metavar="RUN_OR_CORPUS",
+                   help="encode with a trained model's own vocabulary and tokeniser (a checkpoint, a run folder or a "
+                        "prepared corpus) instead of building one; unknown words become <unk> and are counted, so that "
+                        "evaluate.py can score the model on this text")
     g.add_argument("--allow-missing-splits", action="store_true",
                    help="prepare only the splits that exist instead of stopping when one is missing")
     g.add_argument("--lowercase", action="store_true", help="lowercase all text")
@@ -109,6 +113,8 @@ def recorded_options(args) -> dict:
 
 def run_prepare(args, source: TextSource, rule: str, min_count: int) -> dict:
     """Prepare ``source`` with the options in ``args``; ``min_count`` is the corpus's default."""
+    if getattr(args, "vocab_from", None):
+        return _run_prepare_with_vocab(args, source)
     if args.tokenizer == "sentencepiece":
         if args.min_count is not None or args.max_vocab is not None:
             raise DataError("--min-count and --max-vocab apply to word vocabularies; with SentencePiece set --vocab-size")
@@ -121,4 +127,20 @@ def run_prepare(args, source: TextSource, rule: str, min_count: int) -> dict:
     )
     vocab = VocabOptions(min_count=args.min_count, max_vocab=args.max_vocab, vocab_splits=args.vocab_splits,
                          keep_eval_types=args.keep_eval_types)
+    return prepare(args.out, source, tokenizer, vocab, options=recorded_options(args), workers=args.workers, quiet=args.quiet)
+
+
+def _run_prepare_with_vocab(args, source: TextSource) -> dict:
+    """``--vocab-from``: the vocabulary, word rule, case and SentencePiece model of a trained model."""
+    from data_prep.vocab_from import check_no_conflicts, load_vocab_source
+
+    fixed = load_vocab_source(args.vocab_from)
+    check_no_conflicts(args, fixed)
+    tok = fixed.tokenizer
+    if tok["type"] == "sentencepiece":
+        tokenizer = TokenizerOptions(kind="sentencepiece", lowercase=bool(tok.get("lowercase")),
+                                     spm_model_type=tok.get("model_type", "unigram"))
+    else:
+        tokenizer = TokenizerOptions(kind="words", rule=tok.get("rule", "whitespace"), lowercase=bool(tok.get("lowercase")))
+    vocab = VocabOptions(min_count=1, fixed=fixed)
     return prepare(args.out, source, tokenizer, vocab, options=recorded_options(args), workers=args.workers, quiet=args.quiet)

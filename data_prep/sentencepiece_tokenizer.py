@@ -90,9 +90,18 @@ def train_model(source: TextSource, opts: TokenizerOptions, model_prefix: Path, 
 
 
 def encode_with_sentencepiece(out: Path, source: TextSource, opts: TokenizerOptions, vocab_splits, spm_tmp: Path,
-                              tmp_files: dict, workers: int, quiet: bool):
+                              tmp_files: dict, workers: int, quiet: bool, fixed=None):
+    """Train (or, with ``fixed``, a ``--vocab-from`` VocabSource, reuse) a model and encode every split."""
     prefix = spm_tmp.with_name(".spm.tmp")  # SentencePiece appends .model / .vocab
-    sp = train_model(source, opts, prefix, workers, quiet)
+    if fixed is not None:
+        import shutil
+
+        import sentencepiece as spm
+
+        shutil.copyfile(fixed.spm_model, spm_tmp)
+        sp = spm.SentencePieceProcessor(model_file=str(spm_tmp))
+    else:
+        sp = train_model(source, opts, prefix, workers, quiet)
     eos = sp.piece_to_id(EOS)
     n_tokens = {s: 0 for s in source.splits}
     ctx = ReadContext(wanted=frozenset(source.splits))
@@ -112,6 +121,10 @@ def encode_with_sentencepiece(out: Path, source: TextSource, opts: TokenizerOpti
         if ctx.progress is not None:
             ctx.progress.close()
     _check_nonempty(source, n_tokens)
+    if fixed is not None:
+        if [sp.id_to_piece(i) for i in range(sp.get_piece_size())] != fixed.vocab.tokens:
+            raise DataError(f"{fixed.spm_model} does not match {fixed.corpus}/vocab.txt; prepare that corpus again")
+        return n_tokens, fixed.vocab, ctx, dict(fixed.tokenizer)
     size = sp.get_piece_size()
     counts = np.zeros(size, dtype=np.int64)
     for split in vocab_splits:

@@ -191,10 +191,12 @@ def local_source(folder, read_opts: ReadOptions, *, skip_blank_lines=False, allo
 
 def _hub_blocks(dataset: str, config: str, split: str) -> BlockFactory:
     def blocks(ctx: ReadContext) -> Iterator[tuple[int, str]]:
+        from data_prep.text import hub_column_fix, row_text
+
         rows = open_hub_split(dataset, config, split)
         parts, size, first = [], 0, 1
         for row in rows:
-            line = row["text"]
+            line = row_text(row, "text", f"{dataset}/{config} [{split}]", hub_column_fix(dataset))
             if not line.endswith("\n"):
                 line += "\n"  # the hub drops the line break of blank lines
             parts.append(line)

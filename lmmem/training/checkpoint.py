@@ -79,7 +79,8 @@ def check_vocab_matches(ckpt: dict, fingerprint: str, data_root: str | Path, ckp
     if ckpt.get("vocab_fingerprint") != fingerprint:
         raise CheckpointError(
             f"{ckpt_path} was trained with vocabulary {ckpt.get('vocab_fingerprint')} but {data_root} has vocabulary "
-            f"{fingerprint}: evaluate on the data the model was trained on (--data), or retrain"
+            f"{fingerprint}: evaluate on the data the model was trained on (--data), or encode the other text with the "
+            f"model's vocabulary (python -m data_prep CORPUS --source TEXT --vocab-from {ckpt_path} --out DIR) and pass --data DIR"
         )
 
 
