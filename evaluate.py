@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     name = args.name or f"{result.meta['model']['arch']} + {result.meta['model']['softmax']} softmax"
     print(f"{args.checkpoint} on {result.meta['data']} [{args.split}], {result.report.tokens:,} tokens")
     print(format_table({name: result.report}))
+    if result.words is not None:  # a SentencePiece corpus: the same scores per word, bucketed by word count
+        print(f"\nper word (the sum of its pieces' log-probabilities; buckets by the word's training count), "
+              f"{result.words.tokens:,} words, {result.report.tokens / max(result.words.tokens, 1):.2f} pieces a word:")
+        print(format_table({name: result.words}))
     if args.json:
         write_json(result.to_dict(), args.json)
         print(f"wrote {args.json}")

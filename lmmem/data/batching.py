@@ -63,12 +63,18 @@ class StreamBatcher:
     def __len__(self) -> int:
         return self.num_steps
 
-    def batch(self, step: int) -> Batch:
+    def input_positions(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(absolute stream position of every input of ``batch(step)``, (rows, T); which are real,
+        not padding). The target of input position p is token p + 1."""
         start = step * self.bptt
         width = min(self.bptt, self.row_len - start)
         cols = start + np.arange(width, dtype=np.int64)
-        pos = self.rows[:, None] * self.row_len + cols[None, :]  # absolute input position
+        pos = self.rows[:, None] * self.row_len + cols[None, :]
         valid = (pos < self.positions) & (cols[None, :] < self.row_len)
+        return pos, valid
+
+    def batch(self, step: int) -> Batch:
+        pos, valid = self.input_positions(step)
         safe = np.where(valid, pos, 0)
         inputs = np.asarray(self.tokens[safe.ravel()], dtype=np.int64).reshape(safe.shape)
         targets = np.asarray(self.tokens[(safe + 1).ravel()], dtype=np.int64).reshape(safe.shape)

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation.perplexity import DEFAULT_BUCKET_EDGES, FrequencyBuckets, PerplexityReport, score_stream
 from lmmem.evaluation.report import format_table, plot_bucketed_perplexity, write_json
@@ -19,9 +21,28 @@ from lmmem.training.distributed import resolve_device
 class EvalResult:
     report: PerplexityReport
     meta: dict
+    words: PerplexityReport | None = None  # per word, for a SentencePiece corpus (lmmem.evaluation.words)
 
     def to_dict(self) -> dict:
-        return {**self.meta, **self.report.to_dict()}
+        out = {**self.meta, **self.report.to_dict()}
+        if self.words is not None:
+            out["words"] = self.words.to_dict()
+        return out
+
+
+def _word_level(corpus: PreparedCorpus, tokens, token_nll, buckets: FrequencyBuckets) -> PerplexityReport | None:
+    """Per-word numbers of a SentencePiece corpus, the words' training counts from its train split
+    (or, for text encoded with ``--vocab-from``, from the train split of the corpus it names)."""
+    from lmmem.evaluation.words import piece_start_table, word_counts, word_report
+
+    train_corpus = corpus
+    if "train" not in corpus.splits and (corpus.meta.get("vocab_from") or {}).get("corpus"):
+        train_corpus = PreparedCorpus.open(corpus.meta["vocab_from"]["corpus"])
+    if "train" not in train_corpus.splits:
+        return None
+    pieces = corpus.vocab.tokens
+    train_words = word_counts(train_corpus.tokens("train"), piece_start_table(pieces), corpus.vocab.eos_id)
+    return word_report(token_nll, tokens, pieces, train_words, buckets, corpus.vocab.eos_id)
 
 
 def evaluate_checkpoint(
@@ -47,11 +68,16 @@ def evaluate_checkpoint(
     model = model_from_checkpoint(ckpt, dev)
     bptt = bptt or int(ckpt["train_config"]["bptt"])
     t0 = time.monotonic()
+    tok = corpus.meta.get("tokenizer")
+    subword = isinstance(tok, dict) and tok.get("type") == "sentencepiece"
+    token_nll = np.full(len(tokens), np.nan) if subword else None  # per piece, for the word-level numbers
     nll, cnt = score_stream(
         model, tokens, bucket_of=buckets.assign(corpus.train_counts()), num_buckets=len(buckets.names),
         batch_size=batch_size, bptt=bptt, device=dev, max_tokens=max_tokens, progress=progress, desc=f"{split}",
+        token_nll=token_nll,
     )
     report = PerplexityReport.from_sums(nll, cnt, buckets)
+    words = _word_level(corpus, tokens, token_nll, buckets) if subword else None
     meta = {
         "checkpoint": str(checkpoint),
         "data": str(data_dir),
@@ -65,7 +91,7 @@ def evaluate_checkpoint(
         "device": str(dev),
         "seconds": round(time.monotonic() - t0, 3),
     }
-    return EvalResult(report, meta)
+    return EvalResult(report, meta, words)
 
 
 __all__ = [

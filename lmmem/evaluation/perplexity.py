@@ -136,12 +136,15 @@ def score_stream(
     world_size: int = 1,
     progress: bool = False,
     desc: str = "eval",
+    token_nll: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-bucket (NLL sum, token count) of this rank's rows of the stream.
 
     Every position of the stream is scored exactly once across ranks (rows are padded, padding is
     ignored). The model runs in eval mode (no dropout, no Hebbian statistics) and is put back in
-    the mode it was in. Sum the returned arrays over ranks for the global figures.
+    the mode it was in. Sum the returned arrays over ranks for the global figures. ``token_nll``
+    (float64, one entry per token of ``tokens``), when given, receives each scored target's NLL at
+    the target's position (word-level numbers for subword vocabularies need them in order).
     """
     device = torch.device(device)
     if max_tokens:
@@ -165,6 +168,9 @@ def score_stream(
             bucket = bucket_t[y.clamp_min(0)]
             nll_sum.index_add_(0, bucket[valid], nll[valid])
             count.index_add_(0, bucket[valid], torch.ones_like(nll[valid]))
+            if token_nll is not None:
+                pos, real = batcher.input_positions(step)
+                token_nll[pos[real] + 1] = nll.reshape(pos.shape).cpu().numpy()[real]
     finally:
         model.train(was_training)
     return nll_sum.cpu().numpy(), count.cpu().numpy()
