@@ -69,9 +69,10 @@ def run(args) -> dict:
     if hub:
         source = hub_source(hub, args.hub_config, args.text_column, unit=args.eos, allow_missing_splits=args.allow_missing_splits)
     else:
-        as_split = args.as_split or ("test" if getattr(args, "vocab_from", None) else "train")
+        if args.as_split is None and Path(args.source).is_file():  # recorded in meta.json as resolved
+            args.as_split = "test" if getattr(args, "vocab_from", None) else "train"
         source = local_source(args.source, O.read_options(args), text_column=args.text_column, unit=args.eos,
-                              as_split=as_split, allow_missing_splits=args.allow_missing_splits)
+                              as_split=args.as_split or "train", allow_missing_splits=args.allow_missing_splits)
     return O.run_prepare(args, source, rule=args.rule, min_count=3)
 
 

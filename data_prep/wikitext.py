@@ -79,7 +79,7 @@ def run(args) -> dict:
     hub = O.hub_name(args.source, HUB_DATASET)
     if hub:
         source = hub_source(hub, args.hub_config, skip_blank_lines=args.skip_blank_lines, train_from=args.train_from,
-                            holdout_fraction=args.holdout_fraction)
+                            holdout_fraction=args.holdout_fraction, allow_missing_splits=args.allow_missing_splits)
     else:
         source = local_source(args.source, O.read_options(args), skip_blank_lines=args.skip_blank_lines,
                               allow_missing_splits=args.allow_missing_splits, train_from=args.train_from,
@@ -229,10 +229,26 @@ def open_hub_split(dataset: str, config: str | None, split: str):
         ) from None
 
 
-def hub_source(dataset: str, config: str, *, skip_blank_lines=False, train_from="train", holdout_fraction=0.1) -> TextSource:
-    files = {s: _hub_blocks(dataset, config, HUB_SPLITS[s]) for s in SPLITS}
+def hub_split_names(dataset: str, config: str | None) -> list[str]:
+    """The splits a hub dataset has (one streaming open of the whole dataset); a DataError if it cannot be opened."""
+    try:
+        from datasets import load_dataset
+
+        return list(load_dataset(dataset, config, streaming=True) if config else load_dataset(dataset, streaming=True))
+    except Exception as e:  # the datasets library raises many kinds; all mean "cannot open it"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot open {dataset}{'/' + config if config else ''} on the Hugging Face hub ({first}); "
+                        "download the files and pass their folder with --source") from None
+
+
+def hub_source(dataset: str, config: str, *, skip_blank_lines=False, train_from="train", holdout_fraction=0.1,
+               allow_missing_splits=False) -> TextSource:
+    # With --allow-missing-splits the dataset is asked which splits it has (a train-only dataset is
+    # then prepared as train only); without, every split is opened and a missing one is an error.
+    have = set(hub_split_names(dataset, config)) if allow_missing_splits else set(HUB_SPLITS.values())
+    files = {s: _hub_blocks(dataset, config, HUB_SPLITS[s]) if HUB_SPLITS[s] in have else None for s in SPLITS}
     if train_from == "valid":
         files["train"] = None
     return _make_source(files, f"hub:{dataset}", f"hub:{dataset}/{config}", skip_blank_lines=skip_blank_lines,
-                        allow_missing_splits=False, train_from=train_from, holdout_fraction=holdout_fraction,
+                        allow_missing_splits=allow_missing_splits, train_from=train_from, holdout_fraction=holdout_fraction,
                         total_bytes=None)

@@ -324,3 +324,27 @@ def test_corpus_subcommands_name_a_missing_hub_column(tmp_path, capsys, monkeypa
     for corpus in ("wikitext-103", "gutenberg", "gigaword"):
         rc, _, err = run_cli(capsys, corpus, "--source", "hub:someone/other", "--out", str(tmp_path / corpus), "--quiet")
         assert rc == 2 and "no column" in err and "content" in err and "data_prep text --source hub:someone/other" in err
+
+
+def test_wikitext_hub_dataset_with_only_a_train_split(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    rows = [{"text": " = A = \n"}, {"text": " a b c \n"}]
+
+    def fake(path, name=None, split=None, streaming=False, **kw):
+        if path != "someone/wiki-train-only":
+            raise FileNotFoundError(path)
+        if split is None:
+            return {"train": rows}
+        if split != "train":
+            raise ValueError(f'Bad split: {split}. Available splits: ["train"]')
+        return iter(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    argv = ["wikitext-103", "--source", "hub:someone/wiki-train-only", "--out", str(tmp_path / "w"), "--quiet"]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and "validation" in err and err.count("\n") == 1
+    rc, _, err = run_cli(capsys, *argv, "--allow-missing-splits")
+    assert rc == 0, err
+    assert PreparedCorpus.open(tmp_path / "w").splits == ["train"]
+    assert decoded(tmp_path / "w", "train") == ["=", "A", "=", EOS, "a", "b", "c", EOS]
