@@ -41,7 +41,8 @@ class VocabSource:
         return self.corpus / self.tokenizer.get("model", "spm.model") if self.tokenizer.get("type") == "sentencepiece" else None
 
     def describe(self) -> dict:
-        out = {"corpus": str(self.corpus), "fingerprint": self.vocab.fingerprint}
+        # absolute: evaluate.py reads the words' training counts from this corpus, from any folder
+        out = {"corpus": str(self.corpus.resolve()), "fingerprint": self.vocab.fingerprint}
         if self.checkpoint is not None:
             out["checkpoint"] = str(self.checkpoint)
         return out

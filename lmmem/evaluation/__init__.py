@@ -36,10 +36,11 @@ def _word_level(corpus: PreparedCorpus, tokens, token_nll, buckets: FrequencyBuc
     from lmmem.evaluation.words import piece_start_table, word_counts, word_report
 
     train_corpus = corpus
-    if "train" not in corpus.splits and (corpus.meta.get("vocab_from") or {}).get("corpus"):
-        train_corpus = PreparedCorpus.open(corpus.meta["vocab_from"]["corpus"])
-    if "train" not in train_corpus.splits:
-        return None
+    origin = (corpus.meta.get("vocab_from") or {}).get("corpus")
+    if "train" not in corpus.splits and origin and (Path(origin) / "meta.json").is_file():
+        train_corpus = PreparedCorpus.open(origin)
+    if "train" not in train_corpus.splits or train_corpus.fingerprint != corpus.fingerprint:
+        return None  # no training words to bucket by: the per-piece numbers only
     pieces = corpus.vocab.tokens
     train_words = word_counts(train_corpus.tokens("train"), piece_start_table(pieces), corpus.vocab.eos_id)
     return word_report(token_nll, tokens, pieces, train_words, buckets, corpus.vocab.eos_id)
