@@ -23,9 +23,6 @@ def format_count(n: int) -> str:
     return f"{int(n):,}"
 
 
-_fmt = format_perplexity
-
-
 def format_table(reports: dict[str, PerplexityReport]) -> str:
     """One row per method: overall perplexity, then each bucket's perplexity and token share."""
     first = next(iter(reports.values()))
@@ -33,7 +30,7 @@ def format_table(reports: dict[str, PerplexityReport]) -> str:
     head = ["method", "ppl"] + [f"{n} ppl" for n in names]
     rows = [head]
     for method, r in reports.items():
-        rows.append([method, _fmt(r.perplexity)] + [_fmt(b.perplexity) for b in r.buckets])
+        rows.append([method, format_perplexity(r.perplexity)] + [format_perplexity(b.perplexity) for b in r.buckets])
     share = ["token share", "100%"] + [f"{100 * b.share:.1f}%" for b in first.buckets]
     rows.append(share)
     count = ["tokens", format_count(first.tokens)] + [format_count(b.tokens) for b in first.buckets]
