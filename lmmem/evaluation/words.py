@@ -6,6 +6,10 @@ to bucket it by *word* frequency as Rae et al. (2018) do, its numbers are also g
 * A word is a piece that starts with SentencePiece's word-boundary marker ``▁`` (U+2581), with the
   pieces without the marker that follow it; ``<eos>`` is a word of its own (as in word-level
   vocabularies), and the first piece of a unit starts a word whatever it looks like.
+  SentencePiece puts ``▁`` where the text had a space, so these are *whitespace-delimited* words:
+  punctuation written against a word is part of it (``▁Emma`` ``,`` is the word ``Emma,``), unlike
+  the regex rule of the word-level corpora, which makes the comma a token of its own. Word counts
+  and perplexities of the two kinds of corpora are therefore close but not identical units.
 * ``log p(word)`` is the sum of its pieces' log-probabilities (the chain rule: exact, not an
   approximation). Word perplexity is ``exp(−Σ_words log p(word) / number of words)``; since every
   scored piece belongs to exactly one word, the total NLL is the same as the piece-level one and
