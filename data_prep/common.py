@@ -407,16 +407,19 @@ def _identity(meta: dict) -> tuple:
     return meta.get("corpus"), meta.get("source"), meta.get("options")
 
 
-def check_output_folder(out: Path, source: TextSource, options: dict, *, overwrite: bool) -> None:
-    """Refuse an --out that would lose something: inside (or around) --source, holding files that are
-    not a corpus, or holding a different corpus without --overwrite."""
-    check_writable_folder(out)
+def check_source_overlap(out: Path, source: TextSource) -> None:
+    """Refuse an --out inside --source (a re-run would read its own output as text) or around it."""
     src = Path(source.source)
     if not source.source.startswith("hub") and src.exists() and (is_inside(out, src) or is_inside(src, out)):
         raise DataError(
             f"--out {out} and --source {source.source} overlap: the output would be read as input (or the input replaced); "
             "choose an --out outside the source folder"
         )
+
+
+def check_output_folder(out: Path, source: TextSource, options: dict, *, overwrite: bool) -> None:
+    """Refuse an --out that would lose something: holding files that are not a corpus, or holding a
+    different corpus without --overwrite. Call it holding the corpus lock."""
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir() if p.name not in CORPUS_FILES)
@@ -459,6 +462,7 @@ def prepare(
     if final.exists() and not final.is_dir():
         raise DataError(f"--out {final} is a file; pass a folder to write the prepared corpus into")
     check_writable_folder(final)
+    check_source_overlap(final, source)
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = None if locked else corpus_lock(final)
     try:

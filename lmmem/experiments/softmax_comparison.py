@@ -32,12 +32,14 @@ from pathlib import Path
 
 import torch
 
+from lmmem.cli import run_cli
 from lmmem.evaluation import (
     FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, plot_bucketed_perplexity, write_json,
 )
 from lmmem.evaluation.perplexity import BucketResult
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.training import config_from_args, load_checkpoint, train
+from lmmem.validation import check_flags
 
 METHODS = ("plain", "+cache", "+mbpa", "+cache+mbpa")
 # config fields added after evaluations were cached, with the value that reproduces the old behaviour
@@ -250,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
                                   "with its chart and JSON in a folder of the same name")
     args = p.parse_args(argv)
+    check_flags(vars(args))
 
     work = Path(args.work)
     data_dir = work / "data"
@@ -401,4 +404,4 @@ def _coerce(key: str, value):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -129,6 +129,21 @@ def _check_contents(ckpt: dict, path: Path, require: tuple[str, ...]) -> None:
         )
 
 
+def data_dir_for(ckpt: dict, data: str | Path | None, ckpt_path: str | Path = "checkpoint") -> Path:
+    """``--data`` if given, else the corpus the checkpoint was trained on. The checkpoint's path is
+    only a default to read from (a copied or crafted file may name anything): it is checked here and
+    never written to."""
+    if data is not None:
+        return Path(data)
+    saved = ckpt.get("train_config", {}).get("data")
+    if not isinstance(saved, str) or not saved or not Path(saved).is_dir():
+        raise CheckpointError(
+            f"{ckpt_path} was trained on the corpus {saved!r}, which is not a folder on this machine; "
+            "pass --data DIR (the prepared corpus the model was trained on)"
+        )
+    return Path(saved)
+
+
 def check_vocab_matches(ckpt: dict, fingerprint: str, data_root: str | Path, ckpt_path: str | Path = "checkpoint") -> None:
     if ckpt.get("vocab_fingerprint") != fingerprint:
         raise CheckpointError(

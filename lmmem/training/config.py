@@ -116,18 +116,19 @@ def build_parser(description: str = "Train a word-level language model.") -> arg
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        help_text = f.metadata.get("help", "")
         default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        # the default goes in once: not where the help states it already, nor "None"
+        help_text += "" if "default" in help_text or default is None else f" (default: {default})"
         kind = hints[f.name]
         if kind is bool:
             # default None = "not given": the preset (or dataclass default) decides
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {default})")
+                                help=help_text)
             continue
         base = str if f.name in ("data",) else kind
         choices = list(PRESETS) if f.name == "preset" else None
-        parser.add_argument(_flag(f.name), dest=f.name, type=base, default=None, choices=choices,
-                            help=f"{help_text} (default: {default})")
+        parser.add_argument(_flag(f.name), dest=f.name, type=base, default=None, choices=choices, help=help_text)
     return parser
 
 

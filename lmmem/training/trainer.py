@@ -241,7 +241,7 @@ def resume_config(out: str | Path, overrides: dict) -> TrainConfig:
     model or the data stream. The run continues in OUT, whatever folder the checkpoint names."""
     last = Path(out) / "last.pt"
     if not last.is_file():
-        raise CheckpointError(f"--resume: {out} holds no last.pt, so there is no run to continue; drop --resume to start one")
+        raise CheckpointError(_no_last_message(Path(out)))
     ckpt = load_checkpoint(last, require=RESUME_KEYS)
     saved = dict(ckpt["train_config"])
     if overrides.get("overwrite"):
@@ -270,6 +270,13 @@ def resume_config(out: str | Path, overrides: dict) -> TrainConfig:
     cfg.resume, cfg.overwrite = True, False
     validate(cfg)
     return cfg
+
+
+def _no_last_message(out: Path) -> str:
+    if (out / "best.pt").is_file():  # killed between its first best.pt and its first last.pt
+        return (f"--resume: {out} holds best.pt but no last.pt, so the run cannot continue exactly; start it again with "
+                f"--overwrite (deletes best.pt), or keep best.pt and train into another --out")
+    return f"--resume: {out} holds no last.pt, so there is no run to continue; drop --resume to start one"
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -354,7 +361,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if cfg.resume:
         if not last_path.is_file():
-            raise CheckpointError(f"--resume: {out} holds no last.pt, so there is no run to continue; drop --resume to start one")
+            raise CheckpointError(_no_last_message(out))
         ckpt = load_checkpoint(last_path, map_location=ctx.device, require=RESUME_KEYS)
         check_vocab_matches(ckpt, corpus.fingerprint, data_dir, last_path)
         if ModelConfig.from_dict(ckpt["model_config"]) != model_cfg:
@@ -387,8 +394,12 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
 
     def log(record: dict) -> None:
         if ctx.is_main:
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            path = out / "metrics.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a failed write (a full disk) names no file: name it
+                raise OSError(e.errno, e.strerror, str(path)) from None
 
     # Divergence: a non-finite loss, or one far above a uniform guess's ln V (see DIVERGENCE_FACTOR).
     loss_limit = DIVERGENCE_FACTOR * math.log(len(corpus.vocab))
