@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmmem.errors import LmmemError
+from lmmem.errors import LmmemError, TrainingDiverged
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,7 +25,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def run_cli(main, argv=None) -> int:
     from lmmem.safety import describe_os_error
-    from lmmem.training.trainer import TrainingDiverged
 
     try:
         return main(argv)

@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
-from lmmem.errors import CheckpointError, LmmemError
-from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
+from lmmem.errors import CheckpointError, LmmemError, TrainingDiverged
 from lmmem.evaluation.perplexity import autocast_context, score_stream
 from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
+from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
 from lmmem.training import distributed as D
 from lmmem.training.checkpoint import RESUME_KEYS, TEMP_PATTERNS, check_vocab_matches, load_checkpoint, save_checkpoint
 from lmmem.training.config import TrainConfig, validate
@@ -54,10 +54,6 @@ _FIXED_ON_RESUME = (
     "arch", "softmax", "embed_dim", "hidden_dim", "num_layers", "proj_dim", "num_heads", "tie_weights",
     "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T", "hebbian_rescale",
 )
-
-
-class TrainingDiverged(LmmemError):
-    """The loss became NaN, infinite or far above ln V; the last good checkpoint was kept."""
 
 
 # A loss this many times ln V (the loss of a uniform guess over V words) means divergence: a model
