@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from lmmem.cli import run_cli
+from lmmem.validation import check_flags
 
 from data_prep import gigaword, gutenberg, synthetic, wikitext
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # unknown flags: argparse prints usage and exits 2
+    check_flags(vars(args))  # the same numeric rules as every other CLI (lmmem.validation)
     try:
         args.run(args)
     except KeyboardInterrupt:

@@ -462,6 +462,8 @@ def prepare(
     if final.exists() and not final.is_dir():
         raise DataError(f"--out {final} is a file; pass a folder to write the prepared corpus into")
     check_writable_folder(final)
+    if is_inside(Path.cwd(), final):  # the finished corpus is swapped in by renaming folders
+        raise DataError(f"--out {out_dir} is the current folder (or holds it); give a folder of its own, e.g. --out data/NAME")
     check_source_overlap(final, source)
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = None if locked else corpus_lock(final)

@@ -208,6 +208,12 @@ def test_prepare_refuses_out_inside_source(tmp_path, capsys):
     assert sorted(p.name for p in src.iterdir()) == ["a.txt"]
 
 
+def test_prepare_refuses_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = prep_cli(capsys, ".")
+    assert rc == 2 and "current folder" in one_line_error(err) and list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupted_swap_is_recovered(tmp_path, capsys):
     """A crash between the two renames of the fallback swap leaves the old corpus parked at .NAME.old."""
     out = tmp_path / "s"
@@ -475,7 +481,9 @@ def test_every_numeric_flag_of_every_cli_has_a_rule():
     from lmmem.experiments import curriculum, mbpa_sweep, name_recall, softmax_comparison
     from lmmem.validation import RULES
 
-    parsers = {"train.py": TRAIN.build_parser(), "evaluate.py": EVALUATE.build_parser()}
+    from data_prep.__main__ import build_parser as prep_parser
+
+    parsers = {"train.py": TRAIN.build_parser(), "evaluate.py": EVALUATE.build_parser(), "data_prep": prep_parser()}
     for module in (curriculum, mbpa_sweep, name_recall, softmax_comparison):
         parsers[module.__name__] = _parser_of(module.main)
     missing = {name: sorted(_numeric_flags(p) - set(RULES)) for name, p in parsers.items()}

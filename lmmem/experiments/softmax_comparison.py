@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -288,7 +289,8 @@ def main(argv=None) -> int:
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
             t0 = time.monotonic()
             if not finished(out, cfg):
-                if train(cfg).stopped_by == "interrupt":
+                # an unfinished or different run there is redone from scratch, as documented above
+                if train(replace(cfg, overwrite=True)).stopped_by == "interrupt":
                     print(f"interrupted: {out} is incomplete; run the same command again to redo it")
                     return 130
             minutes = (time.monotonic() - t0) / 60
@@ -355,7 +357,7 @@ def finished(out: Path, cfg) -> bool:
 
     ckpt = load_checkpoint(last)
     known = {f.name for f in fields(TrainConfig)}
-    ignore = ("resume", "progress", "out")
+    ignore = ("resume", "overwrite", "progress", "out")
     # fill options added since the run was made with their defaults
     saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
