@@ -342,6 +342,22 @@ def test_out_that_is_a_file_and_unwritable_json(corpus, tmp_path, capsys):
     assert rc == 2 and "is a file" in one_line_error(err) and "--data" in err
 
 
+def test_read_only_out(corpus, tmp_path, capsys, monkeypatch):
+    """(Root ignores file modes, so the read-only file system is injected where the folder is made.)"""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **kw):
+        if "ro" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    rc, _, err = train_cli(capsys, corpus, tmp_path / "ro" / "run", "--max-steps", "1")
+    assert rc == 2 and "read-only file system" in one_line_error(err) and "writable --out" in err
+    rc, _, err = prep_cli(capsys, tmp_path / "ro" / "corpus")
+    assert rc == 2 and "read-only file system" in one_line_error(err)
+
+
 def test_os_error_lines():
     assert describe_os_error(OSError(errno.ENOSPC, "No space left on device", "/d/last.pt")).startswith("no space left on /d/last.pt")
     assert "read-only" in describe_os_error(OSError(errno.EROFS, "Read-only file system", "/ro/x"))

@@ -280,8 +280,9 @@ def _trim_metrics(path: Path, step: int) -> None:
     checkpoint logged steps that the resumed run logs again. A torn last line goes too."""
     if not path.is_file():
         return
-    kept, changed = [], False
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept, changed = [], bool(text) and not text.endswith("\n")  # an unterminated line would join the next record
+    for line in text.splitlines():
         try:
             record = json.loads(line)
             keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
