@@ -225,6 +225,17 @@ def test_an_interrupted_swap_is_recovered(tmp_path, capsys):
     assert PreparedCorpus.open(out).meta["seed"] == 0 and stray_files(tmp_path) == []
 
 
+def test_swap_without_renameat2(tmp_path, capsys, monkeypatch):
+    """Where the kernel or file system has no atomic exchange, two renames do it (recovered above)."""
+    import lmmem.safety as S
+
+    out = tmp_path / "s"
+    assert prep_cli(capsys, out)[0] == 0
+    monkeypatch.setattr(S, "_exchange", lambda a, b: False)
+    assert prep_cli(capsys, out, "--overwrite", seed=4)[0] == 0
+    assert PreparedCorpus.open(out).meta["seed"] == 4 and stray_files(tmp_path) == []
+
+
 def test_two_first_runs_share_the_embedded_corpus(tmp_path, monkeypatch):
     """Two first-ever train.py (no --data) race to write the synthetic corpus: one writes, the other waits."""
     from lmmem.data import synthetic
