@@ -101,7 +101,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run(corpus, tmp_path, capsys)
     assert rc == 2 and "--resume" in line and "another --out" in line and "--overwrite" in line
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "eval-test.json"} == before  # nothing touched
     rc, stdout, _ = train_cli(capsys, corpus, out, "--max-steps", "2", "--overwrite")
-    assert rc == 0 and "--overwrite: deleted" in stdout
+    assert rc == 0 and "--overwrite: deleted" in stdout and "still holds eval-test.json" in stdout
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == 2 and metric_steps(out) == [1, 2]
     rc, _, err = train_cli(capsys, corpus, out, "--resume", "--overwrite")
     assert rc == 2 and "give one of them" in one_line_error(err)

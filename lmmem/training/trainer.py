@@ -314,6 +314,10 @@ def _prepare_run_folder(cfg: TrainConfig, out: Path) -> FolderLock:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
             print(f"--overwrite: deleted the previous run's {', '.join(RUN_FILES)} in {out}")
+            others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+            if others:  # e.g. evaluate.py's JSON: the user's files, kept, but about the old model
+                print(f"warning: {out} still holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''} "
+                      "from before --overwrite; they describe the previous run")
         elif not cfg.resume:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
     except BaseException:
