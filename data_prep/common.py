@@ -459,6 +459,8 @@ def prepare(
     """Write ``out_dir`` (vocab.txt, {split}.bin, meta.json[, spm.model]) and return the meta.
     ``overwrite``: replace a different corpus there; ``locked``: the caller holds :func:`corpus_lock`."""
     final = Path(out_dir)
+    if final.is_symlink():  # swap the folder it points to, not the link
+        final = final.resolve()
     if final.exists() and not final.is_dir():
         raise DataError(f"--out {final} is a file; pass a folder to write the prepared corpus into")
     check_writable_folder(final)

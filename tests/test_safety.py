@@ -236,6 +236,15 @@ def test_swap_without_renameat2(tmp_path, capsys, monkeypatch):
     assert PreparedCorpus.open(out).meta["seed"] == 4 and stray_files(tmp_path) == []
 
 
+def test_out_that_is_a_symlink(tmp_path, capsys):
+    real = tmp_path / "disk" / "corpus"
+    assert prep_cli(capsys, real)[0] == 0
+    (tmp_path / "link").symlink_to(real)
+    assert prep_cli(capsys, tmp_path / "link", "--overwrite", seed=2)[0] == 0
+    assert (tmp_path / "link").is_symlink() and PreparedCorpus.open(tmp_path / "link").meta["seed"] == 2
+    assert stray_files(tmp_path) == [] and stray_files(real.parent) == []
+
+
 def test_two_first_runs_share_the_embedded_corpus(tmp_path, monkeypatch):
     """Two first-ever train.py (no --data) race to write the synthetic corpus: one writes, the other waits."""
     from lmmem.data import synthetic
@@ -533,8 +542,12 @@ def test_help_states_each_default_once():
 
 
 @pytest.mark.slow
-def test_experiment_entry_points_print_one_line(tmp_path):
-    proc = run_script("-m", "lmmem.experiments.mbpa_sweep", str(tmp_path / "missing.pt"))
+def test_experiment_entry_points_print_one_line(tmp_path, capsys):
+    proc = run_script("-m", "lmmem.experiments.mbpa_sweep", str(tmp_path / "missing.pt"))  # was a traceback
     assert proc.returncode == 2 and "no checkpoint at" in one_line_error(proc.stderr)
-    proc = run_script("-m", "lmmem.experiments.name_recall", str(tmp_path / "m.pt"), "--max-tokens", "-1")
-    assert proc.returncode == 2 and "--max-tokens -1" in one_line_error(proc.stderr)
+    from lmmem.experiments import curriculum, name_recall
+
+    rc, _, err = cli(name_recall.main, tmp_path / "m.pt", "--max-tokens", "-1", capsys=capsys)
+    assert rc == 2 and "--max-tokens -1" in one_line_error(err)
+    rc, _, err = cli(curriculum.cli, "--classes", "0", capsys=capsys)
+    assert rc == 2 and "--classes 0" in one_line_error(err)
