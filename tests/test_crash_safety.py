@@ -9,9 +9,13 @@ races start real ``python train.py`` / ``python -m data_prep`` processes.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,3 +189,59 @@ def test_two_data_preps_on_one_out(tmp_path, capsys):
     for split in corpus.splits:
         corpus.tokens(split)
     assert stray_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# a real full disk: a small tmpfs in a private mount namespace (skipped where mounting is not allowed;
+# tests/test_safety.py injects ENOSPC everywhere)
+
+_FULL_DISK_SCRIPT = r"""
+import errno, json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+import test_safety as T
+from lmmem.cli import run_cli
+from lmmem.training import load_checkpoint
+
+disk, data = Path(sys.argv[1]), sys.argv[2]
+out = disk / "run"
+common = ["--data", data, "--out", str(out), *T.TINY, "--checkpoint-interval", "1", "--eval-interval", "0"]
+assert run_cli(T.TRAIN.main, [*map(str, common), "--max-steps", "2"]) == 0
+size = (out / "last.pt").stat().st_size
+fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill the disk, then give back less than one checkpoint
+try:
+    while True:
+        os.write(fd, b"\0" * 4096)
+except OSError as e:
+    assert e.errno == errno.ENOSPC
+os.close(fd)
+os.truncate(disk / "filler", max(0, (disk / "filler").stat().st_size - size // 2))
+rc = run_cli(T.TRAIN.main, ["--out", str(out), "--resume", "--max-steps", "6"])
+print(json.dumps({"rc": rc, "step": load_checkpoint(out / "last.pt")["progress"]["step"],
+                  "files": sorted(p.name for p in out.iterdir())}))
+"""
+
+
+def test_full_disk_on_a_real_tmpfs(tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    data = write_prepared_corpus(tmp_path / "c", vocab_size=60, tokens={"train": 1500, "valid": 300, "test": 300})
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "full_disk.py"
+    script.write_text(_FULL_DISK_SCRIPT)
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {disk}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({probe.stderr.decode().strip()[:80]}); the injected ENOSPC tests cover it")
+    proc = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4" "$5"', "sh",
+         str(disk), sys.executable, str(script), str(data), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert result["rc"] == 2 and len(errors) == 1 and "no space left on" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert result["step"] >= 2  # the last checkpoint that fitted is intact and loads
+    assert not [f for f in result["files"] if f.endswith(".tmp")], result["files"]
