@@ -479,6 +479,10 @@ def prepare(
         try:
             meta = _write_corpus(staging, source, tokenizer, vocab_opts, options, workers, quiet)
             swap_in_folder(staging, final)
+        except OSError as e:
+            if e.filename is None:  # a failed write (a full disk) names no file: name the folder
+                raise OSError(e.errno, e.strerror, str(final)) from None
+            raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
