@@ -81,7 +81,7 @@ RULES: dict[str, Rule] = {
     "dropout": unit_interval("a dropout probability", hi_open=True),
     "output_dropout": unit_interval("a dropout probability", hi_open=True),
     "hebbian_gamma": unit_interval("the Hebbian mixing rate is a fraction of the row that is replaced"),
-    "hebbian_T": at_least_one("the smoothing limit counts occurrences"),
+    "hebbian_T": non_negative("the smoothing limit counts occurrences; 0: the rows learn from gradients only"),
     # train.py: optimisation
     "seed": non_negative("seeds are non-negative integers"),
     "batch_size": at_least_one("at least one row of text per step"),
