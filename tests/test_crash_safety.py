@@ -158,7 +158,9 @@ def test_two_trainings_on_one_out(tmp_path, capsys):
         rc = run_cli(TRAIN.main, [str(a) for a in ["--data", data, "--out", out, *TINY, "--max-steps", 3]])
         err = capsys.readouterr().err
         assert rc == 2 and f"in use by process {first}" in err and len(err.strip().splitlines()) == 1, err
-        time.sleep(0.5)  # let the survivor write a few checkpoints and records
+        deadline = time.monotonic() + 120  # let the survivor reach its loop (its Ctrl-C handler) and log
+        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         os.kill(first, signal.SIGINT)  # Ctrl-C: the survivor saves and exits 130
         assert _wait(first) == 130
