@@ -12,10 +12,6 @@ import errno
 import importlib.util
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,7 +23,7 @@ import torch
 from conftest import REPO, run_script, write_prepared_corpus
 from lmmem.cli import run_cli
 from lmmem.data.corpus import PreparedCorpus
-from lmmem.errors import DataError, LmmemError
+from lmmem.errors import DataError
 from lmmem.safety import FolderBusy, FolderLock, describe_os_error
 from lmmem.training import load_checkpoint
 from lmmem.training.checkpoint import save_checkpoint
