@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) train.py --softmax full --preset tiny --out runs/demo-full --max-steps 600
+	$(PY) train.py --softmax full --preset tiny --out runs/demo-full --max-steps 600 --overwrite
 	$(PY) evaluate.py runs/demo-full/best.pt --split test --json runs/demo-full/eval-test.json
 
 test: setup

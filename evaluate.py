@@ -18,16 +18,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmmem.cli import run_cli
+from lmmem.cli import HelpFormatter, run_cli
 from lmmem.errors import LmmemError
 from lmmem.evaluation import (
     DynamicConfig, FrequencyBuckets, evaluate_checkpoint, evaluate_methods, format_table, plot_bucketed_perplexity, write_json,
 )
 from lmmem.memories import CacheConfig, MbPAConfig
+from lmmem.validation import check_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="best.pt / last.pt written by train.py (or the run folder)")
     p.add_argument("--data", help="prepared corpus folder (default: the one the model was trained on)")
     p.add_argument("--split", default="test", help="train | valid | test")
@@ -103,6 +104,7 @@ def _methods(args, buckets) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_flags(vars(args))  # every numeric flag, with its reason (lmmem.validation)
     try:
         buckets = FrequencyBuckets.parse(args.buckets)
     except ValueError as e:

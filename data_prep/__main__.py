@@ -1,7 +1,7 @@
 """``python -m data_prep <corpus> --source ... --out DIR [options]``; see ``--help`` of each corpus.
 
-Exit status: 0 on success, 2 on a problem with the input or the options (one ``error:`` line
-on stderr that says what to do, no traceback).
+Exit status: 0 on success, 2 on a problem with the input, the options or the disk (one ``error:``
+line on stderr that says what to do, no traceback), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmmem.errors import DataError
+from lmmem.cli import run_cli
+from lmmem.validation import check_flags
 
 from data_prep import gigaword, gutenberg, synthetic, text, wikitext
 
@@ -36,14 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: errors (input, options, a full disk) become one ``error:`` line and status 2."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # unknown flags: argparse prints usage and exits 2
+    check_flags(vars(args))  # the same numeric rules as every other CLI (lmmem.validation)
     try:
         args.run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("error: interrupted; the output folder has no meta.json and is not a prepared corpus", file=sys.stderr)
+        print("error: interrupted; the previous corpus in --out (if any) is unchanged", file=sys.stderr)
         return 130
     return 0
 

@@ -28,8 +28,13 @@ the output is byte-identical for any ``--workers``.
 SentencePiece (``--tokenizer sentencepiece``) takes two passes instead: train the model on the
 train split, then encode every split with it (see ``data_prep.sentencepiece_tokenizer``).
 
-Files are written under temporary names and renamed; an old ``meta.json`` is removed first and
-the new one written last, so a half-written folder is never taken for a prepared corpus.
+Nothing lost (see ``lmmem.safety``): the corpus is built in a staging folder beside ``--out``
+(``.NAME.staging``, same file system) and swapped in only once complete, so a failed, interrupted
+or killed preparation leaves the previous corpus as it was; the old one is deleted after the swap.
+A lock (``.NAME.lock`` beside ``--out``) makes a second preparation into the same ``--out`` exit 2
+naming the first one's PID. A different corpus (other corpus, source or options in its meta.json)
+is replaced only with ``--overwrite``; a folder holding anything but corpus files never is; an
+``--out`` inside ``--source`` (or the reverse) is refused. A start removes what a killed run left.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import queue
+import shutil
 import sys
 import threading
 import traceback
@@ -52,6 +58,9 @@ import numpy as np
 from lmmem.data.corpus import META_FORMAT_VERSION, SPLITS, TOKEN_DTYPE
 from lmmem.data.vocab import EOS, UNK, Vocabulary
 from lmmem.errors import DataError
+from lmmem.safety import (
+    FolderLock, check_writable_folder, is_inside, recover_swap, remove_stale_temp_files, swap_in_folder,
+)
 
 from data_prep.tokenization import EOS_TEXT, WordTokenizer
 
@@ -379,6 +388,65 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+# ---------------------------------------------------------------------------------------------
+# the output folder: lock, checks, staging
+
+# Names a prepared corpus folder may hold (older versions also left these temp files in it).
+CORPUS_FILES = ("meta.json", "vocab.txt", "spm.model", *(f"{s}.bin" for s in SPLITS))
+LEGACY_TEMP_PATTERNS = (f".*{TMP_SUFFIX}", ".spm.tmp.*", "*.json.tmp", "vocab.txt.tmp")
+
+
+def corpus_lock(out: Path, *, wait: bool = False) -> FolderLock:
+    """The lock of corpus folder ``out``; its file sits beside ``out`` because ``out`` itself is swapped."""
+    out = Path(out)
+    return FolderLock(out.parent / f".{out.name}.lock", f"corpus folder {out}", wait=wait)
+
+
+def staging_name(out: Path) -> Path:
+    return out.with_name(f".{out.name}.staging")
+
+
+def _identity(meta: dict) -> tuple:
+    return meta.get("corpus"), meta.get("source"), meta.get("options")
+
+
+def check_source_overlap(out: Path, source: TextSource) -> None:
+    """Refuse an --out inside --source (a re-run would read its own output as text) or around it."""
+    src = Path(source.source)
+    if not source.source.startswith("hub") and src.exists() and (is_inside(out, src) or is_inside(src, out)):
+        raise DataError(
+            f"--out {out} and --source {source.source} overlap: the output would be read as input (or the input replaced); "
+            "choose an --out outside the source folder"
+        )
+
+
+def check_output_folder(out: Path, source: TextSource, options: dict, *, overwrite: bool) -> None:
+    """Refuse an --out that would lose something: holding files that are not a corpus, or holding a
+    different corpus without --overwrite. Call it holding the corpus lock."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in CORPUS_FILES)
+    if foreign:
+        raise DataError(
+            f"--out {out} holds files that are not part of a prepared corpus ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); they would be lost: choose a new or empty folder"
+        )
+    meta_path = out / "meta.json"
+    if not meta_path.is_file() or overwrite:
+        return  # nothing there, or leftovers of an unfinished preparation, or replacing on request
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    new = {"corpus": source.corpus, "source": source.source, "options": options or {}}
+    if not isinstance(old, dict) or _identity(old) != _identity(new):
+        what = f"{old.get('corpus')} from {old.get('source')}" if isinstance(old, dict) else "another corpus"
+        raise DataError(
+            f"--out {out} holds a different prepared corpus ({what}, or other options); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
+
+
 def prepare(
     out_dir: str | Path,
     source: TextSource,
@@ -388,14 +456,51 @@ def prepare(
     options: dict | None = None,
     workers: int = 1,
     quiet: bool = False,
+    overwrite: bool = False,
+    locked: bool = False,
 ) -> dict:
-    """Write ``out_dir`` (vocab.txt, {split}.bin, meta.json[, spm.model]) and return the meta."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} is a file; pass a folder to write the prepared corpus into")
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``out_dir`` (vocab.txt, {split}.bin, meta.json[, spm.model]) and return the meta.
+    ``overwrite``: replace a different corpus there; ``locked``: the caller holds :func:`corpus_lock`."""
+    final = Path(out_dir)
+    if final.is_symlink():  # swap the folder it points to, not the link
+        final = final.resolve()
+    if final.exists() and not final.is_dir():
+        raise DataError(f"--out {final} is a file; pass a folder to write the prepared corpus into")
+    check_writable_folder(final)
+    if is_inside(Path.cwd(), final):  # the finished corpus is swapped in by renaming folders
+        raise DataError(f"--out {out_dir} is the current folder (or holds it); give a folder of its own, e.g. --out data/NAME")
+    check_source_overlap(final, source)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = None if locked else corpus_lock(final)
+    try:
+        recover_swap(final)  # a swap cut short by a crash: the previous corpus goes back first
+        remove_stale_temp_files(final.parent, (staging_name(final).name,))
+        remove_stale_temp_files(final, LEGACY_TEMP_PATTERNS)
+        check_output_folder(final, source, options or {}, overwrite=overwrite)
+        staging = staging_name(final)
+        staging.mkdir()
+        try:
+            meta = _write_corpus(staging, source, tokenizer, vocab_opts, options, workers, quiet)
+            swap_in_folder(staging, final)
+        except OSError as e:
+            if e.filename is None:  # a failed write (a full disk) names no file: name the folder
+                raise OSError(e.errno, e.strerror, str(final)) from None
+            raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        if lock is not None:
+            lock.release()
+    if not quiet:
+        print_summary(final, meta)
+    return meta
+
+
+def _write_corpus(out: Path, source: TextSource, tokenizer: TokenizerOptions, vocab_opts: VocabOptions,
+                  options: dict | None, workers: int, quiet: bool) -> dict:
+    """Write a complete corpus into the (empty, staging) folder ``out``."""
     vocab_splits = _resolve_vocab_splits(source, vocab_opts)
-    (out / "meta.json").unlink(missing_ok=True)  # from here on the folder is not a prepared corpus
     tmp_files = {s: _tmp_path(out, s) for s in source.splits}
     spm_tmp = out / ".spm.tmp.model"
     ctx = ReadContext(wanted=frozenset(source.splits))
@@ -437,14 +542,9 @@ def prepare(
 
         for split in source.splits:
             tmp_files[split].replace(out / f"{split}.bin")
-        for split in SPLITS:  # a split of an earlier preparation that this one does not write
-            if split not in source.splits:
-                (out / f"{split}.bin").unlink(missing_ok=True)
         vocab.save(out / "vocab.txt")
         if tokenizer.kind == "sentencepiece":
             spm_tmp.replace(out / "spm.model")
-        else:
-            (out / "spm.model").unlink(missing_ok=True)
 
         meta = {
             "format_version": META_FORMAT_VERSION,
@@ -468,8 +568,6 @@ def prepare(
     finally:
         for p in [*tmp_files.values(), spm_tmp, out / ".spm.tmp.vocab"]:
             p.unlink(missing_ok=True)
-    if not quiet:
-        print_summary(out, meta)
     return meta
 
 

@@ -87,6 +87,13 @@ def add_common_arguments(p: argparse.ArgumentParser, *, min_count: int, rule: st
                    help="tokeniser processes (default 1); more only pay off with idle physical cores, each holds its own "
                         "type table; the output is identical for any number")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
+    add_overwrite_argument(p)
+
+
+def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different prepared corpus in --out (without it: refused; re-preparing the same corpus "
+                        "with the same options needs no flag); the old corpus stays until the new one is complete")
 
 
 def read_options(args) -> ReadOptions:
@@ -103,7 +110,7 @@ def hub_name(source: str, default: str) -> str | None:
 
 
 # Options that do not change the output: left out of meta.json so that it stays byte-identical.
-_NOT_RECORDED = {"run", "out", "workers", "quiet", "source"}
+_NOT_RECORDED = {"run", "out", "workers", "quiet", "source", "overwrite"}
 
 
 def recorded_options(args) -> dict:
@@ -127,7 +134,8 @@ def run_prepare(args, source: TextSource, rule: str, min_count: int) -> dict:
     )
     vocab = VocabOptions(min_count=args.min_count, max_vocab=args.max_vocab, vocab_splits=args.vocab_splits,
                          keep_eval_types=args.keep_eval_types)
-    return prepare(args.out, source, tokenizer, vocab, options=recorded_options(args), workers=args.workers, quiet=args.quiet)
+    return prepare(args.out, source, tokenizer, vocab, options=recorded_options(args), workers=args.workers, quiet=args.quiet,
+                   overwrite=args.overwrite)
 
 
 def _run_prepare_with_vocab(args, source: TextSource) -> dict:
@@ -143,4 +151,5 @@ def _run_prepare_with_vocab(args, source: TextSource) -> dict:
     else:
         tokenizer = TokenizerOptions(kind="words", rule=tok.get("rule", "whitespace"), lowercase=bool(tok.get("lowercase")))
     vocab = VocabOptions(min_count=1, fixed=fixed)
-    return prepare(args.out, source, tokenizer, vocab, options=recorded_options(args), workers=args.workers, quiet=args.quiet)
+    return prepare(args.out, source, tokenizer, vocab, options=recorded_options(args), workers=args.workers, quiet=args.quiet,
+                   overwrite=args.overwrite)

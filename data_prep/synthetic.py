@@ -15,10 +15,12 @@ def add_arguments(p) -> None:
     p.add_argument("--valid-tokens", type=O.positive_int, default=50_000, help="valid tokens, about (default 50,000)")
     p.add_argument("--test-tokens", type=O.positive_int, default=50_000, help="test tokens, about (default 50,000)")
     p.add_argument("--quiet", action="store_true", help="no summary")
+    O.add_overwrite_argument(p)
 
 
 def run(args) -> Path:
     from lmmem.data.synthetic import write_synthetic_corpus
 
     return write_synthetic_corpus(args.out, seed=args.seed, train_tokens=args.train_tokens, valid_tokens=args.valid_tokens,
-                                  test_tokens=args.test_tokens, quiet=args.quiet)
+                                  test_tokens=args.test_tokens, quiet=args.quiet,
+                                  overwrite=args.overwrite)

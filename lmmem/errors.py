@@ -16,3 +16,7 @@ class DataError(LmmemError):
 
 class CheckpointError(LmmemError):
     """A checkpoint is missing, truncated, of another format version, or does not match the data."""
+
+
+class TrainingDiverged(LmmemError):
+    """The loss became NaN, infinite or far above ln V; the last good checkpoint was kept (exit 3)."""

@@ -229,23 +229,28 @@ def test_rerun_into_the_same_folder_replaces_the_old_preparation(tmp_path, capsy
     folder.mkdir()
     for split in ("valid", "test"):
         (folder / f"wiki.{split}.tokens").write_text(" = T = \n x y \n")
-    assert run_cli(capsys, "wikitext-103", "--source", str(folder), "--out", str(out), "--quiet", "--allow-missing-splits")[0] == 0
+    args = ("wikitext-103", "--source", str(folder), "--out", str(out), "--quiet", "--allow-missing-splits")
+    rc, _, err = run_cli(capsys, *args)  # another corpus: only on request
+    assert rc == 2 and "different prepared corpus" in err and "--overwrite" in err
+    assert PreparedCorpus.open(out).splits == ["train", "valid", "test"]
+    assert run_cli(capsys, *args, "--overwrite")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.bin", "valid.bin", "vocab.txt"]
     assert PreparedCorpus.open(out).splits == ["valid", "test"]
 
 
-def test_a_failed_run_leaves_no_meta_json(tmp_path, capsys):
+def test_a_failed_run_leaves_the_previous_corpus_intact(tmp_path, capsys):
     out = tmp_path / "o"
     assert run_cli(capsys, "wikitext-103", "--source", str(FIXTURES / "wikitext"), "--out", str(out), "--quiet")[0] == 0
     bad = tmp_path / "bad"
     bad.mkdir()
     for split in ("train", "valid", "test"):
         (bad / f"wiki.{split}.tokens").write_bytes(b" ok \n \xff \n")
-    assert run_cli(capsys, "wikitext-103", "--source", str(bad), "--out", str(out), "--quiet")[0] == 2
-    assert not (out / "meta.json").exists()  # never mistaken for a prepared corpus
-    assert not list(out.glob(".*tmp*"))
-    with pytest.raises(DataError, match="no meta.json"):
-        PreparedCorpus.open(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, _, err = run_cli(capsys, "wikitext-103", "--source", str(bad), "--out", str(out), "--quiet", "--overwrite")
+    assert rc == 2 and "wiki.train.tokens" in err  # the new input fails to decode...
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # ...and the previous corpus is untouched
+    assert not list(tmp_path.glob(".o.staging*")) and not list(out.glob(".*tmp*"))
+    PreparedCorpus.open(out).tokens("train")
 
 
 def test_shared_wikitext2_valid_and_test(tmp_path, capsys):
@@ -377,7 +382,7 @@ def test_gigaword_sgml_keeps_stories_joins_paragraphs_and_unescapes(tmp_path, ca
     assert " ".join(decoded(out, "valid")) == "Ferry service between the islands resumed on Wednesday after the storm passed . <eos>"
     assert decoded(out, "test")[:3] == ["A", "harbour", "pilot"]
     rc, _, _ = run_cli(capsys, "gigaword", "--source", str(FIXTURES / "gigaword"), "--out", str(out), "--quiet",
-                       "--min-count", "1", "--headlines")
+                       "--min-count", "1", "--headlines", "--overwrite")
     assert decoded(out, "train")[:5] == ["Harbour", "workers", "end", "strike", EOS]
 
 
@@ -437,11 +442,12 @@ def test_sentencepiece_model_vocab_and_round_trip(tmp_path, capsys):
     counts = np.bincount(corpus.tokens("train"), minlength=300)
     assert counts.tolist() == corpus.vocab.counts
     rc, _, err = run_cli(capsys, "wikitext-103", "--source", str(folder), "--out", str(out), "--quiet",
-                         "--tokenizer", "sentencepiece")
+                         "--tokenizer", "sentencepiece", "--overwrite")
     assert rc == 2 and "--vocab-size" in err
     rc, _, err = run_cli(capsys, "wikitext-103", "--source", str(folder), "--out", str(out), "--quiet",
-                         "--tokenizer", "sentencepiece", "--vocab-size", "100000")
+                         "--tokenizer", "sentencepiece", "--vocab-size", "100000", "--overwrite")
     assert rc == 2 and "--vocab-size" in err
+    assert PreparedCorpus.open(out).meta["tokenizer"]["type"] == "sentencepiece"  # the failed re-run kept the corpus
     rc, _, _ = run_cli(capsys, "wikitext-103", "--source", str(folder), "--out", str(tmp_path / "w"), "--quiet")
     assert rc == 0 and not (tmp_path / "w" / "spm.model").exists()
 

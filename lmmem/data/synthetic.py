@@ -174,9 +174,11 @@ def generate(cfg: SyntheticConfig, stats: dict | None = None) -> Iterator[tuple[
 
 
 def write_synthetic_corpus(out_dir: str | Path, seed: int = 0, train_tokens: int = 500_000, valid_tokens: int = 50_000,
-                           test_tokens: int = 50_000, *, quiet: bool = True, **overrides) -> Path:
+                           test_tokens: int = 50_000, *, quiet: bool = True, overwrite: bool = False, locked: bool = False,
+                           **overrides) -> Path:
     """Generate the corpus and write it as a prepared folder (through ``data_prep``'s writer, the
-    same as for real corpora); returns ``out_dir``. ``overrides`` set other SyntheticConfig fields."""
+    same as for real corpora); returns ``out_dir``. ``overrides`` set other SyntheticConfig fields;
+    ``overwrite`` and ``locked`` are :func:`data_prep.common.prepare`'s."""
     cfg = SyntheticConfig(seed=seed, train_tokens=train_tokens, valid_tokens=valid_tokens, test_tokens=test_tokens, **overrides)
     for name in ("train_tokens", "valid_tokens", "test_tokens"):
         if getattr(cfg, name) < 1:
@@ -196,5 +198,6 @@ def write_synthetic_corpus(out_dir: str | Path, seed: int = 0, train_tokens: int
               "seed": cfg.seed},
     )
     prepare(out_dir, source, TokenizerOptions(kind="words", rule="whitespace"),
-            VocabOptions(min_count=1, keep_eval_types=True), options=asdict(cfg), workers=1, quiet=quiet)
+            VocabOptions(min_count=1, keep_eval_types=True), options=asdict(cfg), workers=1, quiet=quiet,
+            overwrite=overwrite, locked=locked)
     return Path(out_dir)

@@ -83,7 +83,7 @@ class Vocabulary:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip("\n")
                 tok, sep, cnt = line.rpartition("\t")
-                if not sep or not cnt.isdigit():
+                if not sep or not (cnt.isascii() and cnt.isdigit()):  # str.isdigit alone accepts "²" and "٣"
                     raise DataError(f"{path}:{lineno} is not `token<TAB>count`; re-run `python -m data_prep`")
                 tokens.append(tok)
                 counts.append(int(cnt))

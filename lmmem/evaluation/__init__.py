@@ -13,7 +13,7 @@ from lmmem.evaluation.perplexity import DEFAULT_BUCKET_EDGES, FrequencyBuckets, 
 from lmmem.evaluation.report import format_table, plot_bucketed_perplexity, write_json
 from lmmem.evaluation.test_time import TestTimeScores, evaluate_methods, score_test_time
 from lmmem.evaluation.dynamic import DynamicConfig, score_dynamic
-from lmmem.training.checkpoint import check_vocab_matches, load_checkpoint, model_from_checkpoint
+from lmmem.training.checkpoint import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
 
 
@@ -62,7 +62,7 @@ def evaluate_checkpoint(
     trained on by default), overall and by the target's training frequency."""
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
-    data_dir = Path(data) if data is not None else Path(ckpt["train_config"]["data"])
+    data_dir = data_dir_for(ckpt, data, checkpoint)
     corpus = PreparedCorpus.open(data_dir)
     check_vocab_matches(ckpt, corpus.fingerprint, data_dir, checkpoint)
     tokens = corpus.tokens(split)

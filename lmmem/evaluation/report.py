@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from lmmem.evaluation.perplexity import PerplexityReport
+from lmmem.safety import write_text_atomic
 
 
 def format_perplexity(x: float | None) -> str:
@@ -48,11 +47,7 @@ def write_json(obj: dict, path: str | Path) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def plot_bucketed_perplexity(reports: dict[str, PerplexityReport], path: str | Path, title: str = "") -> Path | None:

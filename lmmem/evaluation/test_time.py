@@ -255,12 +255,12 @@ def evaluate_methods(
 
     from lmmem.data.corpus import PreparedCorpus
     from lmmem.evaluation.dynamic import score_dynamic
-    from lmmem.training.checkpoint import check_vocab_matches, load_checkpoint, model_from_checkpoint
+    from lmmem.training.checkpoint import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
     from lmmem.training.distributed import resolve_device
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
-    data_dir = Path(data) if data is not None else Path(ckpt["train_config"]["data"])
+    data_dir = data_dir_for(ckpt, data, checkpoint)
     corpus = PreparedCorpus.open(data_dir)
     check_vocab_matches(ckpt, corpus.fingerprint, data_dir, checkpoint)
     model = model_from_checkpoint(ckpt, dev)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -46,12 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmmem.cli import run_cli
 from lmmem.data.glyphs import GlyphConfig, load_omniglot, make_glyphs
 from lmmem.errors import LmmemError
 from lmmem.memories.kv_memory import KeyValueMemory, KVMemoryConfig
 from lmmem.memories.synthetic_gradients import FastSlowConfig, FastSlowMemoryLearner, SyntheticGradient
 from lmmem.output_layers.full_softmax import FullSoftmax
 from lmmem.output_layers.hebbian_softmax import HebbianSoftmax
+from lmmem.validation import check_flags
 
 METHODS = ("softmax", "hebbian", "kv_memory", "kv_memory_sg", "pixel_nn")
 GAP_BUCKETS = (0, 50, 150, 400)  # items since last seen: [0,50), [50,150), [150,400), [400,∞)
@@ -474,6 +477,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: these convs are tiny, and on a shared machine more threads were ~10× slower)")
     args = ap.parse_args(argv)
+    check_flags(vars(args))
     torch.set_num_threads(args.threads)
     cfg = CurriculumConfig(seed=args.seed, num_classes=args.classes, presentations=args.presentations,
                            background_classes=args.background_classes, background_steps=args.background_steps,
@@ -504,5 +508,10 @@ def main(argv=None) -> dict:
     return out
 
 
+def cli(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(cli))

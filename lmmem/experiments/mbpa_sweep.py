@@ -20,18 +20,20 @@ import shlex
 import sys
 import time
 
+from lmmem.cli import run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import FrequencyBuckets, score_test_time, write_json
 from lmmem.memories import CacheConfig, MbPAConfig
-from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
+from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
+from lmmem.validation import check_flags
 
 
 def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, vocabs=(MbPAConfig.vocab,),
           epss=(MbPAConfig.eps,), with_cache=False, thetas=(0.1, 0.3, 1.0), batch_size=16, device="auto"):
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
-    corpus = PreparedCorpus.open(ckpt["train_config"]["data"])
+    corpus = PreparedCorpus.open(data_dir_for(ckpt, None, checkpoint))
     model = model_from_checkpoint(ckpt, dev)
     buckets = FrequencyBuckets()
     kw = dict(bucket_of=buckets.assign(corpus.train_counts()), num_buckets=len(buckets.names), batch_size=batch_size,
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_flags(vars(args))
     rows = sweep(args.checkpoint, lrs=args.lrs, alphas=args.alphas, lambdas=args.lambdas, split=args.split, k=args.mbpa_k,
                  steps=args.mbpa_steps, vocabs=args.mbpa_vocab, epss=args.eps, with_cache=args.with_cache,
                  thetas=args.thetas, batch_size=args.batch_size, device=args.device)
@@ -89,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

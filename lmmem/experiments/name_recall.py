@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmmem.cli import run_cli
 from lmmem.data.corpus import PreparedCorpus
-from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
+from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.validation import check_flags
 
 
 def occurrence_index(targets: np.ndarray, is_name: np.ndarray) -> np.ndarray:
@@ -65,7 +67,7 @@ def predictions(model, tokens: np.ndarray, bptt: int = 128, cache_window: int = 
 
 def name_recall(checkpoint: str | Path, split: str = "test", max_tokens: int = 20_000, cache_window: int = 500) -> dict:
     ckpt = load_checkpoint(checkpoint)
-    corpus = PreparedCorpus.open(ckpt["train_config"]["data"])
+    corpus = PreparedCorpus.open(data_dir_for(ckpt, None, checkpoint))
     tokens = np.asarray(corpus.tokens(split)[: max_tokens + 1])
     is_name = np.array([t[:1].isupper() for t in corpus.vocab.tokens])
     model = model_from_checkpoint(ckpt)
@@ -89,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=20_000)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_flags(vars(args))
     rows = [name_recall(c, max_tokens=args.max_tokens) for c in args.checkpoints]
     cols = [f"{m} {q}@{k}" for m in ("model", "model+cache") for q in ("name", "ppl") for k in (1, 2, 3)]
     print("| checkpoint | softmax | " + " | ".join(cols) + " |")
@@ -102,4 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lmmem.cli import run_cli
 from lmmem.evaluation import (
     FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
 )
@@ -42,6 +43,7 @@ from lmmem.evaluation.report import format_count, format_perplexity, plot_bucket
 from lmmem.evaluation.perplexity import BucketResult
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.training import config_from_args, load_checkpoint, train
+from lmmem.validation import check_flags
 
 METHODS = ("plain", "+cache", "+mbpa", "+cache+mbpa")
 # config fields added after evaluations were cached, with the value that reproduces the old behaviour
@@ -261,6 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
                                   "with its chart and JSON in a folder of the same name")
     args = p.parse_args(argv)
+    check_flags(vars(args))
 
     work = Path(args.work)
     data_dir = work / "data"
@@ -296,7 +299,9 @@ def main(argv=None) -> int:
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
             state = run_state(out, cfg)
             if state != "finished":
-                cfg.resume = state == "resumable"  # continue an interrupted run from its last.pt (train.py --resume)
+                # an interrupted run with these settings is continued from its last.pt (train.py --resume);
+                # anything else in OUT (another setting, no last.pt) is replaced by a fresh run
+                cfg.resume, cfg.overwrite = state == "resumable", state == "new"
                 if train(cfg).stopped_by == "interrupt":
                     print(f"interrupted: {out} is incomplete; run the same command again to continue it")
                     return 130
@@ -403,7 +408,7 @@ def run_state(out: Path, cfg) -> str:
 
     ckpt = load_checkpoint(last)
     known = {f.name for f in fields(TrainConfig)}
-    ignore = ("resume", "progress", "out")
+    ignore = ("resume", "overwrite", "progress", "out")
     # fill options added since the run was made with their defaults
     saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
@@ -412,11 +417,6 @@ def run_state(out: Path, cfg) -> str:
     if ckpt["progress"]["step"] >= cfg.max_steps and (out / "best.pt").is_file():
         return "finished"
     return "resumable"
-
-
-def finished(out: Path, cfg) -> bool:
-    """A run is reused only when it completed with exactly these settings."""
-    return run_state(out, cfg) == "finished"
 
 
 def train_minutes(out: Path) -> float | None:
@@ -468,4 +468,4 @@ def _coerce(key: str, value):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

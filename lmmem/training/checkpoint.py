@@ -11,7 +11,8 @@ A checkpoint is a dict of tensors and plain Python values (never a pickled model
     carried_state                  the truncated-BPTT state of the global batch (LSTM h, c)
 
 It is written to a temporary file in the same folder, flushed to disk, then renamed over the
-target: a crash or Ctrl-C mid-write leaves the previous checkpoint intact.
+target: a crash, Ctrl-C or a full disk mid-write leaves the previous checkpoint intact (and the
+next start of train.py removes the temporary file a kill -9 left behind).
 """
 
 from __future__ import annotations
@@ -26,6 +27,33 @@ from lmmem.errors import CheckpointError
 
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT_KIND = "lmmem-checkpoint"
+# What evaluating (and, with the optimizer's state, resuming) needs; a loadable file without one of
+# these is refused with one line instead of a KeyError later.
+EVAL_KEYS = ("model_config", "train_config", "vocab_fingerprint", "model", "progress")
+RESUME_KEYS = (*EVAL_KEYS, "vocab_size", "optimizer", "scheduler")
+# A vocabulary beyond this is a corrupt or crafted checkpoint, not a model (it would try to allocate
+# the embedding before anything else failed).
+MAX_VOCAB_SIZE = 1 << 26
+TEMP_PATTERNS = (".*.pt.*.tmp",)  # save_checkpoint's temporary files
+
+
+class _RecordingWriter:
+    """torch.save reports a failed write (a full disk) as RuntimeError("unexpected pos ...");
+    this keeps the OSError underneath so that the caller can say what happened."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def save_checkpoint(payload: dict, path: str | Path) -> None:
@@ -35,19 +63,27 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the target
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, require: tuple[str, ...] = EVAL_KEYS) -> dict:
     path = Path(path)
     if path.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -72,7 +108,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} has checkpoint format {ckpt.get('format_version')}, this lmmem reads {CHECKPOINT_FORMAT_VERSION}; "
             "use the lmmem version that wrote it"
         )
+    _check_contents(ckpt, path, require)
     return ckpt
+
+
+def _check_contents(ckpt: dict, path: Path, require: tuple[str, ...]) -> None:
+    """Refuse a loadable file that lacks what the caller needs, or describes an absurd model."""
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is damaged or not written by train.py; use the run's other checkpoint or retrain")
+    if any(not isinstance(ckpt.get(k, {}), dict) for k in ("model_config", "train_config", "progress", "model")):
+        raise CheckpointError(f"{path} has a malformed model_config/train_config/progress/model; use the run's other checkpoint or retrain")
+    if "model_config" not in ckpt:
+        return
+    v = ckpt["model_config"].get("vocab_size")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_VOCAB_SIZE or v != ckpt.get("vocab_size", v):
+        raise CheckpointError(
+            f"{path} describes a vocabulary of {v!r} entries (its vocab_size says {ckpt.get('vocab_size')!r}); "
+            f"a checkpoint needs 1..{MAX_VOCAB_SIZE:,}: it is damaged or crafted, use another checkpoint"
+        )
+
+
+def data_dir_for(ckpt: dict, data: str | Path | None, ckpt_path: str | Path = "checkpoint") -> Path:
+    """``--data`` if given, else the corpus the checkpoint was trained on. The checkpoint's path is
+    only a default to read from (a copied or crafted file may name anything): it is checked here and
+    never written to."""
+    if data is not None:
+        return Path(data)
+    saved = ckpt.get("train_config", {}).get("data")
+    if not isinstance(saved, str) or not saved or not Path(saved).is_dir():
+        raise CheckpointError(
+            f"{ckpt_path} was trained on the corpus {saved!r}, which is not a folder on this machine; "
+            "pass --data DIR (the prepared corpus the model was trained on)"
+        )
+    return Path(saved)
 
 
 def check_vocab_matches(ckpt: dict, fingerprint: str, data_root: str | Path, ckpt_path: str | Path = "checkpoint") -> None:
@@ -89,7 +158,19 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
     from lmmem.models import build_model
     from lmmem.models.config import ModelConfig
 
-    model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+    try:
+        config = ModelConfig.from_dict(ckpt["model_config"])
+        # Build on the meta device first: shapes are compared with the saved weights before any
+        # memory is allocated, so an absurd config cannot exhaust memory.
+        with torch.device("meta"):
+            shapes = {k: tuple(t.shape) for k, t in build_model(config).state_dict().items() if isinstance(t, torch.Tensor)}
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint has an unusable model_config ({str(e).splitlines()[0][:160]}); use another checkpoint") from None
+    saved = {k: tuple(t.shape) for k, t in ckpt["model"].items() if isinstance(t, torch.Tensor)}
+    if shapes != saved:
+        bad = sorted(set(shapes.items()) ^ set(saved.items()))[:2]
+        raise CheckpointError(f"checkpoint weights do not fit the model it describes (e.g. {bad}); use another checkpoint")
+    model = build_model(config)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -11,8 +11,10 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
+from lmmem.cli import HelpFormatter
 from lmmem.errors import LmmemError
 from lmmem.models.config import ModelConfig
+from lmmem.validation import check_flags
 
 
 @dataclass
@@ -22,7 +24,9 @@ class TrainConfig:
     out: str = field(default="runs/default", metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
     preset: str = field(default="tiny", metadata={"help": "model+optimisation preset: " + ", ".join(["tiny", "small", "wt103-paper"])})
     seed: int = field(default=1234, metadata={"help": "random seed (weights, dropout)"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt exactly where it stopped"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt exactly where it stopped (reads and writes OUT)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start a new run in an OUT that already holds one, deleting its checkpoints and metrics (without it, train.py refuses)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     amp: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA) | bf16 | none"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -109,21 +113,22 @@ def _flag(name: str) -> str:
 
 
 def build_parser(description: str = "Train a word-level language model.") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        help_text = f.metadata.get("help", "")
         default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        # the default goes in once: not where the help states it already, nor "None"
+        help_text += "" if "default" in help_text or default is None else f" (default: {default})"
         kind = hints[f.name]
         if kind is bool:
             # default None = "not given": the preset (or dataclass default) decides
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {default})")
+                                help=help_text)
             continue
         base = str if f.name in ("data",) else kind
         choices = list(PRESETS) if f.name == "preset" else None
-        parser.add_argument(_flag(f.name), dest=f.name, type=base, default=None, choices=choices,
-                            help=f"{help_text} (default: {default})")
+        parser.add_argument(_flag(f.name), dest=f.name, type=base, default=None, choices=choices, help=help_text)
     return parser
 
 
@@ -149,12 +154,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.amp in ("auto", "bf16", "none"), f"--amp must be auto, bf16 or none, not {cfg.amp!r}"),
         (cfg.softmax_backend in ("auto", "torch", "triton"),
          f"--softmax-backend must be auto, torch or triton, not {cfg.softmax_backend!r}"),
-        (cfg.lr > 0, "--lr must be positive"),
-        (cfg.batch_size > 0 and cfg.bptt > 0, "--batch-size and --bptt must be positive"),
-        (cfg.max_steps > 0, "--max-steps must be positive"),
-        (0 <= cfg.dropout < 1 and 0 <= cfg.output_dropout < 1, "dropouts must be in [0, 1)"),
-        (cfg.log_interval > 0 and cfg.checkpoint_interval > 0, "--log-interval and --checkpoint-interval must be positive"),
+        (not (cfg.resume and cfg.overwrite), "--resume continues the run in --out and --overwrite replaces it: give one of them"),
     ]
     for ok, message in checks:
         if not ok:
             raise LmmemError(message)
+    check_flags(cfg.to_dict())  # every numeric flag, with its reason (lmmem.validation)

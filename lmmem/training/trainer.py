@@ -8,8 +8,12 @@ tests drive the same code. What it guarantees:
   epoch). Batches are a pure function of the position (see lmmem.data.batching), so
   ``--resume`` continues bit-for-bit on CPU as if the run had never stopped.
 * **Nothing lost.** Checkpoints are written atomically. Ctrl-C (SIGINT) or SIGTERM finishes the
-  current step, saves ``last.pt`` and exits with status 130. A non-finite loss stops the run
-  without saving, so ``last.pt``/``best.pt`` stay the last good ones.
+  current step, saves ``last.pt`` and exits with status 130. A diverged loss (non-finite, or far
+  above ln V, the loss of a uniform guess) stops the run without saving, so ``last.pt``/``best.pt``
+  stay the last good ones. The run folder is locked for the run's life (a second train.py on it
+  exits 2 naming the holder); a fresh run refuses a folder that holds a run unless ``--overwrite``;
+  ``--resume`` continues in the folder it reads; a start removes the temp files a kill -9 left and
+  cuts ``metrics.jsonl`` back to the checkpoint's step.
 * **DDP.** Under torchrun each rank trains its share of the global batch's rows; gradients are
   averaged by DistributedDataParallel and output layers with their own update rule (the Hebbian
   softmax) all-reduce their statistics in ``on_optimizer_step``.
@@ -35,23 +39,29 @@ from tqdm.auto import tqdm
 
 from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
-from lmmem.errors import CheckpointError, LmmemError
+from lmmem.errors import CheckpointError, LmmemError, TrainingDiverged
 from lmmem.evaluation.perplexity import autocast_context, score_stream
 from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
+from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
 from lmmem.training import distributed as D
-from lmmem.training.checkpoint import check_vocab_matches, load_checkpoint, save_checkpoint
+from lmmem.training.checkpoint import RESUME_KEYS, TEMP_PATTERNS, check_vocab_matches, load_checkpoint, save_checkpoint
 from lmmem.training.config import TrainConfig, validate
 
 # Fields that define the model or the data stream: a resumed run must keep them.
+# (--data is not among them: the corpus may move; its vocabulary fingerprint is checked instead.)
 _FIXED_ON_RESUME = (
-    "data", "arch", "softmax", "embed_dim", "hidden_dim", "num_layers", "proj_dim", "num_heads", "tie_weights",
+    "arch", "softmax", "embed_dim", "hidden_dim", "num_layers", "proj_dim", "num_heads", "tie_weights",
     "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T", "hebbian_rescale",
 )
 
 
-class TrainingDiverged(LmmemError):
-    """The loss became NaN or infinite; the last good checkpoint was kept."""
+# A loss this many times ln V (the loss of a uniform guess over V words) means divergence: a model
+# starts near ln V and only goes down while it learns; 3 ln V is e^(2 ln V) = V² times less likely
+# than guessing. (--lr 1e6 reaches 1e15 without ever becoming NaN.)
+DIVERGENCE_FACTOR = 3.0
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")  # what --overwrite deletes
+RUN_TEMP_PATTERNS = (*TEMP_PATTERNS, ".metrics.jsonl.*.tmp", ".config.json.*.tmp")
 
 
 @dataclass
@@ -87,10 +97,14 @@ def ensure_data(cfg: TrainConfig, ctx: D.DistContext) -> Path:
         return Path(cfg.data)
     path = default_data_dir()
     if ctx.is_main and not (path / "meta.json").is_file():
+        from data_prep.common import corpus_lock
         from lmmem.data.synthetic import write_synthetic_corpus
 
-        print(f"no --data given: writing the embedded synthetic corpus to {path} (offline, deterministic)")
-        write_synthetic_corpus(path)
+        # Two first-ever runs: the second waits for the first to finish writing, then uses it.
+        with corpus_lock(path, wait=True):
+            if not (path / "meta.json").is_file():
+                print(f"no --data given: writing the embedded synthetic corpus to {path} (offline, deterministic)")
+                write_synthetic_corpus(path, locked=True)
     D.barrier(ctx)
     return path
 
@@ -220,11 +234,22 @@ def _restore_rank_states(ckpt: dict, ctx: D.DistContext, rows_per_rank: int):
 
 def resume_config(out: str | Path, overrides: dict) -> TrainConfig:
     """The saved config of OUT/last.pt, with the given flags applied where they do not change the
-    model or the data stream."""
-    ckpt = load_checkpoint(Path(out) / "last.pt")
-    saved = ckpt["train_config"]
+    model or the data stream. The run continues in OUT, whatever folder the checkpoint names."""
+    last = Path(out) / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(_no_last_message(Path(out)))
+    ckpt = load_checkpoint(last, require=RESUME_KEYS)
+    saved = dict(ckpt["train_config"])
+    if overrides.get("overwrite"):
+        raise LmmemError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    preset = overrides.get("preset")
+    if preset is not None and preset != saved.get("preset"):
+        raise CheckpointError(
+            f"--preset {preset} differs from the run's {saved.get('preset')!r} and a preset sets the model: "
+            "drop --preset to resume (set single flags such as --lr instead), or train a new run with another --out"
+        )
     for key, value in overrides.items():
-        if value is None or key in ("resume", "preset"):
+        if value is None or key in ("resume", "preset", "out", "overwrite"):
             continue
         if key in _FIXED_ON_RESUME and value != saved.get(key):
             raise CheckpointError(
@@ -233,17 +258,84 @@ def resume_config(out: str | Path, overrides: dict) -> TrainConfig:
             )
         saved[key] = value
     known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
-    cfg.resume = True
+    try:
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"{last} has a malformed train_config ({e}); it is damaged: retrain") from None
+    cfg.out = str(out)  # the folder resumed is the folder written
+    cfg.resume, cfg.overwrite = True, False
     validate(cfg)
     return cfg
 
 
+def _no_last_message(out: Path) -> str:
+    if (out / "best.pt").is_file():  # killed between its first best.pt and its first last.pt
+        return (f"--resume: {out} holds best.pt but no last.pt, so the run cannot continue exactly; start it again with "
+                f"--overwrite (deletes best.pt), or keep best.pt and train into another --out")
+    return f"--resume: {out} holds no last.pt, so there is no run to continue; drop --resume to start one"
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only the metrics records up to ``step`` (the checkpoint's): a run killed after its last
+    checkpoint logged steps that the resumed run logs again. A torn last line goes too."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept, changed = [], bool(text) and not text.endswith("\n")  # an unterminated line would join the next record
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
+        except (json.JSONDecodeError, TypeError, ValueError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            changed = True
+    if changed:
+        write_text_atomic(path, "".join(l + "\n" for l in kept))
+
+
+def _prepare_run_folder(cfg: TrainConfig, out: Path) -> FolderLock:
+    """Lock OUT for this run's life, refuse to start over a run it holds (unless --overwrite), and
+    remove what a killed run left. Main process only."""
+    check_writable_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out / ".lock", f"run folder {out}")
+    try:
+        remove_stale_temp_files(out, RUN_TEMP_PATTERNS)
+        held = [n for n in ("last.pt", "best.pt") if (out / n).is_file()]
+        if not cfg.resume and held:
+            if not cfg.overwrite:
+                raise LmmemError(
+                    f"{out} already holds a run ({', '.join(held)}); continue it with --resume --out {out}, "
+                    f"start a new run with another --out, or pass --overwrite to delete it and start over"
+                )
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+            print(f"--overwrite: deleted the previous run's {', '.join(RUN_FILES)} in {out}")
+            others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+            if others:  # e.g. evaluate.py's JSON: the user's files, kept, but about the old model
+                print(f"warning: {out} still holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''} "
+                      "from before --overwrite; they describe the previous run")
+        elif not cfg.resume:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a run killed before its first checkpoint
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     ctx = D.setup(cfg.device)
+    lock = None
     try:
+        if ctx.is_main:
+            lock = _prepare_run_folder(cfg, Path(cfg.out))
         return _train(cfg, ctx)
     finally:
+        if lock is not None:
+            lock.release()
         D.teardown(ctx)
 
 
@@ -270,8 +362,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     last_path, best_path = out / "last.pt", out / "best.pt"
     if cfg.resume:
         if not last_path.is_file():
-            raise CheckpointError(f"--resume: no {last_path}; start the run without --resume")
-        ckpt = load_checkpoint(last_path, map_location=ctx.device)
+            raise CheckpointError(_no_last_message(out))
+        ckpt = load_checkpoint(last_path, map_location=ctx.device, require=RESUME_KEYS)
         check_vocab_matches(ckpt, corpus.fingerprint, data_dir, last_path)
         if ModelConfig.from_dict(ckpt["model_config"]) != model_cfg:
             raise CheckpointError(f"{last_path} holds a different model than these flags build; resume with the run's own settings")
@@ -287,13 +379,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         progress = Progress(**ckpt["progress"])
         state = _restore_rank_states(ckpt, ctx, rows)
         if ctx.is_main:
-            print(f"resumed {last_path} at step {progress.step} (epoch {progress.epoch}, batch {progress.position})")
-    elif ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+            _trim_metrics(out / "metrics.jsonl", progress.step)
+            print(f"resumed {last_path} at step {progress.step} (epoch {progress.epoch}, batch {progress.position}) on --data {data_dir}")
 
     if ctx.is_main:
-        (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
+        write_text_atomic(out / "config.json", json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
 
     net: torch.nn.Module = model
     if ctx.distributed:
@@ -305,8 +395,28 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
 
     def log(record: dict) -> None:
         if ctx.is_main:
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            path = out / "metrics.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a failed write (a full disk) names no file: name it
+                raise OSError(e.errno, e.strerror, str(path)) from None
+
+    # Divergence: a non-finite loss, or one far above a uniform guess's ln V (see DIVERGENCE_FACTOR).
+    loss_limit = DIVERGENCE_FACTOR * math.log(len(corpus.vocab))
+
+    def kept() -> str:
+        if last_path.is_file() or best_path.is_file():
+            return f"the last good checkpoint is kept in {out}"
+        return f"no checkpoint had been written yet, so {out} holds none"
+
+    def check_loss(value: float, where: str) -> None:
+        if not math.isfinite(value) or value > loss_limit:
+            raise TrainingDiverged(
+                f"loss became {value:.4g} by step {progress.step} ({where}; a uniform guess scores ln V = "
+                f"{loss_limit / DIVERGENCE_FACTOR:.2f}): the run diverged and stopped without saving; {kept()}. "
+                f"Lower --lr or set --clip"
+            )
 
     # Validation needs only the total loss: every vocabulary entry goes to one bucket.
     single_bucket = np.zeros(len(corpus.vocab), dtype=np.int64)
@@ -325,10 +435,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
 
     def checkpoint(path: Path) -> None:
         carried, rngs = _gather_rank_states(state, ctx)
+        if loss_steps:  # the steps since the last log line must not have diverged either
+            pending = D.all_reduce_sum(loss_sum.clone(), ctx)
+            check_loss(float(pending) / (ctx.world_size * loss_steps), "training")
         if not ctx.is_main:
             return
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingDiverged(f"parameters became NaN/inf by step {progress.step}; not saving. The last good checkpoint is {last_path}; lower --lr or set --clip")
+            raise TrainingDiverged(f"parameters became NaN/inf by step {progress.step}; stopped without saving; {kept()}. Lower --lr or set --clip")
         save_checkpoint(
             {
                 "model_config": model_cfg.to_dict(),
@@ -365,12 +478,6 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     use_bar = cfg.progress and ctx.is_main and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not use_bar, dynamic_ncols=True, unit="step")
 
-    def check_finite(where: str) -> None:
-        if not torch.isfinite(loss_sum):
-            raise TrainingDiverged(
-                f"loss became {loss_sum.item()} by step {progress.step} ({where}); stopped without saving. "
-                f"The last good checkpoint is kept in {out}; lower --lr or set --clip"
-            )
 
     with stop_on_signals() as stop:
         model.train()
@@ -399,9 +506,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
             if progress.step % cfg.log_interval == 0 or progress.step == cfg.max_steps:
                 D.all_reduce_sum(loss_sum, ctx)
                 loss_sum /= ctx.world_size
-                check_finite("training")
-                now = time.monotonic()
                 mean = float(loss_sum) / loss_steps
+                check_loss(mean, "training")
+                now = time.monotonic()
                 tps = (progress.tokens - tokens_at_log) / max(now - t_log, 1e-9)
                 record = {"step": progress.step, "epoch": progress.epoch, "tokens": progress.tokens, "train_loss": mean,
                           "train_ppl": math.exp(min(mean, 700)), "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps,
@@ -414,7 +521,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
                 loss_steps, t_log, tokens_at_log = 0, now, progress.tokens
 
             if cfg.eval_interval and progress.step % cfg.eval_interval == 0 and progress.step < cfg.max_steps:
-                last_val = _validate_and_keep_best(validate_now, progress, checkpoint, best_path, log, ctx)
+                last_val = _validate_and_keep_best(validate_now, progress, checkpoint, best_path, log, ctx, check_loss)
             if progress.step % cfg.checkpoint_interval == 0:
                 checkpoint(last_path)
 
@@ -428,11 +535,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
                 break
 
         bar.close()
-        if loss_steps:
-            D.all_reduce_sum(loss_sum, ctx)
-            check_finite("training")
         if stopped_by != "interrupt":
-            last_val = _validate_and_keep_best(validate_now, progress, checkpoint, best_path, log, ctx)
+            last_val = _validate_and_keep_best(validate_now, progress, checkpoint, best_path, log, ctx, check_loss)
         checkpoint(last_path)
         if valid_tokens is None:
             checkpoint(best_path)  # no validation split: the last model is the best we know of
@@ -443,15 +547,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     return TrainResult(out, progress, stopped_by, last_val)
 
 
-def _validate_and_keep_best(validate_now, progress: Progress, checkpoint, best_path: Path, log, ctx) -> float | None:
+def _validate_and_keep_best(validate_now, progress: Progress, checkpoint, best_path: Path, log, ctx, check_loss) -> float | None:
     val = validate_now()
     if val is None:
         return None
-    if not math.isfinite(val):
-        raise TrainingDiverged(
-            f"validation loss became {val} at step {progress.step}; stopped without saving. "
-            f"The last good checkpoint is kept in {best_path.parent}; lower --lr or set --clip"
-        )
+    check_loss(val, "validation")
     improved = val < progress.best_val_loss
     if improved:
         progress.best_val_loss, progress.best_step = val, progress.step
