@@ -34,7 +34,6 @@ the new one written last, so a half-written folder is never taken for a prepared
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import queue
 import sys
@@ -52,6 +51,7 @@ import numpy as np
 from lmmem.data.corpus import META_FORMAT_VERSION, SPLITS, TOKEN_DTYPE
 from lmmem.data.vocab import EOS, UNK, Vocabulary
 from lmmem.errors import DataError
+from lmmem.jsonio import dumps
 
 from data_prep.tokenization import EOS_TEXT, WordTokenizer
 
@@ -372,7 +372,7 @@ def _finish_split(path: Path, n_tokens: int, perm: np.ndarray | None, vocab: Voc
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(obj, what=f"the metadata for {path}", indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from lmmem.evaluation.perplexity import PerplexityReport
+from lmmem.jsonio import write_json  # noqa: F401  (re-exported: JSON here refuses inf/NaN)
 
 
 def _fmt(x: float | None) -> str:
@@ -37,17 +35,6 @@ def format_table(reports: dict[str, PerplexityReport]) -> str:
         if i == 0 or i == len(reports):
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def write_json(obj: dict, path: str | Path) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def plot_bucketed_perplexity(reports: dict[str, PerplexityReport], path: str | Path, title: str = "") -> Path | None:

@@ -17,7 +17,6 @@ tests drive the same code. What it guarantees:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -37,6 +36,7 @@ from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import CheckpointError, LmmemError
 from lmmem.evaluation.perplexity import autocast_context, score_stream
+from lmmem.jsonio import dumps
 from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
 from lmmem.training import distributed as D
@@ -70,6 +70,7 @@ class TrainResult:
     progress: Progress
     stopped_by: str  # "max_steps" | "max_epochs" | "time_budget" | "interrupt"
     last_val_loss: float | None
+    is_main: bool = True  # the process that prints and writes (rank 0 under torchrun)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +248,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         D.teardown(ctx)
 
 
+def tensorboard_writer_class():
+    """torch's TensorBoard SummaryWriter; a one-line error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LmmemError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'lmmem[tensorboard]'), or drop --tensorboard") from None
+    return SummaryWriter
+
+
 def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     out = Path(cfg.out)
+    summary_writer = tensorboard_writer_class() if cfg.tensorboard else None  # fail before any work
     data_dir = ensure_data(cfg, ctx)
     corpus = PreparedCorpus.open(data_dir)
     train_tokens = corpus.tokens("train")
@@ -293,7 +305,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
     if ctx.is_main:
-        (out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
+        (out / "config.json").write_text(dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, what="the run config", indent=2) + "\n")
 
     net: torch.nn.Module = model
     if ctx.distributed:
@@ -303,10 +315,18 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     autocast_dtype = amp_dtype(cfg, ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
 
+    # TensorBoard (optional) gets the same numbers as metrics.jsonl, under the same names.
+    tb = summary_writer(log_dir=str(out / "tensorboard")) if summary_writer and ctx.is_main else None
+
     def log(record: dict) -> None:
         if ctx.is_main:
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps(record, what="the metrics record") + "\n")
+            if tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        tb.add_scalar(key, value, record["step"])
+                tb.flush()
 
     # Validation needs only the total loss: every vocabulary entry goes to one bucket.
     single_bucket = np.zeros(len(corpus.vocab), dtype=np.int64)
@@ -436,7 +456,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         msg = {"interrupt": f"interrupted at step {progress.step}: saved {last_path}; continue with --resume --out {out}",
                "time_budget": f"time budget reached at step {progress.step}: saved {last_path}"}.get(stopped_by, f"done at step {progress.step}")
         print(msg)
-    return TrainResult(out, progress, stopped_by, last_val)
+    if tb is not None:
+        tb.close()
+    return TrainResult(out, progress, stopped_by, last_val, ctx.is_main)
 
 
 def _validate_and_keep_best(validate_now, progress: Progress, checkpoint, best_path: Path, log, ctx) -> float | None:
