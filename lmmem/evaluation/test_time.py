@@ -91,6 +91,19 @@ def _log_mix(lp: torch.Tensor, lam: torch.Tensor, lq: torch.Tensor) -> torch.Ten
     return torch.logaddexp(torch.log1p(-lam) + lp, torch.log(lam) + lq)
 
 
+def score_grid(cache, mbpa, thetas=None, cache_lambdas=None, mbpa_lambdas=None) -> tuple[list, list, list]:
+    """The (θ, λ_c, λ_m) grid score_test_time scores: λ lists sorted, deduplicated, with 0 (the
+    model alone) always in; a memory that is off gets the single value that leaves it out."""
+    thetas = list(thetas if thetas is not None else ([cache.theta] if cache else [0.0]))
+    cache_lambdas = sorted(set(cache_lambdas if cache_lambdas is not None else [0.0] + ([cache.lam] if cache else [])) | {0.0})
+    mbpa_lambdas = sorted(set(mbpa_lambdas if mbpa_lambdas is not None else [0.0] + ([mbpa.lam] if mbpa else [])) | {0.0})
+    if not cache:
+        thetas, cache_lambdas = thetas[:1], [0.0]
+    if not mbpa:
+        mbpa_lambdas = [0.0]
+    return thetas, cache_lambdas, mbpa_lambdas
+
+
 @torch.no_grad()
 def score_test_time(
     model: torch.nn.Module,
@@ -127,13 +140,7 @@ def score_test_time(
     streams = streams or batch_size
     if streams % batch_size:
         raise LmmemError(f"--streams ({streams}) must be a multiple of --batch-size ({batch_size})")
-    thetas = list(thetas if thetas is not None else ([cache.theta] if cache else [0.0]))
-    cache_lambdas = sorted(set(cache_lambdas if cache_lambdas is not None else [0.0] + ([cache.lam] if cache else [])) | {0.0})
-    mbpa_lambdas = sorted(set(mbpa_lambdas if mbpa_lambdas is not None else [0.0] + ([mbpa.lam] if mbpa else [])) | {0.0})
-    if not cache:
-        thetas, cache_lambdas = thetas[:1], [0.0]
-    if not mbpa:
-        mbpa_lambdas = [0.0]
+    thetas, cache_lambdas, mbpa_lambdas = score_grid(cache, mbpa, thetas, cache_lambdas, mbpa_lambdas)
     lc = torch.tensor(cache_lambdas, dtype=torch.float64, device=device)
     lm = torch.tensor(mbpa_lambdas, dtype=torch.float64, device=device)
     grid = (len(thetas), len(cache_lambdas), len(mbpa_lambdas))
@@ -326,11 +333,13 @@ def evaluate_methods(
         th = sorted(set(th)) or None
         on_scores = None
         if collector is not None:
-            def grid_index(c):
-                return (th.index(c["theta"]) if th and c["theta"] is not None else 0, lcs.index(c["cache_lambda"]),
-                        lms.index(c["mbpa_lambda"]))
+            g_th, g_lc, g_lm = score_grid(cache, mbpa, th, lcs, lms)  # the grid the pass below scores
 
-            picks = {"plain": (0, lcs.index(0.0), lms.index(0.0))}
+            def grid_index(c):
+                return (g_th.index(c["theta"]) if c["theta"] is not None else 0, g_lc.index(c["cache_lambda"]),
+                        g_lm.index(c["mbpa_lambda"]))
+
+            picks = {"plain": (0, 0, 0)}  # λ_c = λ_m = 0 sort first
             for m, c in (("+cache", cache_choice), ("+mbpa", mbpa_choice), ("+cache+mbpa", both_choice)):
                 if c:
                     picks[m] = grid_index(c)
