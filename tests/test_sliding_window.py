@@ -4,11 +4,16 @@ token on an explicit prefix window."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import run_script
+from lmmem.cli import run_cli
+from lmmem.evaluation import evaluate_checkpoint
+from lmmem.evaluation.cli import main
 from lmmem.data.batching import StreamBatcher
 from lmmem.errors import LmmemError
 from lmmem.evaluation import score_stream
@@ -90,13 +95,23 @@ def test_lstm_refuses_context():
                      batch_size=2, bptt=4, context=2)
 
 
-@pytest.mark.slow
-def test_cli_context_flag_and_the_bptt_message(small_corpus, tmp_path):
+def test_cli_errors_name_the_context_flag(small_corpus, tmp_path, capsys):
     ckpt = _checkpoint(small_corpus, tmp_path / "t.pt", arch="transformer")  # context 16
-    plain = run_script("evaluate.py", str(ckpt), "--max-tokens", "200", check=True)
-    slid = run_script("evaluate.py", str(ckpt), "--max-tokens", "200", "--context", "8", check=True)
-    assert "sliding window: 8 tokens of context or more" in slid.stdout and plain.stdout != slid.stdout
-    too_long = run_script("evaluate.py", str(ckpt), "--bptt", "32")
-    assert too_long.returncode == 2 and "--context C" in too_long.stderr and "--bptt 16 or less" in too_long.stderr
-    bad = run_script("evaluate.py", str(ckpt), "--context", "16")
-    assert bad.returncode == 2 and "between 1 and --bptt − 1 = 15" in bad.stderr
+    assert run_cli(main, [str(ckpt), "--bptt", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--context C" in err and "--bptt 16 or less" in err
+    assert run_cli(main, [str(ckpt), "--context", "16"]) == 2
+    assert "between 1 and --bptt − 1 = 15" in capsys.readouterr().err
+    assert run_cli(main, [str(ckpt), "--context", "4", "--cache"]) == 2
+    assert "plain evaluation only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_context_flag(small_corpus, tmp_path):
+    ckpt = _checkpoint(small_corpus, tmp_path / "t.pt", arch="transformer")
+    slid = run_script("evaluate.py", str(ckpt), "--max-tokens", "200", "--context", "8", "--json", str(tmp_path / "e.json"), check=True)
+    assert "sliding window: 8 tokens of context or more" in slid.stdout
+    got = json.loads((tmp_path / "e.json").read_text())
+    ref = evaluate_checkpoint(ckpt, batch_size=16, max_tokens=200, device="cpu", context=8)
+    assert got["context"] == 8 and got["perplexity"] == pytest.approx(ref.report.perplexity, rel=1e-6)
+    assert ref.report.perplexity != pytest.approx(evaluate_checkpoint(ckpt, batch_size=16, max_tokens=200, device="cpu").report.perplexity)
