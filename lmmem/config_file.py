@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
 
 from lmmem.errors import LmmemError
@@ -42,6 +41,10 @@ def read_config_file(path: str | Path, command: str) -> dict:
         raise LmmemError(f"--config {path}: cannot read it ({e.strerror or e})") from None
     try:
         if path.suffix.lower() == ".toml":
+            try:
+                import tomllib  # the standard library from Python 3.11 on
+            except ImportError:
+                raise LmmemError(f"--config {path}: reading TOML needs Python 3.11 or later; write the options as JSON") from None
             data = tomllib.loads(raw.decode("utf-8"))
         else:
             data = json.loads(raw)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ def _train_args(tmp_path, argv):
 
 
 def test_config_file_json_and_toml_with_command_line_overrides(tmp_path):
+    pytest.importorskip("tomllib")
     (tmp_path / "a.json").write_text(json.dumps({"lr": 0.01, "batch-size": 8, "tie_weights": False, "softmax": "hebbian"}))
     (tmp_path / "a.toml").write_text('[train]\nlr = 0.01\nbatch_size = 8\ntie_weights = false\nsoftmax = "hebbian"\n'
                                      '[evaluate]\nsplit = "valid"\n')
@@ -76,6 +76,7 @@ def test_a_runs_config_json_drops_its_own_folder(tmp_path):
 
 
 def test_pyproject_declares_the_console_script_and_a_licence_file_that_matches():
+    tomllib = pytest.importorskip("tomllib")
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert meta["scripts"]["lmmem"] == "lmmem.__main__:main"
     from lmmem.__main__ import main  # noqa: F401  (the entry point imports)
