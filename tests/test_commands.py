@@ -129,7 +129,14 @@ def test_python_m_lmmem_runs_the_three_commands_and_config_json_trains_the_same_
     a = run_in(tmp_path, "-m", "lmmem", "train", "--data", str(corpus), "--out", "runs/a", "--tensorboard", *TINY)
     assert a.returncode == 0, a.stderr
     assert "next:            lmmem evaluate runs/a/best.pt" in a.stdout
-    assert list((tmp_path / "runs/a/tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs/a/tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (tmp_path / "runs/a/metrics.jsonl").read_text().splitlines()]
+    for name in ("train_loss", "lr", "val_ppl"):  # the same numbers as metrics.jsonl, at the same steps
+        logged = [(m["step"], m[name]) for m in metrics if name in m]
+        assert logged and [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(name)] == logged
     # the run's own config.json trains the same configuration again, in another folder
     b = run_in(tmp_path, "-m", "lmmem", "train", "--config", "runs/a/config.json", "--out", "runs/b", "--max-steps", "6")
     assert b.returncode == 0, b.stderr
