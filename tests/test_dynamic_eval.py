@@ -23,11 +23,11 @@ def test_zero_learning_rate_is_the_plain_model_and_the_model_is_untouched(arch, 
     bucket_of = np.arange(30) % 3
     plain, cnt = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=4, bptt=10)
     before = _snapshot(model)
-    nll, cnt2 = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(lr=0.0, decay=0.0),
+    nll, cnt2 = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(method="sgd", lr=0.0, decay=0.0),
                               batch_size=4, bptt=10)
     np.testing.assert_array_equal(cnt, cnt2)
     np.testing.assert_allclose(nll, plain, rtol=1e-12)
-    nll3, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(lr=0.5, decay=0.01),
+    nll3, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(method="sgd", lr=0.5, decay=0.01),
                             batch_size=4, bptt=10)
     assert not np.allclose(nll3, plain)
     after = model.state_dict()
@@ -39,7 +39,7 @@ def test_dynamic_evaluation_adapts_to_repeated_text():
     tokens = np.tile(np.random.default_rng(0).integers(0, 30, size=25), 12).astype("<u4")
     bucket_of = np.zeros(30, dtype=np.int64)
     plain, _ = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=1, batch_size=1, bptt=10)
-    dyn, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=1, cfg=DynamicConfig(lr=0.5, decay=0.0),
+    dyn, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=1, cfg=DynamicConfig(method="sgd", lr=0.5, decay=0.0),
                            batch_size=1, bptt=10)
     assert dyn[0] < plain[0]
 

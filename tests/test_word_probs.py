@@ -54,7 +54,7 @@ def test_every_method_column_sums_to_its_reported_perplexity(small_corpus, tmp_p
     reports, meta = evaluate_methods(ckpt, batch_size=4, streams=streams, device="cpu", buckets=buckets,
                                      cache=CacheConfig(window=50, theta=0.3, lam=0.1),
                                      mbpa=MbPAConfig(k=4, steps=2, memory=50, lam=0.2),
-                                     dynamic=DynamicConfig(lr=1e-2) if streams is None else None,
+                                     dynamic=DynamicConfig(lr=1e-3) if streams is None else None,
                                      max_tokens=301, word_probs=out)
     head, rows = read_tsv(out)
     assert meta["word_probs"] == {"path": str(out), "rows": 301, "columns": head[4:]}

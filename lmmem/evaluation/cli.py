@@ -73,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mbpa-train-pairs", type=int, default=MbPAConfig.train_pairs,
                    help="prefill each stream's MbPA memory with the last N (activation, next word) pairs of the train split")
     m.add_argument("--dynamic", action="store_true", help="add dynamic evaluation (Krause et al. 2018)")
-    m.add_argument("--dynamic-method", default=DynamicConfig.method, choices=["sgd", "rms"], help="update rule")
+    m.add_argument("--dynamic-method", default=DynamicConfig.method, choices=["rms", "sgd"],
+                   help="update rule: rms (Krause et al.'s RMS rule, gradient statistics from the train split) or sgd")
     m.add_argument("--dynamic-lr", type=float, default=DynamicConfig.lr, help="dynamic-evaluation learning rate")
     m.add_argument("--dynamic-decay", type=float, default=DynamicConfig.decay, help="decay towards the trained weights")
     m.add_argument("--dynamic-segment", type=int, default=None, help="segment length (default: --bptt)")
     m.add_argument("--tune", action="store_true",
-                   help="choose θ and the λs (--cache, --mbpa) and the learning rate (--dynamic: --dynamic-lr × 0.1…10) on the valid split")
+                   help="choose θ and the λs (--cache, --mbpa) and the learning rate (--dynamic: --dynamic-lr × 0.1…3) on the valid split")
     m.add_argument("--streams", type=int, default=None,
                    help="cut the split into this many independent streams (default: --batch-size); a multiple of "
                         "--batch-size; the scores depend on --streams only, not on --batch-size")
