@@ -152,3 +152,16 @@ def test_python_m_lmmem_runs_the_three_commands_and_config_json_trains_the_same_
     assert "[valid], 300 tokens" in ev.stdout
     usage = run_in(tmp_path, "-m", "lmmem")
     assert usage.returncode == 2 and "lmmem {train,evaluate,prepare}" in usage.stderr
+
+
+def test_prepare_reads_its_options_from_a_config_file(tmp_path, capsys):
+    from data_prep.__main__ import main as prepare
+
+    (tmp_path / "p.json").write_text(json.dumps({"prepare": {"out": str(tmp_path / "c"), "train_tokens": 3000, "valid_tokens": 600,
+                                                             "test_tokens": 600, "quiet": True}}))
+    assert prepare(["synthetic", "--config", str(tmp_path / "p.json"), "--seed", "3"]) == 0
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert 2500 < meta["splits"]["train"]["tokens"] < 3500
+    (tmp_path / "bad.json").write_text(json.dumps({"no_such": 1}))
+    assert prepare(["synthetic", "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")]) == 2
+    assert "unknown option 'no_such'" in capsys.readouterr().err

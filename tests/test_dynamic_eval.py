@@ -117,10 +117,13 @@ def test_update_rules_match_the_float64_reference(method, lr, decay):
     cfg = DynamicConfig(method=method, lr=lr, decay=decay, eps=2e-5, stat_batches=5)
     nll, cnt = score_dynamic(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, cfg=cfg, batch_size=3,
                              bptt=7, train_tokens=train)
+    still, _ = score_dynamic(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, batch_size=3, bptt=7,
+                             cfg=DynamicConfig(method=method, lr=0.0, decay=0.0, stat_batches=5), train_tokens=train)
     ref = krause_reference(model, tokens, train, method=method, lr=lr, decay=decay, eps=2e-5, batch_size=3, bptt=7, stat_batches=5)
     plain, _ = score_stream(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, batch_size=3, bptt=7)
     assert cnt[0] == 156
     assert nll[0] == pytest.approx(ref, rel=1e-10)
+    assert still[0] == pytest.approx(plain[0], rel=1e-12)  # η = λ = 0: the plain model
     assert abs(nll[0] - plain[0]) > 0.05  # the updates did change the scores (by more than the tolerance above)
 
 
