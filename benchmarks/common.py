@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+
+from lmmem.jsonio import dumps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +64,7 @@ def peak_rss_mib() -> float:
 def write_results(name: str, payload: dict, out: str | Path | None = None) -> Path:
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), "command": " ".join(sys.argv), **payload}, indent=2) + "\n")
+    path.write_text(dumps({"benchmark": name, "machine": machine(), "command": " ".join(sys.argv), **payload}, indent=2) + "\n")
     return path
 
 

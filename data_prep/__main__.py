@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from lmmem.cli import run_cli
+from lmmem.config_file import add_config_argument, argv_with_config
 from lmmem.validation import check_flags
 
 from data_prep import gigaword, gutenberg, synthetic, text, wikitext
@@ -23,26 +24,34 @@ CORPORA = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog=prog,
         description="Prepare a corpus for lmmem: vocab.txt, {train,valid,test}.bin (uint32 token ids) and meta.json.",
     )
     sub = parser.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
     for name, (module, help_text) in CORPORA.items():
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).split("\n\n")[0])
         module.add_arguments(p)
+        add_config_argument(p)
         p.set_defaults(run=module.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m data_prep") -> int:
     """The CLI: errors (input, options, a full disk) become one ``error:`` line and status 2."""
-    return run_cli(_main, argv)
+    return run_cli(lambda a: _main(a, prog), argv)
 
 
-def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # unknown flags: argparse prints usage and exits 2
+def _main(argv: list[str] | None = None, prog: str = "python -m data_prep") -> int:
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --config FILE: the file's options go right after the corpus name, before the command line's own
+    at = next((i for i, a in enumerate(argv) if a in CORPORA), None)
+    if at is not None:
+        sub = parser._subparsers._group_actions[0].choices[argv[at]]  # the corpus's own parser
+        argv = argv_with_config(argv, sub, "prepare", insert_at=at + 1)
+    args = parser.parse_args(argv)  # unknown flags: argparse prints usage and exits 2
     check_flags(vars(args))  # the same numeric rules as every other CLI (lmmem.validation)
     try:
         args.run(args)

@@ -61,6 +61,7 @@ from lmmem.errors import DataError
 from lmmem.safety import (
     FolderLock, check_writable_folder, is_inside, recover_swap, remove_stale_temp_files, swap_in_folder,
 )
+from lmmem.jsonio import dumps
 
 from data_prep.tokenization import EOS_TEXT, WordTokenizer
 
@@ -384,7 +385,7 @@ def _finish_split(path: Path, n_tokens: int, perm: np.ndarray | None, vocab: Voc
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(obj, what=f"the metadata for {path}", indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

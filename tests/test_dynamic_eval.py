@@ -23,11 +23,11 @@ def test_zero_learning_rate_is_the_plain_model_and_the_model_is_untouched(arch, 
     bucket_of = np.arange(30) % 3
     plain, cnt = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=4, bptt=10)
     before = _snapshot(model)
-    nll, cnt2 = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(lr=0.0, decay=0.0),
+    nll, cnt2 = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(method="sgd", lr=0.0, decay=0.0),
                               batch_size=4, bptt=10)
     np.testing.assert_array_equal(cnt, cnt2)
     np.testing.assert_allclose(nll, plain, rtol=1e-12)
-    nll3, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(lr=0.5, decay=0.01),
+    nll3, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=3, cfg=DynamicConfig(method="sgd", lr=0.5, decay=0.01),
                             batch_size=4, bptt=10)
     assert not np.allclose(nll3, plain)
     after = model.state_dict()
@@ -39,7 +39,7 @@ def test_dynamic_evaluation_adapts_to_repeated_text():
     tokens = np.tile(np.random.default_rng(0).integers(0, 30, size=25), 12).astype("<u4")
     bucket_of = np.zeros(30, dtype=np.int64)
     plain, _ = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=1, batch_size=1, bptt=10)
-    dyn, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=1, cfg=DynamicConfig(lr=0.5, decay=0.0),
+    dyn, _ = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=1, cfg=DynamicConfig(method="sgd", lr=0.5, decay=0.0),
                            batch_size=1, bptt=10)
     assert dyn[0] < plain[0]
 
@@ -56,3 +56,134 @@ def test_rms_variant_uses_training_statistics():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError):
         score_dynamic(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, cfg=DynamicConfig(method="rms"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Krause et al.'s update rules against a float64 reference written from the paper / their code
+
+
+def krause_reference(model, tokens, train, *, method, lr, decay, eps, batch_size, bptt, stat_batches):
+    """NLL sum of dynamic evaluation, written independently of lmmem.evaluation.dynamic: gradients
+    from torch.autograd.grad, log-probabilities from a full log-softmax, all terms from the
+    pre-step weights."""
+    import copy
+
+    from lmmem.data.batching import StreamBatcher
+
+    m = copy.deepcopy(model).double().eval()
+    params = [p for _, p in m.named_parameters()]
+    theta0 = [p.detach().clone() for p in params]
+    if method == "rms":
+        sq = [torch.zeros_like(p) for p in params]
+        stats = StreamBatcher(train, batch_size, bptt, pad=True)
+        n = min(stat_batches, len(stats))
+        state = m.init_state(batch_size, "cpu")
+        for j in range(n):
+            b = stats.batch(j)
+            loss, state = m(b.inputs, b.targets, state)
+            state = m.detach_state(state)
+            for s, g in zip(sq, torch.autograd.grad(loss, params)):
+                s += g * g
+        rms = [(s / n).sqrt() for s in sq]
+        gbar = sum(r.mean() for r in rms) / len(rms)  # one normaliser: the mean of the tensors' means
+        rate = [torch.clamp(r / gbar, max=1 / decay) for r in rms]
+    batcher = StreamBatcher(tokens, batch_size, bptt, pad=True)
+    state = m.init_state(batch_size, "cpu")
+    total = 0.0
+    for j in range(len(batcher)):
+        b = batcher.batch(j)
+        h, state = m.hidden_states(b.inputs, state)
+        state = m.detach_state(state)
+        y = b.targets.reshape(-1)
+        keep = y != -100
+        lp = torch.log_softmax(m.output.logits(h.reshape(-1, h.shape[-1])), -1)[keep].gather(1, y[keep][:, None])[:, 0]
+        total += float(-lp.detach().sum())
+        grads = torch.autograd.grad(-lp.mean(), params)
+        with torch.no_grad():
+            if method == "rms":
+                new = [p + decay * r * (t0 - p) - lr * g / (s + eps) for p, t0, g, r, s in zip(params, theta0, grads, rate, rms)]
+            else:
+                new = [p + decay * (t0 - p) - lr * g for p, t0, g in zip(params, theta0, grads)]
+            for p, v in zip(params, new):
+                p.copy_(v)
+    return total
+
+
+@pytest.mark.parametrize("method,lr,decay", [("sgd", 0.3, 0.05), ("rms", 0.01, 0.02), ("rms", 0.003, 0.4)])
+def test_update_rules_match_the_float64_reference(method, lr, decay):
+    model = _model()
+    rng = np.random.default_rng(4)
+    tokens, train = rng.integers(0, 30, size=157).astype("<u4"), rng.integers(0, 30, size=500).astype("<u4")
+    cfg = DynamicConfig(method=method, lr=lr, decay=decay, eps=2e-5, stat_batches=5)
+    nll, cnt = score_dynamic(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, cfg=cfg, batch_size=3,
+                             bptt=7, train_tokens=train)
+    still, _ = score_dynamic(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, batch_size=3, bptt=7,
+                             cfg=DynamicConfig(method=method, lr=0.0, decay=0.0, stat_batches=5), train_tokens=train)
+    ref = krause_reference(model, tokens, train, method=method, lr=lr, decay=decay, eps=2e-5, batch_size=3, bptt=7, stat_batches=5)
+    plain, _ = score_stream(model, tokens, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1, batch_size=3, bptt=7)
+    assert cnt[0] == 156
+    assert nll[0] == pytest.approx(ref, rel=1e-10)
+    assert still[0] == pytest.approx(plain[0], rel=1e-12)  # η = λ = 0: the plain model
+    assert abs(nll[0] - plain[0]) > 0.05  # the updates did change the scores (by more than the tolerance above)
+
+
+def test_tune_picks_the_best_learning_rate_of_the_grid():
+    from lmmem.evaluation.dynamic import tune_dynamic
+
+    model = _model()
+    rng = np.random.default_rng(6)
+    valid, train = np.tile(rng.integers(0, 30, size=20), 8).astype("<u4"), rng.integers(0, 30, size=300).astype("<u4")
+    cfg = DynamicConfig(method="rms", lr=1e-3, stat_batches=3)
+    chosen, info = tune_dynamic(model, valid, cfg, factors=(0.1, 1.0, 10.0, 1e6), batch_size=2, bptt=8, device="cpu",
+                                train_tokens=train)
+    ppl = {}
+    for f in (0.1, 1.0, 10.0, 1e6):
+        nll, cnt = score_dynamic(model, valid, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1,
+                                 cfg=DynamicConfig(method="rms", lr=1e-3 * f, stat_batches=3), batch_size=2, bptt=8, train_tokens=train)
+        loss = nll.sum() / cnt.sum()
+        ppl[1e-3 * f] = float(np.exp(loss)) if loss < 700 else None  # inf or NaN: diverged
+    assert ppl[1e-3 * 1e6] is None and info["valid_perplexity"][str(1e-3 * 1e6)] is None  # diverged: recorded as None, not inf
+    best = min((lr for lr in ppl if ppl[lr] is not None), key=ppl.get)
+    assert chosen.lr == info["lr"] == best
+    assert info["valid_perplexity"][str(best)] == pytest.approx(ppl[best], rel=1e-9)
+
+
+def test_json_refuses_non_finite_numbers(tmp_path):
+    from lmmem.errors import LmmemError
+    from lmmem.evaluation import write_json
+
+    for bad in (float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(LmmemError, match=r"non-finite number at methods\.\+dynamic\.buckets\[1\]\.perplexity"):
+            write_json({"methods": {"+dynamic": {"buckets": [{"perplexity": 1.0}, {"perplexity": bad}]}}}, tmp_path / "r.json")
+    assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+    write_json({"ok": [1.0, None]}, tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text().replace(" ", "").replace("\n", "") == '{"ok":[1.0,null]}'
+
+
+def test_cli_dynamic_divergence_is_an_error_and_writes_no_json(small_corpus, tmp_path, capsys):
+    from lmmem.cli import run_cli
+    from lmmem.evaluation.cli import main
+    from test_evaluate_methods import _checkpoint
+
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    out = tmp_path / "e.json"
+    code = run_cli(main, [str(ckpt), "--dynamic", "--dynamic-method", "rms", "--dynamic-lr", "1e6", "--max-tokens", "200",
+                          "--batch-size", "2", "--json", str(out)])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diverged" in err and "--dynamic-lr" in err
+
+
+@pytest.mark.slow
+def test_cli_rms_dynamic_evaluation_and_tune(small_corpus, tmp_path):
+    import json
+
+    from conftest import run_script
+    from test_evaluate_methods import _checkpoint
+
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    proc = run_script("evaluate.py", str(ckpt), "--dynamic", "--dynamic-method", "rms", "--tune", "--max-tokens", "200", "--batch-size", "2",
+                      "--json", str(tmp_path / "e.json"), check=True)
+    result = json.loads((tmp_path / "e.json").read_text())  # strict JSON: no Infinity/NaN
+    assert "+dynamic" in result["tuned"]["choice"] and "tuned on valid: +dynamic: {'lr':" in proc.stdout
+    assert np.isfinite(result["methods"]["+dynamic"]["perplexity"])

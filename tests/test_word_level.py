@@ -117,7 +117,8 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
 
     per_token = np.full(len(tokens), np.nan)
     score_stream(model_from_checkpoint(load_checkpoint(tmp_path / "m.pt")), tokens, bucket_of=np.zeros(len(corpus.vocab), dtype=np.int64),
-                 num_buckets=1, batch_size=3, bptt=10, token_nll=per_token)
+                 num_buckets=1, batch_size=3, bptt=10,
+                 on_scores=lambda pos, lp: per_token.__setitem__(pos, -lp.double().numpy()))
     assert np.isnan(per_token[0]) and not np.isnan(per_token[1:]).any()
     assert np.nansum(per_token) == pytest.approx(piece_nll, rel=1e-12)
     # the words hold every scored piece but those of the first word (whose first piece is context only)

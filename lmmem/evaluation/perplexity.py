@@ -7,12 +7,18 @@ scored tokens. Buckets are lower-inclusive: a word seen exactly 1,000 times is i
 ``<unk>`` and ``<eos>`` are bucketed by their own training counts like any other entry.
 
 Scoring streams the split in BPTT chunks and keeps only per-bucket sums (float64) on the device,
-so memory does not grow with the length of the split.
+so memory does not grow with the length of the split. The per-token log-probabilities behind those
+sums can be kept as well (:class:`TokenLogProbs`, ``evaluate.py --word-probs FILE``): every scoring
+loop (this one, test_time.score_test_time, dynamic.score_dynamic) hands each batch's scored
+log-probabilities to an ``on_scores(positions, log_probs)`` hook, so the file holds exactly the
+numbers the reported perplexities are computed from.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmmem.data.batching import StreamBatcher
+from lmmem.errors import LmmemError
 from lmmem.output_layers.base import IGNORE_INDEX
 
 DEFAULT_BUCKET_EDGES = (10_000, 1_000, 100)
@@ -114,6 +121,61 @@ def _exp(x: float | None) -> float | None:
     return math.exp(x) if x < 700 else float("inf")
 
 
+class TokenLogProbs:
+    """Log-probability of every scored target of a split under each method, by position.
+
+    ``positions`` are indices into the split's token array (the target's index; the first token
+    has no prediction). Fed by the scoring loops' ``on_scores`` hooks; written by :meth:`write`.
+    """
+
+    def __init__(self, tokens: np.ndarray, max_tokens: int = 0):
+        self.tokens = tokens[: max_tokens + 1] if max_tokens else tokens
+        self.log_probs: dict[str, np.ndarray] = {}
+
+    def hook(self, method: str) -> Callable[[np.ndarray, torch.Tensor], None]:
+        """An ``on_scores`` hook that stores the log-probabilities of ``method``."""
+        column = self.log_probs.setdefault(method, np.full(len(self.tokens), np.nan))
+
+        def on_scores(positions: np.ndarray, log_probs: torch.Tensor) -> None:
+            column[positions] = log_probs.detach().double().cpu().numpy()
+
+        return on_scores
+
+    def rename(self, names: dict[str, str]) -> None:
+        self.log_probs = {names.get(m, m): v for m, v in self.log_probs.items()}
+
+    def write(self, path, *, vocab: list[str], train_counts: np.ndarray, buckets: "FrequencyBuckets") -> int:
+        """One row per scored position: TSV (default) or JSON lines (``.jsonl``). Returns the rows."""
+        from pathlib import Path
+
+        path = Path(path)
+        methods = list(self.log_probs)
+        scored = np.nonzero(~np.isnan(self.log_probs[methods[0]]))[0] if methods else np.zeros(0, dtype=np.int64)
+        for m in methods[1:]:
+            if not np.array_equal(np.nonzero(~np.isnan(self.log_probs[m]))[0], scored):
+                raise LmmemError(f"method {m} scored other positions than {methods[0]}; cannot write one row per token")
+        bucket_of = buckets.assign(train_counts)
+        names = buckets.names
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        jsonl = path.suffix.lower() == ".jsonl"
+        with open(tmp, "w", encoding="utf-8") as f:
+            if not jsonl:
+                f.write("\t".join(["position", "word", "train_count", "bucket", *methods]) + "\n")
+            for i in scored:
+                t = int(self.tokens[i])
+                values = [float(self.log_probs[m][i]) for m in methods]
+                if jsonl:
+                    row = {"position": int(i), "word": vocab[t], "train_count": int(train_counts[t]), "bucket": names[bucket_of[t]],
+                           "log_probs": dict(zip(methods, values))}
+                    f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+                else:
+                    # repr: the shortest text that reads back as the same float, so sums reproduce the report
+                    f.write(f"{i}\t{vocab[t]}\t{int(train_counts[t])}\t{names[bucket_of[t]]}\t" + "\t".join(map(repr, values)) + "\n")
+        tmp.replace(path)
+        return len(scored)
+
+
 def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     if amp_dtype is None:
         return nullcontext()
@@ -136,26 +198,33 @@ def score_stream(
     world_size: int = 1,
     progress: bool = False,
     desc: str = "eval",
-    token_nll: np.ndarray | None = None,
+    context: int = 0,
+    on_scores: Callable[[np.ndarray, torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-bucket (NLL sum, token count) of this rank's rows of the stream.
 
     Every position of the stream is scored exactly once across ranks (rows are padded, padding is
     ignored). The model runs in eval mode (no dropout, no Hebbian statistics) and is put back in
-    the mode it was in. Sum the returned arrays over ranks for the global figures. ``token_nll``
-    (float64, one entry per token of ``tokens``), when given, receives each scored target's NLL at
-    the target's position (word-level numbers for subword vocabularies need them in order).
+    the mode it was in. Sum the returned arrays over ranks for the global figures.
+
+    ``context`` C > 0 (Transformer only): a sliding window, fairseq's ``--context-window``; each
+    step scores ``bptt`` new positions per row from a window of ``C + bptt`` inputs, so every token
+    is predicted from at least C tokens before its input (fewer only at the split's start).
+    ``on_scores(positions, log_probs)`` receives each batch's scored targets (see TokenLogProbs).
     """
     device = torch.device(device)
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
     was_training = model.training
     model.eval()
-    batcher = StreamBatcher(tokens, batch_size, bptt, rank=rank, world_size=world_size, pad=True)
+    batcher = StreamBatcher(tokens, batch_size, bptt, rank=rank, world_size=world_size, pad=True, context=context)
     bucket_t = torch.as_tensor(bucket_of, dtype=torch.long, device=device)
     nll_sum = torch.zeros(num_buckets, dtype=torch.float64, device=device)
     count = torch.zeros(num_buckets, dtype=torch.float64, device=device)
     state = model.init_state(len(batcher.rows), device)
+    if context and state is not None:
+        raise LmmemError("--context (a sliding window) is for the Transformer: an LSTM carries its state from chunk to chunk, "
+                         "so every token already sees all the text before it in its row; drop --context")
     try:
         for step in tqdm(range(len(batcher)), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
             b = batcher.batch(step)
@@ -168,9 +237,8 @@ def score_stream(
             bucket = bucket_t[y.clamp_min(0)]
             nll_sum.index_add_(0, bucket[valid], nll[valid])
             count.index_add_(0, bucket[valid], torch.ones_like(nll[valid]))
-            if token_nll is not None:
-                pos, real = batcher.input_positions(step)
-                token_nll[pos[real] + 1] = nll.reshape(pos.shape).cpu().numpy()[real]
+            if on_scores is not None:
+                on_scores(b.target_positions.reshape(-1)[valid.cpu().numpy()], -nll[valid])
     finally:
         model.train(was_training)
     return nll_sum.cpu().numpy(), count.cpu().numpy()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmmem.evaluation.perplexity import PerplexityReport
-from lmmem.safety import write_text_atomic
+from lmmem.jsonio import write_json  # noqa: F401  (re-exported: JSON here refuses inf/NaN)
 
 
 def format_perplexity(x: float | None) -> str:
@@ -41,13 +40,6 @@ def format_table(reports: dict[str, PerplexityReport]) -> str:
         if i == 0 or i == len(reports):
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def write_json(obj: dict, path: str | Path) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def plot_bucketed_perplexity(reports: dict[str, PerplexityReport], path: str | Path, title: str = "") -> Path | None:

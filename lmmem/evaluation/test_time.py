@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from lmmem.data.batching import StreamBatcher
 from lmmem.errors import LmmemError
-from lmmem.evaluation.perplexity import FrequencyBuckets, PerplexityReport
+from lmmem.evaluation.perplexity import FrequencyBuckets, PerplexityReport, TokenLogProbs
 from lmmem.memories.mbpa import MbPA, MbPAConfig
 from lmmem.memories.neural_cache import CacheConfig, NeuralCache
 from lmmem.output_layers.base import IGNORE_INDEX, cross_entropy_from_logits
@@ -91,6 +91,19 @@ def _log_mix(lp: torch.Tensor, lam: torch.Tensor, lq: torch.Tensor) -> torch.Ten
     return torch.logaddexp(torch.log1p(-lam) + lp, torch.log(lam) + lq)
 
 
+def score_grid(cache, mbpa, thetas=None, cache_lambdas=None, mbpa_lambdas=None) -> tuple[list, list, list]:
+    """The (θ, λ_c, λ_m) grid score_test_time scores: λ lists sorted, deduplicated, with 0 (the
+    model alone) always in; a memory that is off gets the single value that leaves it out."""
+    thetas = list(thetas if thetas is not None else ([cache.theta] if cache else [0.0]))
+    cache_lambdas = sorted(set(cache_lambdas if cache_lambdas is not None else [0.0] + ([cache.lam] if cache else [])) | {0.0})
+    mbpa_lambdas = sorted(set(mbpa_lambdas if mbpa_lambdas is not None else [0.0] + ([mbpa.lam] if mbpa else [])) | {0.0})
+    if not cache:
+        thetas, cache_lambdas = thetas[:1], [0.0]
+    if not mbpa:
+        mbpa_lambdas = [0.0]
+    return thetas, cache_lambdas, mbpa_lambdas
+
+
 @torch.no_grad()
 def score_test_time(
     model: torch.nn.Module,
@@ -111,10 +124,13 @@ def score_test_time(
     progress: bool = False,
     desc: str = "eval",
     train_tokens: np.ndarray | None = None,
+    on_scores=None,
 ) -> TestTimeScores:
     """Score ``tokens`` with the plain model, the cache and/or MbPA, for a grid of θ and λ values
     (by default the single values of the configs). Returns per-bucket sums for every grid point.
-    The model is left untouched (eval mode during the pass, then its previous mode)."""
+    The model is left untouched (eval mode during the pass, then its previous mode).
+    ``on_scores(positions, log_probs)``: each batch's scored targets, log-probabilities of shape
+    ``(nθ, nλc, nλm, targets)`` (the grid), as perplexity.TokenLogProbs records them."""
     import time
 
     t0 = time.monotonic()
@@ -124,13 +140,7 @@ def score_test_time(
     streams = streams or batch_size
     if streams % batch_size:
         raise LmmemError(f"--streams ({streams}) must be a multiple of --batch-size ({batch_size})")
-    thetas = list(thetas if thetas is not None else ([cache.theta] if cache else [0.0]))
-    cache_lambdas = sorted(set(cache_lambdas if cache_lambdas is not None else [0.0] + ([cache.lam] if cache else [])) | {0.0})
-    mbpa_lambdas = sorted(set(mbpa_lambdas if mbpa_lambdas is not None else [0.0] + ([mbpa.lam] if mbpa else [])) | {0.0})
-    if not cache:
-        thetas, cache_lambdas = thetas[:1], [0.0]
-    if not mbpa:
-        mbpa_lambdas = [0.0]
+    thetas, cache_lambdas, mbpa_lambdas = score_grid(cache, mbpa, thetas, cache_lambdas, mbpa_lambdas)
     lc = torch.tensor(cache_lambdas, dtype=torch.float64, device=device)
     lm = torch.tensor(mbpa_lambdas, dtype=torch.float64, device=device)
     grid = (len(thetas), len(cache_lambdas), len(mbpa_lambdas))
@@ -188,6 +198,8 @@ def score_test_time(
                 bucket = bucket_t[yf.clamp_min(0)][valid]
                 nll_sum.index_add_(3, bucket, -mixed[..., valid])
                 count.index_add_(0, bucket, torch.ones_like(lp[valid]))
+                if on_scores is not None:
+                    on_scores(b.target_positions.reshape(-1)[valid.cpu().numpy()], mixed[..., valid])
             if g == 0:
                 if nc is not None:
                     mem_bytes["cache"] = nc.memory.nbytes()
@@ -243,18 +255,22 @@ def evaluate_methods(
     thetas=DEFAULT_THETAS,
     lambdas=DEFAULT_LAMBDAS,
     progress: bool = False,
+    word_probs=None,
 ) -> tuple[dict, dict]:
     """Every requested method side by side on ``split``: ``({method: PerplexityReport}, meta)``.
 
     Methods: ``plain``, ``+cache``, ``+mbpa``, ``+cache+mbpa`` (when both are on) and
     ``+dynamic``. With ``tune``, θ, λ_c and λ_m are chosen on the valid split (one pass over it for
-    the whole grid) and the test split is scored with the chosen values.
+    the whole grid), the dynamic learning rate from a grid around ``dynamic.lr`` (one pass each),
+    and the requested split is scored with the chosen values. ``word_probs``: a file to write every
+    method's per-token log-probabilities to (perplexity.TokenLogProbs), recorded by the same
+    passes that produce the reports.
     """
     from dataclasses import asdict, replace
     from pathlib import Path
 
     from lmmem.data.corpus import PreparedCorpus
-    from lmmem.evaluation.dynamic import score_dynamic
+    from lmmem.evaluation.dynamic import score_dynamic, tune_dynamic
     from lmmem.training.checkpoint import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
     from lmmem.training.distributed import resolve_device
 
@@ -287,7 +303,17 @@ def evaluate_methods(
             choice["+cache+mbpa"] = val.best(cache=True, mbpa=True)
         meta["tuned"] = {"split": "valid", "thetas": list(thetas), "lambdas": list(lambdas), "choice": choice,
                          "valid_perplexity": {m: val.report(buckets, **c).perplexity for m, c in choice.items()}}
+    if tune and dynamic is not None:
+        dynamic, grid = tune_dynamic(model, corpus.tokens("valid"), dynamic, batch_size=batch_size, bptt=bptt, device=dev,
+                                     train_tokens=corpus.tokens("train") if dynamic.method == "rms" else None,
+                                     max_tokens=max_tokens)
+        tuned = meta["tuned"] or {"split": "valid", "choice": {}, "valid_perplexity": {}}
+        tuned["choice"]["+dynamic"] = {"lr": grid["lr"]}
+        tuned["valid_perplexity"]["+dynamic"] = grid["valid_perplexity"][str(grid["lr"])]
+        tuned["dynamic_lr_grid"] = grid["valid_perplexity"]
+        meta["tuned"] = tuned
     tokens = corpus.tokens(split)
+    collector = TokenLogProbs(tokens, max_tokens) if word_probs else None
     reports: dict = {}
     params: dict = {}
     if cache or mbpa:
@@ -305,8 +331,25 @@ def evaluate_methods(
                 lcs.append(c["cache_lambda"])
                 lms.append(c["mbpa_lambda"])
         th = sorted(set(th)) or None
+        on_scores = None
+        if collector is not None:
+            g_th, g_lc, g_lm = score_grid(cache, mbpa, th, lcs, lms)  # the grid the pass below scores
+
+            def grid_index(c):
+                return (g_th.index(c["theta"]) if c["theta"] is not None else 0, g_lc.index(c["cache_lambda"]),
+                        g_lm.index(c["mbpa_lambda"]))
+
+            picks = {"plain": (0, 0, 0)}  # λ_c = λ_m = 0 sort first
+            for m, c in (("+cache", cache_choice), ("+mbpa", mbpa_choice), ("+cache+mbpa", both_choice)):
+                if c:
+                    picks[m] = grid_index(c)
+            hooks = [(collector.hook(m), i) for m, i in picks.items()]
+
+            def on_scores(positions, log_probs):
+                for hook, i in hooks:
+                    hook(positions, log_probs[i])
         tt = score_test_time(model, tokens, cache=cache, mbpa=mbpa, thetas=th, cache_lambdas=lcs, mbpa_lambdas=lms,
-                             desc=split, **common)
+                             desc=split, on_scores=on_scores, **common)
         theta0 = th[0] if th else None
         reports["plain"] = tt.report(buckets, theta=theta0)
         if cache_choice:
@@ -325,22 +368,31 @@ def evaluate_methods(
     else:
         from lmmem.evaluation.perplexity import score_stream
 
+        plain_hook = collector.hook("plain") if collector is not None else None
         if streams and streams != batch_size:
-            tt = score_test_time(model, tokens, desc=split, **common)
+            tt = score_test_time(model, tokens, desc=split,
+                                 on_scores=(lambda p, lp: plain_hook(p, lp[0, 0, 0])) if plain_hook else None, **common)
             reports["plain"] = tt.report(buckets)
         else:
             nll, cnt = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=len(buckets.names),
                                     batch_size=batch_size, bptt=bptt, device=dev, max_tokens=max_tokens,
-                                    progress=progress, desc=split)
+                                    progress=progress, desc=split, on_scores=plain_hook)
             reports["plain"] = PerplexityReport.from_sums(nll, cnt, buckets)
     if dynamic is not None:
         train = corpus.tokens("train") if dynamic.method == "rms" else None
         nll, cnt = score_dynamic(model, tokens, bucket_of=bucket_of, num_buckets=len(buckets.names), cfg=dynamic,
-                                 batch_size=batch_size, bptt=bptt, device=dev, train_tokens=train, max_tokens=max_tokens)
+                                 batch_size=batch_size, bptt=bptt, device=dev, train_tokens=train, max_tokens=max_tokens,
+                                 on_scores=collector.hook("+dynamic") if collector is not None else None)
         reports["+dynamic"] = PerplexityReport.from_sums(nll, cnt, buckets)
+        if not math.isfinite(reports["+dynamic"].perplexity):
+            raise LmmemError(f"dynamic evaluation diverged on {split} (perplexity {reports['+dynamic'].perplexity}) at "
+                             f"--dynamic-lr {dynamic.lr}; give a smaller one, or --tune to choose it on the valid split")
         params["+dynamic"] = asdict(dynamic)
     meta.update({"checkpoint": str(checkpoint), "data": str(data_dir), "split": split, "step": ckpt["progress"]["step"],
                  "model": ckpt["model_config"], "vocab_fingerprint": corpus.fingerprint, "batch_size": batch_size,
                  "streams": streams or batch_size, "bptt": bptt, "bucket_edges": list(buckets.edges), "device": str(dev),
                  "method_params": params})
+    if collector is not None:
+        rows = collector.write(word_probs, vocab=corpus.vocab.tokens, train_counts=corpus.train_counts(), buckets=buckets)
+        meta["word_probs"] = {"path": str(word_probs), "rows": rows, "columns": list(collector.log_probs)}
     return reports, meta

@@ -14,7 +14,6 @@ the generator, so this is close to the per-document count.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from lmmem.cli import run_cli
 from lmmem.data.corpus import PreparedCorpus
+from lmmem.jsonio import write_json
 from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.validation import check_flags
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         print(f"| {r['checkpoint']} | {r['softmax']} {r['softmax_options'] or ''} | " + " | ".join((f"{r[c]:.3f}" if "name@" in c else f"{r[c]:,.0f}") if r[c] is not None else "–" for c in cols) + " |")
     print(f"positions: 1st {rows[0]['n@1']}, 2nd {rows[0]['n@2']}, 3rd {rows[0]['n@3']} occurrences")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(rows, args.json)
     return 0
 
 

@@ -105,7 +105,9 @@ class TransformerLanguageModel(nn.Module):
         """Final activations ``(B, T, embed_dim)`` (the softmax's input, after output dropout)."""
         T = inputs.shape[1]
         if T > self.cfg.context:
-            raise LmmemError(f"input of {T} positions is longer than the Transformer's context ({self.cfg.context}); use --bptt <= --context")
+            raise LmmemError(f"input of {T} positions is longer than the Transformer's context ({self.cfg.context} positions, its "
+                             f"training --bptt); evaluate with --bptt {self.cfg.context} or less, and --context C to score "
+                             f"every token with at least C tokens before it (a sliding window)")
         pos = torch.arange(T, device=inputs.device)
         x = self.input_dropout(self.embedding(inputs) + self.position(pos))
         for block in self.blocks:

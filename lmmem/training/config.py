@@ -67,6 +67,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "rows per validation batch"})
     checkpoint_interval: int = field(default=200, metadata={"help": "steps between last.pt saves"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar"})
+    tensorboard: bool = field(default=False, metadata={"help": "also log metrics.jsonl's numbers to OUT/tensorboard (needs the tensorboard package)"})
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         softmax_options: dict[str, Any] = {}

@@ -22,7 +22,6 @@ tests drive the same code. What it guarantees:
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -41,6 +40,7 @@ from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import CheckpointError, LmmemError, TrainingDiverged
 from lmmem.evaluation.perplexity import autocast_context, score_stream
+from lmmem.jsonio import dumps
 from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
 from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
@@ -80,6 +80,7 @@ class TrainResult:
     progress: Progress
     stopped_by: str  # "max_steps" | "max_epochs" | "time_budget" | "interrupt"
     last_val_loss: float | None
+    is_main: bool = True  # the process that prints and writes (rank 0 under torchrun)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,8 +340,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         D.teardown(ctx)
 
 
+def tensorboard_writer_class():
+    """torch's TensorBoard SummaryWriter; a one-line error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LmmemError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or pip install 'lmmem[tensorboard]'), or drop --tensorboard") from None
+    return SummaryWriter
+
+
 def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     out = Path(cfg.out)
+    summary_writer = tensorboard_writer_class() if cfg.tensorboard else None  # fail before any work
     data_dir = ensure_data(cfg, ctx)
     corpus = PreparedCorpus.open(data_dir)
     train_tokens = corpus.tokens("train")
@@ -383,7 +395,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
             print(f"resumed {last_path} at step {progress.step} (epoch {progress.epoch}, batch {progress.position}) on --data {data_dir}")
 
     if ctx.is_main:
-        write_text_atomic(out / "config.json", json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, indent=2) + "\n")
+        write_text_atomic(out / "config.json", dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, what="the run config", indent=2) + "\n")
 
     net: torch.nn.Module = model
     if ctx.distributed:
@@ -393,14 +405,22 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
     autocast_dtype = amp_dtype(cfg, ctx.device)
     n_params = sum(p.numel() for p in model.parameters())
 
+    # TensorBoard (optional) gets the same numbers as metrics.jsonl, under the same names.
+    tb = summary_writer(log_dir=str(out / "tensorboard")) if summary_writer and ctx.is_main else None
+
     def log(record: dict) -> None:
         if ctx.is_main:
             path = out / "metrics.jsonl"
             try:
                 with open(path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(dumps(record, what="the metrics record") + "\n")
             except OSError as e:  # a failed write (a full disk) names no file: name it
                 raise OSError(e.errno, e.strerror, str(path)) from None
+            if tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        tb.add_scalar(key, value, record["step"])
+                tb.flush()
 
     # Divergence: a non-finite loss, or one far above a uniform guess's ln V (see DIVERGENCE_FACTOR).
     loss_limit = DIVERGENCE_FACTOR * math.log(len(corpus.vocab))
@@ -544,7 +564,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         msg = {"interrupt": f"interrupted at step {progress.step}: saved {last_path}; continue with --resume --out {out}",
                "time_budget": f"time budget reached at step {progress.step}: saved {last_path}"}.get(stopped_by, f"done at step {progress.step}")
         print(msg)
-    return TrainResult(out, progress, stopped_by, last_val)
+    if tb is not None:
+        tb.close()
+    return TrainResult(out, progress, stopped_by, last_val, ctx.is_main)
 
 
 def _validate_and_keep_best(validate_now, progress: Progress, checkpoint, best_path: Path, log, ctx, check_loss) -> float | None:

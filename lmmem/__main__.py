@@ -1,0 +1,45 @@
+"""``lmmem train|evaluate|prepare ...`` (installed console script) and ``python -m lmmem ...``.
+
+The same commands as ``python train.py``, ``python evaluate.py`` and ``python -m data_prep`` in a
+checkout; each subcommand's ``--help`` lists its options.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: lmmem {train,evaluate,prepare} ...
+
+  lmmem train ...      train a language model          (lmmem train --help)
+  lmmem evaluate ...   perplexity of a checkpoint       (lmmem evaluate --help)
+  lmmem prepare ...    prepare a corpus                 (lmmem prepare --help)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from lmmem.cli import run_cli
+        from lmmem.training.cli import main as train_main
+
+        return run_cli(lambda a: train_main(a, prog="lmmem train", evaluate="lmmem evaluate"), rest)
+    if command == "evaluate":
+        from lmmem.cli import run_cli
+        from lmmem.evaluation.cli import main as evaluate_main
+
+        return run_cli(lambda a: evaluate_main(a, prog="lmmem evaluate"), rest)
+    if command == "prepare":
+        from data_prep.__main__ import main as prepare_main
+
+        return prepare_main(rest, prog="lmmem prepare")
+    print(USAGE, end="", file=sys.stderr)
+    print(f"lmmem: error: unknown command {command!r}; choose train, evaluate or prepare", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
