@@ -102,6 +102,12 @@ RULES: dict[str, Rule] = {
     "checkpoint_interval": at_least_one("steps between checkpoints"),
     # evaluate.py
     "max_tokens": non_negative("0 means every token of the split"),
+    "context": non_negative("tokens of context for the sliding window; 0 means independent windows"),
+    "stat_batches": at_least_one("the RMS rule needs gradient statistics from at least one batch"),
+    "sgd_lrs": positive("a learning rate of 0 or less does not adapt"),
+    "rms_lrs": positive("a learning rate of 0 or less does not adapt"),
+    "rms_eps": positive("ε keeps the RMS normaliser away from 0"),
+    "decay": non_negative("the decay towards the trained weights"),
     "streams": at_least_one("at least one stream"),
     "cache_window": at_least_one("the cache holds at least one pair"),
     "cache_theta": finite("θ scales the cache's dot products (a NaN would make every score NaN)"),

@@ -40,6 +40,9 @@ def _load_script(name: str):
 
 TRAIN = _load_script("train")
 EVALUATE = _load_script("evaluate")
+# the scripts are thin wrappers; their parsers live in the package
+from lmmem.evaluation import cli as _evaluate_cli  # noqa: E402
+from lmmem.training import config as _train_config  # noqa: E402
 TINY = ["--embed-dim", "8", "--hidden-dim", "12", "--proj-dim", "8", "--batch-size", "4", "--bptt", "8",
         "--eval-batch-size", "4", "--no-progress", "--warmup-steps", "1", "--log-interval", "1"]
 
@@ -509,13 +512,13 @@ def _parser_of(main) -> "argparse.ArgumentParser":
 
 def test_every_numeric_flag_of_every_cli_has_a_rule():
     """A new int/float flag needs one line in lmmem.validation.RULES (the reason included)."""
-    from lmmem.experiments import curriculum, mbpa_sweep, name_recall, softmax_comparison
+    from lmmem.experiments import curriculum, dynamic_sweep, mbpa_sweep, name_recall, softmax_comparison
     from lmmem.validation import RULES
 
     from data_prep.__main__ import build_parser as prep_parser
 
-    parsers = {"train.py": TRAIN.build_parser(), "evaluate.py": EVALUATE.build_parser(), "data_prep": prep_parser()}
-    for module in (curriculum, mbpa_sweep, name_recall, softmax_comparison):
+    parsers = {"train.py": _train_config.build_parser(), "evaluate.py": _evaluate_cli.build_parser(), "data_prep": prep_parser()}
+    for module in (curriculum, dynamic_sweep, mbpa_sweep, name_recall, softmax_comparison):
         parsers[module.__name__] = _parser_of(module.main)
     missing = {name: sorted(_numeric_flags(p) - set(RULES)) for name, p in parsers.items()}
     assert not any(missing.values()), f"add a rule to lmmem/validation.py for {missing}"
@@ -530,7 +533,7 @@ def test_help_states_each_default_once():
     from data_prep.__main__ import build_parser as prep_parser
 
     subs = [a for a in prep_parser()._actions if isinstance(a, argparse._SubParsersAction)][0].choices.values()
-    for parser in (TRAIN.build_parser(), EVALUATE.build_parser(), *subs):
+    for parser in (_train_config.build_parser(), _evaluate_cli.build_parser(), *subs):
         text = " ".join(parser.format_help().split())
         assert "(default: None)" not in text
         assert not re.search(r"default[^()]*\) \(default", text), re.search(r".{80}default[^()]*\) \(default.{20}", text)

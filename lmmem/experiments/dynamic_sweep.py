@@ -19,11 +19,13 @@ import time
 
 import numpy as np
 
+from lmmem.cli import HelpFormatter, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import score_stream, write_json
 from lmmem.evaluation.dynamic import DynamicConfig, gradient_statistics, score_dynamic
-from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
+from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
+from lmmem.validation import check_flags
 
 
 def _ppl(nll: np.ndarray, cnt: np.ndarray) -> float | None:
@@ -35,7 +37,7 @@ def sweep(checkpoint, *, sgd_lrs=(), rms_lrs=(), rms_eps=(DynamicConfig.eps,), d
           batch_size=16, bptt=None, max_tokens=0, stat_batches=DynamicConfig.stat_batches, device="auto", log=print) -> dict:
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
-    corpus = PreparedCorpus.open(ckpt["train_config"]["data"])
+    corpus = PreparedCorpus.open(data_dir_for(ckpt, None, checkpoint))
     model = model_from_checkpoint(ckpt, dev)
     bptt = bptt or int(ckpt["train_config"]["bptt"])
     tokens = corpus.tokens(split)
@@ -61,7 +63,7 @@ def sweep(checkpoint, *, sgd_lrs=(), rms_lrs=(), rms_eps=(DynamicConfig.eps,), d
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--split", default="valid")
     p.add_argument("--sgd-lrs", type=float, nargs="*", default=[1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    check_flags(vars(args))
     result = sweep(args.checkpoint, sgd_lrs=args.sgd_lrs, rms_lrs=args.rms_lrs, rms_eps=args.rms_eps, decay=args.decay,
                    split=args.split, batch_size=args.batch_size, bptt=args.bptt, max_tokens=args.max_tokens,
                    stat_batches=args.stat_batches, device=args.device)
@@ -85,4 +88,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

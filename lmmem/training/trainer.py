@@ -22,6 +22,7 @@ tests drive the same code. What it guarantees:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -328,6 +329,8 @@ def _prepare_run_folder(cfg: TrainConfig, out: Path) -> FolderLock:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    if cfg.tensorboard:
+        tensorboard_writer_class()  # a missing package is refused before the run folder is touched
     ctx = D.setup(cfg.device)
     lock = None
     try:
