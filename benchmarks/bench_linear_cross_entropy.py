@@ -139,7 +139,7 @@ def measure(method: str, N: int, D: int, V: int, dtype: str, device: torch.devic
             source: dict | None) -> dict:
     """One method at one shape: peak memory on the first call (after the inputs exist), then the
     median forward and backward times over ``repeat`` calls after ``warmup``."""
-    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")  # the API that cannot raise
     fn = available_methods(device, dtype)[method]
     h, W, t = make_inputs(N, D, V, dtype, device, source)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16-autocast")

@@ -48,6 +48,7 @@ setting). Gradients come back in each input's own dtype, ``dW``/``db`` accumulat
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -214,16 +215,22 @@ def _acc_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.is_cuda and kernel_ok(("mm_out_dtype", str(a.dtype), str(acc.device)), lambda: _probe_mm_out_dtype(a, acc)):
+    if acc.is_cuda and _mm_out_dtype_works(a.dtype, acc.dtype, acc.device):
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
         return
     acc.add_(torch.mm(a, b))
 
 
-def _probe_mm_out_dtype(a: torch.Tensor, acc: torch.Tensor) -> None:
-    x = torch.ones(3, 2, dtype=a.dtype, device=a.device)
-    r = torch.mm(x, x.t(), out_dtype=acc.dtype)
-    assert r.dtype == acc.dtype and float(r[0, 0]) == 2.0
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_works(dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch/GPU has ``torch.mm(..., out_dtype=)`` for these dtypes (a cached fact, not a
+    kernel of ours: no warning when it is missing, the plain product is the documented fallback)."""
+    try:
+        x = torch.ones(3, 2, dtype=dtype, device=device)
+        r = torch.mm(x, x.t(), out_dtype=out_dtype)
+        return r.dtype == out_dtype and float(r[0, 0]) == 2.0
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def _check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
