@@ -24,7 +24,8 @@ dtypes: ``fp32``, ``tf32`` (fp32 tensors, TF32 matmuls allowed; CUDA), ``bf16`` 
 Inputs: random (``h ~ N(0, 1)``, ``W ~ N(0, 0.02²)``), or with ``--checkpoint`` the output layer and the
 final activations of a trained lmmem model on its validation text (peaked, realistic logits).
 
-Reported per row: median forward ms, backward ms, total; TFLOP/s counting ``6·N·D·V``; on CUDA that
+Reported per row: median forward ms, backward ms, total (wall clock), and the process CPU time of
+the call (on a shared CPU machine the steadier measure of the work done); TFLOP/s counting ``6·N·D·V``; on CUDA that
 as a fraction of the bf16 matmul peak measured in the same run; peak memory above the inputs (CUDA:
 ``max_memory_allocated``; CPU: the worker process's peak RSS, ``VmHWM`` after a reset, minus its RSS
 with the inputs allocated; each CPU measurement runs in a fresh worker process, rounds interleave
@@ -143,7 +144,7 @@ def measure(method: str, N: int, D: int, V: int, dtype: str, device: torch.devic
     fn = available_methods(device, dtype)[method]
     h, W, t = make_inputs(N, D, V, dtype, device, source)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16-autocast")
-    fwd, bwd, peak = [], [], None
+    fwd, bwd, cpu, peak = [], [], [], None
     # one tiny call first: one-time costs (lazy imports, op registration, autotuning caches) are not
     # the method's per-call time, and must not count in a warmup-free CPU round
     hp, Wp, tp = make_inputs(8, D, 16, dtype, device, None)
@@ -162,12 +163,14 @@ def measure(method: str, N: int, D: int, V: int, dtype: str, device: torch.devic
                     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
                 except OSError:
                     base = None
+        c0 = time.process_time()
         t0 = _now(device)
         with autocast:
             loss = fn(h, W, t)
         t1 = _now(device)
         loss.backward()
         t2 = _now(device)
+        c2 = time.process_time()
         if i == 0:
             if device.type == "cuda":
                 peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
@@ -176,10 +179,12 @@ def measure(method: str, N: int, D: int, V: int, dtype: str, device: torch.devic
         if i >= warmup:
             fwd.append(1e3 * (t1 - t0))
             bwd.append(1e3 * (t2 - t1))
+            cpu.append(1e3 * (c2 - c0))
         h.grad = W.grad = None
         del loss
     f, b = statistics.median(fwd), statistics.median(bwd)
-    return {"forward_ms": f, "backward_ms": b, "ms": f + b, "peak_extra_mib": peak, "runs": len(fwd)}
+    return {"forward_ms": f, "backward_ms": b, "ms": f + b, "cpu_ms": statistics.median(cpu), "peak_extra_mib": peak,
+            "runs": len(fwd)}
 
 
 def matmul_peak_tflops(device, repeat: int = 20) -> float | None:
@@ -277,7 +282,7 @@ def main() -> None:
                 r = group[m]
                 if not runs:
                     continue
-                for key in ("forward_ms", "backward_ms", "ms"):
+                for key in ("forward_ms", "backward_ms", "ms", "cpu_ms"):
                     r[key] = statistics.median(x[key] for x in runs)
                 peaks = [x["peak_extra_mib"] for x in runs if x["peak_extra_mib"] is not None]
                 r["peak_extra_mib"] = max(peaks) if peaks else None
@@ -294,11 +299,12 @@ def main() -> None:
             eager = group.get("eager", {})
             if ours.get("ms") and eager.get("ms"):
                 ours["time_ratio_vs_eager"] = ours["ms"] / eager["ms"]
+                ours["cpu_time_ratio_vs_eager"] = ours["cpu_ms"] / eager["cpu_ms"]
                 if ours.get("peak_extra_mib") is not None and eager.get("peak_extra_mib"):
                     ours["memory_ratio_vs_eager"] = ours["peak_extra_mib"] / eager["peak_extra_mib"]
             rows += group.values()
     cols = ["method", "dtype", "logits", "N", "D", "V", "forward_ms", "backward_ms", "ms", "tflops", "peak_fraction",
-            "peak_extra_mib", "time_ratio_vs_eager", "memory_ratio_vs_eager", "speedup_vs_fastest_peer", "error"]
+            "peak_extra_mib", "cpu_ms", "time_ratio_vs_eager", "cpu_time_ratio_vs_eager", "memory_ratio_vs_eager", "speedup_vs_fastest_peer", "error"]
     print(markdown_table(rows, cols))
     payload = {"results": rows, "matmul_peak_bf16_tflops": peak,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -309,8 +315,10 @@ def main() -> None:
         ours = next((r for r in rows if r["method"] == "lmmem"), {})
         payload["acceptance"] = {
             "memory_ratio_vs_eager": ours.get("memory_ratio_vs_eager"), "time_ratio_vs_eager": ours.get("time_ratio_vs_eager"),
+            "cpu_time_ratio_vs_eager": ours.get("cpu_time_ratio_vs_eager"),
             "memory_ok (<= 1/8)": (ours.get("memory_ratio_vs_eager") or 9) <= 1 / 8,
-            "time_ok (<= 1)": (ours.get("time_ratio_vs_eager") or 9) <= 1.0}
+            "time_ok (wall, median of rounds, <= 1)": (ours.get("time_ratio_vs_eager") or 9) <= 1.0,
+            "cpu_time_ok (process CPU time, <= 1)": (ours.get("cpu_time_ratio_vs_eager") or 9) <= 1.0}
         print(json.dumps(payload["acceptance"]))
     name = f"bench_linear_cross_entropy_{device.type}" + ("_acceptance" if args.cpu_acceptance else "")
     path = write_results(name, payload, args.out)

@@ -254,7 +254,7 @@ def test_a_second_backward_is_refused_not_double_scaled(gen):
     Wl = W.clone().requires_grad_()
     loss = linear_cross_entropy(h, Wl, b, t)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
 
 
@@ -277,11 +277,11 @@ def test_torch_compile_keeps_one_graph(gen):
 
 
 def test_chunk_size_rule():
-    """~128 MiB of logits per chunk on CPU (fp32; plus the fp32 working copy for bf16), never below
+    """~200 MiB of logits per chunk on CPU (fp32; plus the fp32 working copy for bf16), never below
     16 rows nor above N; a shape- and device-determined size (the same bits every run)."""
     V = 267_735
     rows = chunk_rows(2048, V, 512, torch.device("cpu"), torch.float32, use_triton=False)
-    assert 16 <= rows < 2048 and rows % 16 == 0 and rows * V * 4 <= 128 << 20
+    assert rows == 192 and rows * V * 4 <= 200 << 20
     assert chunk_rows(2048, V, 512, torch.device("cpu"), torch.bfloat16, use_triton=False) < rows
     assert chunk_rows(37, 131, 24, torch.device("cpu"), torch.float32, use_triton=False) == 37
 

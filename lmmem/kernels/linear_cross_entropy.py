@@ -81,18 +81,19 @@ def ce_step_torch(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tens
         x.mul_(softcap)
     z_t = x.gather(1, t).squeeze(1)
     z_mean = x.mean(dim=1) if smoothing else None
-    m = x.amax(dim=1, keepdim=True)
-    x.sub_(m).exp_()
-    s = x.sum(dim=1, keepdim=True)
-    lse = (m + s.log()).squeeze(1)
+    lse = torch.logsumexp(x, dim=1)  # row by row: the chunk is read, never written
     loss = lse - (1.0 - smoothing) * z_t + z_loss * lse * lse
     if smoothing:
         loss = loss - smoothing * z_mean
     loss = torch.where(valid, loss, torch.zeros((), dtype=cd, device=z.device))
     if row_weight is not None:
         w = torch.where(valid, row_weight.to(cd), torch.zeros((), dtype=cd, device=z.device))
-        x.div_(s)  # p
-        x.mul_((w * (1.0 + 2.0 * z_loss * lse)).unsqueeze(1))
+        a = w * (1.0 + 2.0 * z_loss * lse)  # the row's factor on p
+        if x.device.type == "cpu" and bool((a >= 0).all()):
+            # a·p = exp(z − lse + log a): two passes over the chunk instead of three (a = 0 → 0)
+            x.sub_((lse - a.log()).unsqueeze(1)).exp_()
+        else:  # (no host sync on a GPU; a negative factor)
+            x.sub_(lse.unsqueeze(1)).exp_().mul_(a.unsqueeze(1))
         if smoothing:
             x.sub_((w * (smoothing / V)).unsqueeze(1))
         x.scatter_add_(1, t, (-(1.0 - smoothing) * w).unsqueeze(1))  # the −1, before any rounding
@@ -185,8 +186,9 @@ def chunk_rows(N: int, V: int, D: int, device: torch.device, compute_dtype: torc
     """Rows per chunk. The chunk's logits (plus the fp32 working copy the PyTorch step makes of
     bf16/fp16 logits, and the soft-cap's derivative) get a fixed budget: on CUDA 1 GiB or 1/16 of the
     device's memory, whichever is less — ~2K rows at V = 267,735 in bf16, big enough for the
-    matmuls to run at full speed; on CPU 128 MiB (the step is memory-bound, the BLAS is not hurt by
-    100-row blocks). The size depends on the shape and the device, never on the momentary free
+    matmuls to run at full speed; on CPU 200 MiB (192 rows at V = 267,735 in fp32: measured there,
+    112-row chunks cost ~10% more time than 256-row ones, and 200 MiB keeps the peak above the
+    inputs — this plus the fp32 weight gradient — under 1/8 of eager PyTorch's). The size depends on the shape and the device, never on the momentary free
     memory, so the summation order (and the result, bit for bit) is the same every run; it is
     halved only when free memory cannot hold it (and never under ``torch.use_deterministic_algorithms``)."""
     per_row = V * torch.empty((), dtype=compute_dtype).element_size()
@@ -199,7 +201,7 @@ def chunk_rows(N: int, V: int, D: int, device: torch.device, compute_dtype: torc
         budget = min(1 << 30, total // 16)
         align = 128
     else:
-        budget, align = 128 << 20, 16
+        budget, align = 200 << 20, 16
     rows = max(align, budget // max(per_row, 1) // align * align)
     if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         free, _ = torch.cuda.mem_get_info(device)
@@ -400,41 +402,51 @@ def _lce_backward_fake(grad, hidden, weight, bias, targets, ignore_index, label_
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, reduction, ignore_index, label_smoothing, z_loss, softcap, compute_dtype,
      need_dh, need_dw, need_db, chunk_size, use_triton) = inputs
+    # only the loss is differentiable: without this autograd would hand backward zero-filled
+    # gradients for lse, dh, dW and db (a V × D zero tensor at the peak)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.reduction = reduction
     ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
     ctx.needs = (need_dh, need_dw, need_db and bias is not None)
     if reduction != "none":
-        ctx.save_for_backward(*output[2:])
+        # Eager: hold the gradients as a plain attribute that backward drops, not as saved tensors:
+        # a saved tensor keeps a reference, so autograd would copy the fp32 V × D weight gradient
+        # into .grad (+0.5 GB at WikiText-103 scale) instead of taking it. Traced (torch.compile),
+        # the tensors are fakes and must be saved the regular way.
+        ctx.grads_on_ctx = all(type(x) is torch.Tensor for x in output[2:])
+        if ctx.grads_on_ctx:
+            ctx.grads = list(output[2:])
+        else:
+            ctx.save_for_backward(*output[2:])
     else:
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, compute_dtype, need_dh, need_dw, need_db,
                        chunk_size, use_triton)
 
 
-def _scale(saved: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # In place on the saved gradient: at V = 267,735 an out-of-place product would add a second
-    # fp32 V × D buffer at the peak. (A second backward through the same graph is then refused by
-    # autograd's saved-tensor version check, instead of silently double-scaling.) Under
-    # torch.compile the functionalised graph does the same out of place.
-    if torch.compiler.is_compiling():
-        return (saved * g).to(dtype)
-    return saved.mul_(g).to(dtype)
-
-
 def _backward(ctx, g_loss, _g_lse, _g_dh, _g_dw, _g_db):
     h_dtype, w_dtype, b_dtype = ctx.dtypes
     need_dh, need_dw, need_db = ctx.needs
-    if ctx.reduction != "none":
-        dh, dw, db = ctx.saved_tensors
-        g = g_loss.to(torch.float32) if g_loss.dtype != torch.float64 else g_loss
-    else:
+    if ctx.reduction == "none":
         hidden, weight, bias, targets = ctx.saved_tensors
         dh, dw, db = torch.ops.lmmem.linear_cross_entropy_backward(g_loss, hidden, weight, bias, targets, *ctx.options)
-        g = None
-    out_dh = (_scale(dh, g, h_dtype) if g is not None else dh) if need_dh else None
-    out_dw = (_scale(dw, g, w_dtype) if g is not None else dw.to(w_dtype)) if need_dw else None
-    out_db = (_scale(db, g, b_dtype) if g is not None else db.to(b_dtype)) if need_db else None
-    return (out_dh, out_dw, out_db) + (None,) * 12
+        return ((dh if need_dh else None), (dw.to(w_dtype) if need_dw else None),
+                (db.to(b_dtype) if need_db else None)) + (None,) * 12
+    g = g_loss if g_loss.dtype == torch.float64 else g_loss.to(torch.float32)
+    if ctx.grads_on_ctx:
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy computes its gradients in the forward and hands them over in the "
+                               "first backward; a second backward through the same graph (retain_graph=True) is not "
+                               "supported: compute the loss again")
+        dh, dw, db = ctx.grads
+        ctx.grads = None  # ours are now the only references: scaled in place, taken by autograd without a copy
+        scale = lambda x, dtype: x.mul_(g).to(dtype)  # noqa: E731
+    else:
+        dh, dw, db = ctx.saved_tensors
+        scale = lambda x, dtype: (x * g).to(dtype)  # noqa: E731
+    return ((scale(dh, h_dtype) if need_dh else None), (scale(dw, w_dtype) if need_dw else None),
+            (scale(db, b_dtype) if need_db else None)) + (None,) * 12
 
 
 _lce_op.register_autograd(_backward, setup_context=_setup_context)
