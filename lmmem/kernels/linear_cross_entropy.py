@@ -81,7 +81,11 @@ def ce_step_torch(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tens
         x.mul_(softcap)
     z_t = x.gather(1, t).squeeze(1)
     z_mean = x.mean(dim=1) if smoothing else None
-    lse = torch.logsumexp(x, dim=1)  # row by row: the chunk is read, never written
+    # in place (torch.logsumexp would allocate a chunk-sized temporary for z − max)
+    m = x.amax(dim=1, keepdim=True)
+    x.sub_(m).exp_()
+    s = x.sum(dim=1, keepdim=True)
+    lse = (m + s.log()).squeeze(1)
     loss = lse - (1.0 - smoothing) * z_t + z_loss * lse * lse
     if smoothing:
         loss = loss - smoothing * z_mean
@@ -89,11 +93,7 @@ def ce_step_torch(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tens
     if row_weight is not None:
         w = torch.where(valid, row_weight.to(cd), torch.zeros((), dtype=cd, device=z.device))
         a = w * (1.0 + 2.0 * z_loss * lse)  # the row's factor on p
-        if x.device.type == "cpu" and bool((a >= 0).all()):
-            # a·p = exp(z − lse + log a): two passes over the chunk instead of three (a = 0 → 0)
-            x.sub_((lse - a.log()).unsqueeze(1)).exp_()
-        else:  # (no host sync on a GPU; a negative factor)
-            x.sub_(lse.unsqueeze(1)).exp_().mul_(a.unsqueeze(1))
+        x.mul_((a / s.squeeze(1)).unsqueeze(1))  # x held exp(z − max): one pass gives a·p
         if smoothing:
             x.sub_((w * (smoothing / V)).unsqueeze(1))
         x.scatter_add_(1, t, (-(1.0 - smoothing) * w).unsqueeze(1))  # the −1, before any rounding
