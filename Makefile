@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test compile-check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# every shipped Triton kernel compiled for sm_80 / sm_90a (no GPU needed), under the pinned triton
+# and triton 3.6.0 (cached in .venv-triton36); see benchmarks/compile_check.sh
+compile-check: setup
+	PYTHON=$(PY) bash benchmarks/compile_check.sh
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-triton36 runs

@@ -1,33 +1,51 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, as one command (the GPU figures of the kernel and test-time
-# issues). Runs in the repo root on a machine with torch + triton + a GPU; optional baselines
-# (liger_kernel, cut_cross_entropy) are used where importable.
+# Every check that needs a CUDA GPU, as one short command with JSON output (the GPU figures of the
+# kernel and test-time issues). Run in the repo root on a machine with torch + triton + a GPU;
+# optional peers (liger_kernel, cut_cross_entropy) are used where importable.
 #
-#   bash benchmarks/gpu_checks.sh            # writes benchmarks/results/*_cuda.json (and copies them to $OUT if set)
-#   QUICK=1 bash benchmarks/gpu_checks.sh    # the tests and N = 8192, D = 512 only
+#   bash benchmarks/gpu_checks.sh          # ~8 min on an H100/H200: tests, op benchmark, tuning, train step
+#   FULL=1 bash benchmarks/gpu_checks.sh   # + more shapes/dtypes and the test-time memories (longer)
+#
+# Writes benchmarks/results/*_cuda.json and benchmarks/results/gpu_checks_cuda.json (each step's
+# status and seconds, versions, the GPU); copies them to $OUT when set (the device tool brings $OUT back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+RES=benchmarks/results
+mkdir -p "$RES"
+STEPS=()
 status=0
-step() { echo; echo "== $*"; "$@" || { echo "!! failed: $*"; status=1; }; }
+step() {  # step NAME CMD...: run, record status and duration
+  local name=$1; shift
+  echo; echo "== $name: $*"
+  local t0=$SECONDS
+  "$@"; local rc=$?
+  [ $rc -eq 0 ] || { echo "!! failed ($rc): $name"; status=1; }
+  STEPS+=("{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
+}
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-
-# 1. the GPU-only kernel tests (bf16/fp16 vs PyTorch's own error, V = 267,735, int64 offsets, peak memory) and the rest of the kernel tests compiled for the GPU
-step $PY -m pytest -q -rs tests/test_kernels.py tests/test_hebbian_softmax.py
-# 2. the op benchmark: fused linear CE + Hebbian statistics vs eager / torch.compile / F.linear_cross_entropy / Liger / CCE
-if [ -n "${QUICK:-}" ]; then
-  step $PY benchmarks/bench_linear_cross_entropy.py --N 8192 --D 512 --dtype bf16
+# 1. kernel tests on the GPU: bf16/fp16 vs PyTorch's own error, bf16 autocast determinism, V = 267,735,
+#    int64 offsets, peak memory; the kernel-health table must show no fallback
+step tests $PY -m pytest -q -rs -x tests/test_kernels.py tests/test_hebbian_softmax.py --junitxml="$RES/gpu_tests_cuda.xml"
+# 2. tuning: rows per chunk, then the step kernel's BLOCK_V / num_warps (JSON: every setting and the best)
+step tune $PY benchmarks/tune_linear_cross_entropy.py --N 8192 --D 512 --V 267735 --dtype bf16-autocast
+# 3. the op vs eager / eager-noupcast / torch.compile / F.linear_cross_entropy / Liger / CCE (filter off),
+#    forward and backward separately, ≥ 55% of the measured bf16 matmul peak is the target
+if [ -n "${FULL:-}" ]; then
+  step bench $PY benchmarks/bench_linear_cross_entropy.py --N 4096 8192 16384 --D 512 1024 --dtype bf16-autocast bf16 tf32
 else
-  step $PY benchmarks/bench_linear_cross_entropy.py
+  step bench $PY benchmarks/bench_linear_cross_entropy.py --N 8192 --D 512 --dtype bf16-autocast bf16 --warmup 2 --repeat 5
 fi
-# 3. end to end: train.py's step with the wt103-paper preset, Triton Hebbian vs eager full softmax (target ≥ 2×)
-step $PY benchmarks/bench_train.py --preset wt103-paper --vocab 267735 --device cuda --softmax full/torch hebbian/triton full/triton
-# 4. test-time memories at WikiText-103 scale (245K tokens, V = 267,735, D = 512)
-# exact MbPA timed on a tenth of the stream (×10 estimates the whole); restricted MbPA on all of it
-[ -n "${QUICK:-}" ] || step $PY benchmarks/bench_test_time.py --device cuda --vocab 267735 --tokens 245000 --exact-tokens 24500 --dim 512
+# 4. end to end: train.py's step with the wt103-paper preset, fused Hebbian vs eager full softmax (target ≥ 2×)
+step train $PY benchmarks/bench_train.py --preset wt103-paper --vocab 267735 --device cuda --softmax full/torch hebbian/triton full/triton
+# 5. test-time memories at WikiText-103 scale (FULL only: long)
+[ -z "${FULL:-}" ] || step test_time $PY benchmarks/bench_test_time.py --device cuda --vocab 267735 --tokens 245000 --exact-tokens 24500 --dim 512
 
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null || true; fi
+versions=$($PY -c "import json, torch, triton; print(json.dumps({'torch': torch.__version__, 'triton': triton.__version__, 'gpu': torch.cuda.get_device_name(0)}))" 2>/dev/null || echo '{}')
+joined=$(IFS=,; echo "${STEPS[*]}")
+echo "{\"versions\": $versions, \"steps\": [$joined], \"ok\": $([ $status -eq 0 ] && echo true || echo false)}" > "$RES/gpu_checks_cuda.json"
+cat "$RES/gpu_checks_cuda.json"
+if [ -n "${OUT:-}" ]; then cp "$RES"/*cuda*.json "$RES"/*cuda*.xml "$OUT"/ 2>/dev/null || true; fi
 exit $status

@@ -1,12 +1,18 @@
-"""Triton kernels, each beside the plain-PyTorch reference the tests compare it against.
+"""Fused output-layer operations, each beside the plain-PyTorch reference the tests compare it against.
 
-* :mod:`lmmem.kernels.linear_cross_entropy` — fused linear + cross-entropy (forward by an online
-  log-sum-exp over vocabulary tiles, backward by recomputing logit tiles; no ``N × V`` logits);
-  reference :func:`~lmmem.kernels.linear_cross_entropy.linear_cross_entropy_reference`.
-* :mod:`lmmem.kernels.hebbian` — the Hebbian softmax's batch statistics (scatter kernel into
-  ``N``-slot buffers, no host sync) and its in-place row update; reference
-  :func:`lmmem.output_layers.hebbian_softmax.hebbian_update_reference`.
+* :mod:`lmmem.kernels.linear_cross_entropy` — chunked fused linear + cross-entropy (per chunk of
+  rows: logits by one matmul, an in-place step to loss / log-sum-exp / logit gradient, two matmuls
+  for the gradients; no ``N × V`` buffer, no atomics, deterministic; label smoothing, z-loss and
+  soft-capping), on any device; reference
+  :func:`~lmmem.kernels.linear_cross_entropy.linear_cross_entropy_reference`.
+* :mod:`lmmem.kernels.hebbian` — the Hebbian softmax's batch statistics (a deterministic segmented
+  sum over the sort of the targets, into ``N``-slot buffers, no host sync) and its in-place row
+  update; reference :func:`lmmem.output_layers.hebbian_softmax.hebbian_update_reference`.
+* :mod:`lmmem.kernels.triton_kernels` — the Triton kernels themselves (torch-free, so that
+  ``benchmarks/compile_check.py`` can compile them for sm_80 / sm_90a without a GPU).
+* :mod:`lmmem.kernels.runtime` — when Triton runs, and the fallback that keeps a failing kernel
+  variant from ever stopping a run (probe on first use, warn once, PyTorch path).
 
-The output layers dispatch to them (``backend="auto"``: Triton for CUDA tensors); importing this
-package does not import triton (the submodules do, so ``TRITON_INTERPRET`` can still be set first).
+Importing this package does not import triton (the submodules do, so ``TRITON_INTERPRET`` can
+still be set first).
 """

@@ -1,220 +1,242 @@
-"""Fused linear + cross-entropy in Triton: the loss of ``softmax(h Wᵀ + b)`` and its gradients for
-``h``, ``W`` and ``b`` without ever storing the ``N × V`` logits.
+"""Chunked fused linear + cross-entropy: the loss of ``softmax(h Wᵀ + b)`` and its gradients for
+``h``, ``W`` and ``b`` without ever holding the ``N × V`` logits.
 
 At WikiText-103 scale (V = 267,735, N = 8,192 tokens a step) the logits are 2.2 billion numbers
-(4.4 GB in bf16, and as much again for their gradient); here they only ever exist as
-``BLOCK_N × BLOCK_V`` tiles in registers.
+(4.4 GB in bf16, 8.8 GB in fp32, and as much again for their gradient). Here they exist one chunk of
+rows at a time.
 
-Layers (as in Liger-Kernel): Triton kernels (``_forward_kernel``, ``_backward_kernel``) →
-launchers (:func:`linear_cross_entropy_forward`, :func:`linear_cross_entropy_backward`) →
-:class:`LinearCrossEntropyFunction` (autograd) → :func:`linear_cross_entropy` (reduction,
-autocast) → the output layers' ``backend="triton"``. :func:`linear_cross_entropy_reference` is the
-plain-PyTorch statement the tests compare against.
+Structure (per chunk of ``C`` rows; ``C`` from V, D and the device's memory, ~2K rows at
+WikiText-103 scale on a GPU)::
 
-Forward
--------
-Grid ``(⌈N / BLOCK_N⌉, S)``: program ``(i, s)`` owns rows ``i·BLOCK_N …`` and the ``s``-th of ``S``
-contiguous ranges of vocabulary tiles. For every tile it accumulates the logits over ``D`` in fp32
-(``tl.dot``), adds the bias, and folds the tile into a running (max, Σ exp) — the online
-log-sum-exp — and picks out the target's logit where the tile holds it. Each program writes its
-partial (max, Σ exp, target logit) for its rows; a few ``(N, S)`` torch ops combine the partials
-into ``lse`` and ``loss = lse − z_target`` (0 where ignored). Splitting the vocabulary gives enough
-programs to fill the GPU when ``N / BLOCK_N`` alone would not.
+    z  = h[c] Wᵀ + b                     one matmul (cuBLAS / the CPU BLAS), in the compute dtype
+    z ← step(z)                          in place: loss, log-sum-exp, and ∂loss/∂z (fp32 math)
+    dh[c]  = z W                         second matmul
+    dW    += zᵀ h[c];  db += Σ_rows z    third matmul, into fp32 accumulators
 
-Backward
---------
-Grid ``(⌈N / BLOCK_N⌉, ⌈V / BLOCK_V⌉)``: each program recomputes its logit tile, forms
-``G = g_n · (exp(z − lse_n) − 1[v = t_n])`` in fp32 — the −1 of the target is folded in *before*
-any rounding to bf16, which would otherwise lose it for confident predictions — and then, one
-``BLOCK_D`` slice at a time, adds ``G W`` into ``dh`` and ``Gᵀ h`` into ``dW`` and the column sums
-of ``G`` into ``db``, all with fp32 atomics into fp32 buffers (cast to the inputs' dtypes at the
-end; bf16 accumulators would drift). ``g_n`` is the upstream gradient of row ``n`` (0 for ignored
-rows, and for the padding rows of the last block), so ``mean``/``sum``/``none`` reductions all reach
-the kernel as one per-row scale, computed on the device (no ``.item()``, no host sync anywhere).
-The fp32 atomics make the gradients' low bits depend on the order the GPU runs the programs in
-(not bitwise deterministic run to run); the float64 tests bound the error.
+so the work is exactly ``6·N·D·V`` flops, done once, with no atomics and a fixed summation order
+(deterministic). The gradients are produced in the forward and the backward only scales them by the
+upstream gradient — valid because for ``mean`` and ``sum`` that gradient is one scalar. For
+``reduction="none"`` the upstream gradient is a vector only known in the backward, so the forward
+keeps ``h, W, b, targets`` (no gradients) and the backward recomputes each chunk's logits, weights
+row ``n`` by its upstream gradient and runs the same step (``8·N·D·V``).
 
-Other properties designed in: offsets are computed in int64 (``V·D`` is 137M at D = 512 and passes
-2³¹ at D ≥ 8,021; ``N·V`` passes it at N ≥ 8,021), inputs may be non-contiguous (strides are
-passed), any mix of fp32/bf16/fp16 inputs is accepted with fp32 accumulation (``compute_dtype``
-sets the dtype fed to the tensor cores: bf16 under autocast, tf32 for fp32 when PyTorch allows
-tf32 matmuls), and a mean over a batch whose targets are all ignored is 0 with zero gradients.
+``step`` is a Triton kernel on CUDA (:func:`lmmem.kernels.triton_kernels.ce_step_kernel`, one
+program per row) and :func:`ce_step_torch` elsewhere (and wherever the kernel failed: see
+:mod:`lmmem.kernels.runtime`). It computes, for a row with target ``t`` (after the optional
+soft-cap ``z ← c·tanh(z/c)``)::
 
-On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1`` set before
-triton is imported): slow and fp32-only, which is what the CPU tests use.
+    loss = lse − (1−ε)·z_t − ε·mean_v z_v + λ·lse²        (label smoothing ε, z-loss λ)
+    ∂loss/∂z_v = p_v·(1 + 2λ·lse) − (1−ε)·1[v = t] − ε/V   (× (1 − (z_v/c)²) with the soft-cap)
+
+in fp32 whatever the logits' dtype (fp64 for fp64 inputs), folding the target's −1 in before the
+result is rounded to the logits' dtype. Ignored targets (``ignore_index``) contribute 0 to the loss
+and the gradients; a ``mean`` over a batch with every target ignored is 0.
+
+Layers (as Liger-Kernel): kernel (``triton_kernels.ce_step_kernel``) → launcher
+(:func:`ce_step_triton`; the PyTorch statement :func:`ce_step_torch` beside it) → the chunk loop
+(:func:`chunked_linear_cross_entropy`) → a ``torch.library`` custom op with its autograd formula
+(``torch.ops.lmmem.linear_cross_entropy``: ``torch.compile`` keeps it as one node instead of
+breaking the graph) → :func:`linear_cross_entropy` (reduction, autocast, options) → the output
+layers. :func:`linear_cross_entropy_reference` materialises the logits: the specification the tests
+compare against in float64.
+
+Precision: under autocast (CUDA or CPU) the matmuls run in the autocast dtype (``W`` is cast once
+per call, as autocast's ``F.linear`` would); otherwise in ``promote(h.dtype, W.dtype)``, so fp32
+inputs use TF32 exactly when the user allowed it for PyTorch matmuls (nothing here reads that
+setting). Gradients come back in each input's own dtype, ``dW``/``db`` accumulated in fp32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from typing import Optional
 
 import torch
 
-from lmmem.kernels.runtime import launch, require_triton, tl, triton
+from lmmem.errors import LmmemError
+from lmmem.kernels.runtime import device_guard, guarded, kernel_ok, require_triton, triton_usable
+from lmmem.kernels.triton_kernels import CE_STEP_CUDA, CE_STEP_INTERPRETER, triton
 
 IGNORE_INDEX = -100
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch parameters. The CUDA defaults are a starting point chosen for H100-class
-    GPUs, not tuned by measurement (see the issue notes); the interpreter uses small tiles so that odd
-    shapes exercise the masks."""
-
-    block_n: int = 64
-    block_v: int = 128
-    block_d: int = 64
-    num_warps: int = 8
-    num_stages: int = 3
-    backward_block_n: int = 64
-    backward_block_v: int = 64
-    backward_num_warps: int = 8
-    programs_per_sm: int = 4  # forward: vocabulary splits are added until about this many programs per SM
+# -- the in-place step: PyTorch statement ----------------------------------------------------------
 
 
-INTERPRETER_CONFIG = KernelConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1,
-                                  backward_block_n=16, backward_block_v=32, backward_num_warps=1, programs_per_sm=1)
+def ce_step_torch(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None, ignore_index: int,
+                  smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and log-sum-exp of the logits ``z`` ``(C, V)`` (at least fp32). With
+    ``row_weight`` ``(C,)``, ``z`` is overwritten by ``row_weight[r] · ∂loss_r/∂z`` (0 for ignored
+    rows); without, ``z`` is used as scratch. The formulas are in the module docstring."""
+    C, V = z.shape
+    cd = torch.promote_types(z.dtype, torch.float32)
+    x = z if z.dtype == cd else z.to(cd)  # fp32 math: in place for fp32 logits, one chunk copy for bf16
+    valid = targets != ignore_index
+    t = torch.where(valid, targets, torch.zeros_like(targets)).to(torch.int64).unsqueeze(1)
+    if softcap:
+        x.div_(softcap).tanh_()
+        deriv = 1.0 - x * x if row_weight is not None else None  # 1 − tanh², needed after x is overwritten
+        x.mul_(softcap)
+    z_t = x.gather(1, t).squeeze(1)
+    z_mean = x.mean(dim=1) if smoothing else None
+    # in place (torch.logsumexp would allocate a chunk-sized temporary for z − max)
+    m = x.amax(dim=1, keepdim=True)
+    x.sub_(m).exp_()
+    s = x.sum(dim=1, keepdim=True)
+    lse = (m + s.log()).squeeze(1)
+    loss = lse - (1.0 - smoothing) * z_t + z_loss * lse * lse
+    if smoothing:
+        loss = loss - smoothing * z_mean
+    loss = torch.where(valid, loss, torch.zeros((), dtype=cd, device=z.device))
+    if row_weight is not None:
+        w = torch.where(valid, row_weight.to(cd), torch.zeros((), dtype=cd, device=z.device))
+        a = w * (1.0 + 2.0 * z_loss * lse)  # the row's factor on p
+        x.mul_((a / s.squeeze(1)).unsqueeze(1))  # x held exp(z − max): one pass gives a·p
+        if smoothing:
+            x.sub_((w * (smoothing / V)).unsqueeze(1))
+        x.scatter_add_(1, t, (-(1.0 - smoothing) * w).unsqueeze(1))  # the −1, before any rounding
+        if softcap:
+            x.mul_(deriv)
+        if x is not z:
+            z.copy_(x)
+    return loss, lse
 
 
-def default_config(device: torch.device) -> KernelConfig:
-    return KernelConfig() if device.type == "cuda" else INTERPRETER_CONFIG
+# -- the in-place step: Triton launcher ------------------------------------------------------------
 
 
-if triton is not None:
-
-    @triton.jit
-    def _logit_tile(h_ptr, w_ptr, rows, mask_n, cols, mask_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-        """``h[rows] · W[cols]ᵀ`` as a (BLOCK_N, BLOCK_V) fp32 tile (masked rows/cols give 0)."""
-        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(COMPUTE_DTYPE)
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + offs_d[None, :] * stride_wd,
-                        mask=mask_v[:, None] & mask_d[None, :], other=0.0).to(COMPUTE_DTYPE)
-            acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-        return acc
-
-    @triton.jit
-    def _forward_kernel(
-        h_ptr, w_ptr, b_ptr, t_ptr, max_ptr, sum_ptr, target_ptr,
-        N, D, V, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t,
-        tiles_per_split, num_splits, ignore_index,
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
-        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rows < N
-        tgt = tl.load(t_ptr + rows * stride_t, mask=mask_n, other=ignore_index).to(tl.int64)
-        m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        z_t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        first_col = pid_s.to(tl.int64) * tiles_per_split * BLOCK_V
-        for j in range(0, tiles_per_split):
-            cols = first_col + j * BLOCK_V + tl.arange(0, BLOCK_V)
-            mask_v = cols < V
-            z = _logit_tile(h_ptr, w_ptr, rows, mask_n, cols, mask_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                            BLOCK_N, BLOCK_V, BLOCK_D, COMPUTE_DTYPE, INPUT_PRECISION)
-            if HAS_BIAS:
-                z += tl.load(b_ptr + cols * stride_b, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-            z = tl.where(mask_v[None, :], z, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(z, axis=1))
-            # a tile past the end of the vocabulary is all −inf: keep exp() away from (−inf) − (−inf)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_i = s_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-            m_i = m_new
-            z_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        out = rows * num_splits + pid_s
-        tl.store(max_ptr + out, m_i, mask=mask_n)
-        tl.store(sum_ptr + out, s_i, mask=mask_n)
-        tl.store(target_ptr + out, z_t, mask=mask_n)
-
-    @triton.jit
-    def _backward_kernel(
-        h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-        N, D, V, stride_hn, stride_hd, stride_wv, stride_wd, stride_b, stride_t,
-        HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_v = tl.program_id(1)
-        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-        mask_n = rows < N
-        mask_v = cols < V
-        tgt = tl.load(t_ptr + rows * stride_t, mask=mask_n, other=-1).to(tl.int64)
-        lse = tl.load(lse_ptr + rows, mask=mask_n, other=float("inf"))  # padding rows: p = 0, not exp(z)
-        g = tl.load(g_ptr + rows, mask=mask_n, other=0.0)  # 0 for ignored rows
-        z = _logit_tile(h_ptr, w_ptr, rows, mask_n, cols, mask_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                        BLOCK_N, BLOCK_V, BLOCK_D, COMPUTE_DTYPE, INPUT_PRECISION)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols * stride_b, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        p = tl.exp(z - lse[:, None])
-        # softmax − one-hot, in fp32, before any rounding to the compute dtype
-        p = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p) * g[:, None]
-        p = tl.where(mask_n[:, None] & mask_v[None, :], p, 0.0)
-        if NEED_DB:
-            tl.atomic_add(db_ptr + cols, tl.sum(p, axis=0), mask=mask_v)
-        pc = p.to(COMPUTE_DTYPE)
-        if NEED_DH or NEED_DW:
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                if NEED_DH:
-                    w = tl.load(w_ptr + cols[:, None] * stride_wv + offs_d[None, :] * stride_wd,
-                                mask=mask_v[:, None] & mask_d[None, :], other=0.0).to(COMPUTE_DTYPE)
-                    dh = tl.dot(pc, w, input_precision=INPUT_PRECISION)
-                    tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh, mask=mask_n[:, None] & mask_d[None, :])
-                if NEED_DW:
-                    h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :] * stride_hd,
-                                mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(COMPUTE_DTYPE)
-                    dw = tl.dot(tl.trans(pc), h, input_precision=INPUT_PRECISION)
-                    tl.atomic_add(dw_ptr + cols[:, None] * D + offs_d[None, :], dw, mask=mask_v[:, None] & mask_d[None, :])
+def ce_step_triton(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None, ignore_index: int,
+                   smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ce_step_torch` by ``ce_step_kernel`` (fp32 loss and lse; ``z`` fp32/bf16/fp16,
+    rows contiguous). Raises whatever Triton raises; callers go through :func:`_step`."""
+    C, V = z.shape
+    assert z.stride(1) == 1, "the step kernel reads rows of contiguous logits"
+    loss = torch.empty(C, dtype=torch.float32, device=z.device)
+    lse = torch.empty(C, dtype=torch.float32, device=z.device)
+    if C == 0:
+        return loss, lse
+    cfg = CE_STEP_CUDA if z.is_cuda else CE_STEP_INTERPRETER
+    block_v = min(cfg["BLOCK_V"], triton.next_power_of_2(V))
+    w = row_weight.to(torch.float32).contiguous() if row_weight is not None else loss
+    with device_guard(z.device):
+        runtime_kernels().ce_step_kernel[(C,)](
+            z, z.stride(0), targets.contiguous(), w, loss, lse, V, ignore_index,
+            float(smoothing), float(z_loss), float(softcap) if softcap else 1.0,
+            HAS_GRAD=row_weight is not None, SOFTCAP=bool(softcap), BLOCK_V=block_v, num_warps=cfg["num_warps"])
+    return loss, lse
 
 
-# -- launchers -------------------------------------------------------------------------------------
+def runtime_kernels():
+    """The kernels module (an indirection the tests replace to force failures)."""
+    from lmmem.kernels import triton_kernels
 
-_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def _tl_dtype(dtype: torch.dtype):
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"the Triton linear cross-entropy computes in float32, bfloat16 or float16, not {dtype}")
-    return getattr(tl, _TL_DTYPES[dtype])
+    return triton_kernels
 
 
-def _input_precision(compute_dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 operands: TF32 tensor cores where PyTorch allows TF32 matmuls, else exact fp32 ("ieee").
-    bf16/fp16 operands: Triton's default ("tf32", which only concerns fp32 operands)."""
-    if compute_dtype != torch.float32:
-        return "tf32"
-    return "tf32" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _step_variant(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple:
+    return ("ce_step", str(z.dtype).removeprefix("torch."), str(targets.dtype).removeprefix("torch."),
+            "softcap" if softcap else "no-softcap", str(z.device))
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> None:
-    require_triton(hidden.device)
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
-        raise ValueError(f"expected hidden (N, D), weight (V, D), targets (N,); got {tuple(hidden.shape)}, "
-                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
-    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != targets.shape[0]:
-        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    devices = {hidden.device, weight.device, targets.device} | ({bias.device} if bias is not None else set())
-    if len(devices) != 1:
-        raise ValueError(f"hidden, weight, bias and targets must be on one device, got {sorted(map(str, devices))}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
+def _probe_step(dtype: torch.dtype, tdtype: torch.dtype, softcap: float, device: torch.device) -> None:
+    """Compile and run the step variant both ways (loss only; loss + gradient) on a 5 × 37 problem
+    and compare with :func:`ce_step_torch`: a kernel that compiles but computes wrongly fails too."""
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(5, 37, generator=g) * 3).to(device=device, dtype=dtype)
+    t = torch.tensor([3, 36, IGNORE_INDEX, 0, 3], dtype=tdtype, device=device)
+    w = torch.rand(5, generator=g).to(device)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-5}
+    opts = (IGNORE_INDEX, 0.1, 1e-3, softcap)
+    want_loss, want_lse = ce_step_torch(z.float().clone(), t, None, *opts)
+    got_loss, got_lse = ce_step_triton(z.clone(), t, None, *opts)
+    torch.testing.assert_close(got_loss.float(), want_loss, **tol)
+    torch.testing.assert_close(got_lse.float(), want_lse, **tol)
+    want_g = z.float().clone()
+    ce_step_torch(want_g, t, w, *opts)
+    got_g = z.clone()
+    got_loss, _ = ce_step_triton(got_g, t, w, *opts)
+    torch.testing.assert_close(got_loss.float(), want_loss, **tol)
+    torch.testing.assert_close(got_g.float(), want_g, **tol)
 
 
-def _check_target_range(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Out-of-range targets would silently score a logit of 0; refuse them like F.cross_entropy does.
+def _step(z, targets, row_weight, ignore_index, smoothing, z_loss, softcap, use_triton: bool):
+    """The step by Triton where asked and healthy, else by PyTorch (also after a failed launch)."""
+    if use_triton and z.dtype in _TRITON_DTYPES:
+        variant = _step_variant(z, targets, softcap)
+        if kernel_ok(variant, lambda: _probe_step(z.dtype, targets.dtype, softcap, z.device)):
+            out: list = []
+            if guarded(variant, lambda: out.extend(ce_step_triton(z, targets, row_weight, ignore_index,
+                                                                  smoothing, z_loss, softcap))):
+                return out[0], out[1]
+            raise _Redo()  # the launch may have written into z before failing
+    return ce_step_torch(z, targets, row_weight, ignore_index, smoothing, z_loss, softcap)
+
+
+class _Redo(Exception):
+    """A launch failed after it may have written into the chunk's logits: recompute the chunk."""
+
+
+# -- chunking --------------------------------------------------------------------------------------
+
+
+def chunk_rows(N: int, V: int, D: int, device: torch.device, compute_dtype: torch.dtype, use_triton: bool,
+               softcap: bool = False) -> int:
+    """Rows per chunk. The chunk's logits (plus the fp32 working copy the PyTorch step makes of
+    bf16/fp16 logits, and the soft-cap's derivative) get a fixed budget: on CUDA 1 GiB or 1/16 of the
+    device's memory, whichever is less — ~2K rows at V = 267,735 in bf16, big enough for the
+    matmuls to run at full speed; on CPU 200 MiB (192 rows at V = 267,735 in fp32: measured there,
+    112-row chunks cost ~10% more time than 256-row ones, and 200 MiB keeps the peak above the
+    inputs — this plus the fp32 weight gradient — under 1/8 of eager PyTorch's). The size depends on the shape and the device, never on the momentary free
+    memory, so the summation order (and the result, bit for bit) is the same every run; it is
+    halved only when free memory cannot hold it (and never under ``torch.use_deterministic_algorithms``)."""
+    per_row = V * torch.empty((), dtype=compute_dtype).element_size()
+    if not use_triton and compute_dtype in (torch.bfloat16, torch.float16):
+        per_row += V * 4
+    if softcap and not use_triton:
+        per_row += V * 4
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        budget = min(1 << 30, total // 16)
+        align = 128
+    else:
+        budget, align = 200 << 20, 16
+    rows = max(align, budget // max(per_row, 1) // align * align)
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        free, _ = torch.cuda.mem_get_info(device)
+        while rows > align and rows * per_row * 2 > free:
+            rows //= 2
+    return max(1, min(rows, N))
+
+
+def _acc_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 (fp64) and ``a``, ``b`` possibly bf16/fp16: summed in the
+    accumulator's precision where the BLAS allows it (CUDA's ``out_dtype``), else the product is
+    formed in the operands' dtype (as autocast's own matmul would) and added."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _mm_out_dtype_works(a.dtype, acc.dtype, acc.device):
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+        return
+    acc.add_(torch.mm(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_works(dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch/GPU has ``torch.mm(..., out_dtype=)`` for these dtypes (a cached fact, not a
+    kernel of ours: no warning when it is missing, the plain product is the documented fallback)."""
+    try:
+        x = torch.ones(3, 2, dtype=dtype, device=device)
+        r = torch.mm(x, x.t(), out_dtype=out_dtype)
+        return r.dtype == out_dtype and float(r[0, 0]) == 2.0
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _check_targets(targets: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Out-of-range targets would score an arbitrary logit: refuse them as F.cross_entropy does.
     On CUDA the check is asynchronous (no host sync); on CPU it raises at once."""
     bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
     if targets.device.type == "cuda":
@@ -223,164 +245,300 @@ def _check_target_range(targets: torch.Tensor, num_classes: int, ignore_index: i
         raise IndexError(f"targets must be in [0, {num_classes}) or ignore_index ({ignore_index}); found {targets[bad][0].item()}")
 
 
-def linear_cross_entropy_forward(
+def chunked_linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    ignore_index: int = IGNORE_INDEX, compute_dtype: torch.dtype | None = None, config: KernelConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss ``(N,)`` (0 where ignored) and log-sum-exp ``(N,)``, both fp32."""
-    _check(hidden, weight, bias, targets)
+    row_weight: torch.Tensor | None, *, compute_dtype: torch.dtype, ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0,
+    needs: tuple[bool, bool, bool] = (False, False, False), chunk_size: int = 0, use_triton: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk loop. Per-row ``loss`` and ``lse`` (fp32; fp64 for fp64), and — where ``needs`` asks
+    and ``row_weight`` is given — the gradients of ``Σ_n row_weight[n]·loss[n]``: ``dh`` in
+    ``hidden``'s dtype, ``dW`` and ``db`` as fp32 (fp64) accumulators. ``hidden`` ``(N, D)``,
+    ``targets`` ``(N,)``. Runs with autocast off: ``compute_dtype`` says what the matmuls use."""
     N, D = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    cfg = config or default_config(device)
-    compute_dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
-    _check_target_range(targets, V, ignore_index)
-    n_blocks = triton.cdiv(N, cfg.block_n) if N else 0
-    v_tiles = triton.cdiv(V, cfg.block_v)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(v_tiles, (cfg.programs_per_sm * sms + max(n_blocks, 1) - 1) // max(n_blocks, 1)))
+    cd = compute_dtype
+    acc_dtype = torch.promote_types(cd, torch.float32)
+    grads = row_weight is not None and any(needs)
+    need_dh, need_dw, need_db = (needs[0], needs[1], needs[2] and bias is not None) if grads else (False, False, False)
+    _check_targets(targets, V, ignore_index)
+    loss = torch.empty(N, dtype=acc_dtype, device=device)
+    lse = torch.empty(N, dtype=acc_dtype, device=device)
+    dh = torch.empty(N, D, dtype=hidden.dtype, device=device) if need_dh else None
+    dw = torch.zeros(V, D, dtype=acc_dtype, device=device) if need_dw else None
+    db = torch.zeros(V, dtype=acc_dtype, device=device) if need_db else None
+    if N == 0:
+        return loss, lse, dh, dw, db
+    h = hidden.to(cd)
+    w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    wt = w.t()
+    C = chunk_size or chunk_rows(N, V, D, device, cd, use_triton, bool(softcap))
+    buf = torch.empty(min(C, N), V, dtype=cd, device=device)  # reused by every chunk: one allocation
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        hc, tc = h[s:e], targets[s:e]
+        rw = row_weight[s:e] if grads else None
+        z = buf[: e - s]
+        for attempt in range(2):
+            if b is not None:
+                torch.addmm(b, hc, wt, out=z)
+            else:
+                torch.mm(hc, wt, out=z)
+            try:
+                l_c, lse_c = _step(z, tc, rw, ignore_index, label_smoothing, z_loss, softcap, use_triton and attempt == 0)
+                break
+            except _Redo:
+                continue  # the kernel is now marked failed: recompute the logits, step in PyTorch
+        loss[s:e] = l_c
+        lse[s:e] = lse_c
+        if not grads:
+            continue
+        if need_dh:
+            if dh.dtype == cd:
+                torch.mm(z, w, out=dh[s:e])
+            else:
+                dh[s:e] = torch.mm(z, w)
+        if need_dw:
+            _acc_mm_(dw, z.t(), hc)
+        if need_db:
+            db.add_(z.sum(dim=0, dtype=acc_dtype))
+    return loss, lse, dh, dw, db
+
+
+# -- torch.library custom ops ----------------------------------------------------------------------
+
+_Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _resolve_triton(use_triton: int, device: torch.device, cd: torch.dtype) -> bool:
+    """-1: where Triton runs natively (CUDA, not disabled, a dtype it handles); 1: forced; 0: never."""
+    if use_triton == 0:
+        return False
+    if use_triton == 1:
+        return cd in _TRITON_DTYPES
+    return device.type == "cuda" and cd in _TRITON_DTYPES and triton_usable(device)
+
+
+def _row_weights(targets: torch.Tensor, reduction: str, ignore_index: int, dtype: torch.dtype):
+    valid = targets != ignore_index
+    count = valid.sum().clamp_min(1)
+    w = valid.to(dtype)
+    return (w / count if reduction == "mean" else w), count
+
+
+@torch.library.custom_op("lmmem::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+            reduction: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+            compute_dtype: torch.dtype, need_dh: bool, need_dw: bool, need_db: bool, chunk_size: int,
+            use_triton: int) -> _Tensors5:
+    """(loss — scalar for mean/sum, (N,) for none —, lse (N,), dh, dW, db); the gradients are those
+    of the returned loss, computed now (empty tensors where not needed, and always for 'none')."""
+    device = hidden.device
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    needs = (need_dh, need_dw, need_db) if reduction != "none" else (False, False, False)
+    row_weight, count = _row_weights(targets, reduction, ignore_index, acc)
+    with torch.autocast(device.type, enabled=False), device_guard(device):
+        loss, lse, dh, dw, db = chunked_linear_cross_entropy(
+            hidden, weight, bias, targets, row_weight if any(needs) else None, compute_dtype=compute_dtype,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            needs=needs, chunk_size=chunk_size, use_triton=_resolve_triton(use_triton, device, compute_dtype))
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / count
+    def empty(dtype=hidden.dtype):  # distinct tensors: a custom op's outputs must not alias each other
+        return hidden.new_empty(0, dtype=dtype)
+
+    return (loss, lse, dh if dh is not None else empty(), dw if dw is not None else empty(acc),
+            db if db is not None else empty(acc))
+
+
+@_lce_op.register_fake
+def _lce_fake(hidden, weight, bias, targets, reduction, ignore_index, label_smoothing, z_loss, softcap,
+              compute_dtype, need_dh, need_dw, need_db, chunk_size, use_triton):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    grads = reduction != "none"
+    loss = hidden.new_empty(() if grads else (N,), dtype=acc)
+    return (loss, hidden.new_empty(N, dtype=acc),
+            hidden.new_empty((N, D) if grads and need_dh else (0,)),
+            hidden.new_empty((V, D) if grads and need_dw else (0,), dtype=acc),
+            hidden.new_empty((V,) if grads and need_db and bias is not None else (0,), dtype=acc))
+
+
+@torch.library.custom_op("lmmem::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     targets: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                     compute_dtype: torch.dtype, need_dh: bool, need_dw: bool, need_db: bool, chunk_size: int,
+                     use_triton: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction='none': gradients of ``Σ_n grad[n]·loss[n]``, recomputing each chunk's logits."""
+    device = hidden.device
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    with torch.autocast(device.type, enabled=False), device_guard(device):
+        _, _, dh, dw, db = chunked_linear_cross_entropy(
+            hidden, weight, bias, targets, grad.to(acc), compute_dtype=compute_dtype, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, needs=(need_dh, need_dw, need_db),
+            chunk_size=chunk_size, use_triton=_resolve_triton(use_triton, device, compute_dtype))
+    def empty(dtype=hidden.dtype):
+        return hidden.new_empty(0, dtype=dtype)
+
+    return (dh if dh is not None else empty(), dw if dw is not None else empty(acc),
+            db if db is not None else empty(acc))
+
+
+@_lce_backward_op.register_fake
+def _lce_backward_fake(grad, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
+                       compute_dtype, need_dh, need_dw, need_db, chunk_size, use_triton):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    acc = torch.promote_types(compute_dtype, torch.float32)
+    return (hidden.new_empty((N, D) if need_dh else (0,)), hidden.new_empty((V, D) if need_dw else (0,), dtype=acc),
+            hidden.new_empty((V,) if need_db and bias is not None else (0,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, reduction, ignore_index, label_smoothing, z_loss, softcap, compute_dtype,
+     need_dh, need_dw, need_db, chunk_size, use_triton) = inputs
+    # only the loss is differentiable: without this autograd would hand backward zero-filled
+    # gradients for lse, dh, dW and db (a V × D zero tensor at the peak)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reduction = reduction
+    ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    ctx.needs = (need_dh, need_dw, need_db and bias is not None)
+    if reduction != "none":
+        # Eager: hold the gradients as a plain attribute that backward drops, not as saved tensors:
+        # a saved tensor keeps a reference, so autograd would copy the fp32 V × D weight gradient
+        # into .grad (+0.5 GB at WikiText-103 scale) instead of taking it. Traced (torch.compile),
+        # the tensors are fakes and must be saved the regular way.
+        ctx.grads_on_ctx = all(type(x) is torch.Tensor for x in output[2:])
+        if ctx.grads_on_ctx:
+            ctx.grads = list(output[2:])
+        else:
+            ctx.save_for_backward(*output[2:])
     else:
-        splits = min(v_tiles, 2)  # the interpreter: two splits, so the combination is exercised
-    tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)
-    part_max = torch.empty(N, splits, dtype=torch.float32, device=device)
-    part_sum = torch.empty_like(part_max)
-    part_target = torch.empty_like(part_max)
-    if N:
-        launch(
-            _forward_kernel, (n_blocks, splits),
-            hidden, weight, bias if bias is not None else weight, targets, part_max, part_sum, part_target,
-            N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, targets.stride(0), tiles_per_split, splits, ignore_index,
-            HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            COMPUTE_DTYPE=_tl_dtype(compute_dtype), INPUT_PRECISION=_input_precision(compute_dtype, device),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    m = part_max.amax(dim=1, keepdim=True)
-    lse = (m + torch.log((part_sum * torch.exp(part_max - m)).sum(dim=1, keepdim=True))).squeeze(1)
-    loss = torch.where(targets != ignore_index, lse - part_target.sum(dim=1), torch.zeros_like(lse))
-    return loss, lse
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, compute_dtype, need_dh, need_dw, need_db,
+                       chunk_size, use_triton)
 
 
-def linear_cross_entropy_backward(
-    grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    targets: torch.Tensor, lse: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-    compute_dtype: torch.dtype | None = None, config: KernelConfig | None = None,
-    needs: tuple[bool, bool, bool] = (True, True, True),
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``Σ_n grad_rows[n] · loss[n]`` for hidden, weight and bias (None where not needed),
-    in each input's dtype."""
-    N, D = hidden.shape
-    V = weight.shape[0]
-    device = hidden.device
-    cfg = config or default_config(device)
-    compute_dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
-    need_dh, need_dw, need_db = needs[0], needs[1], needs[2] and bias is not None
-    g = torch.where(targets != ignore_index, grad_rows.to(torch.float32), torch.zeros((), dtype=torch.float32, device=device))
-    g = g.contiguous()
-    dh = torch.zeros(N, D, dtype=torch.float32, device=device) if need_dh else None
-    dw = torch.zeros(V, D, dtype=torch.float32, device=device) if need_dw else None
-    db = torch.zeros(V, dtype=torch.float32, device=device) if need_db else None
-    if N and (need_dh or need_dw or need_db):
-        grid = (triton.cdiv(N, cfg.backward_block_n), triton.cdiv(V, cfg.backward_block_v))
-        dummy = g
-        launch(
-            _backward_kernel, grid,
-            hidden, weight, bias if bias is not None else weight, targets, lse.contiguous(), g,
-            dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-            N, D, V, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, targets.stride(0),
-            HAS_BIAS=bias is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_N=cfg.backward_block_n, BLOCK_V=cfg.backward_block_v, BLOCK_D=cfg.block_d,
-            COMPUTE_DTYPE=_tl_dtype(compute_dtype), INPUT_PRECISION=_input_precision(compute_dtype, device),
-            num_warps=cfg.backward_num_warps, num_stages=cfg.num_stages,
-        )
-    return (dh.to(hidden.dtype) if dh is not None else None,
-            dw.to(weight.dtype) if dw is not None else None,
-            db.to(bias.dtype) if db is not None else None)
+def _backward(ctx, g_loss, _g_lse, _g_dh, _g_dw, _g_db):
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    need_dh, need_dw, need_db = ctx.needs
+    if ctx.reduction == "none":
+        hidden, weight, bias, targets = ctx.saved_tensors
+        dh, dw, db = torch.ops.lmmem.linear_cross_entropy_backward(g_loss, hidden, weight, bias, targets, *ctx.options)
+        return ((dh if need_dh else None), (dw.to(w_dtype) if need_dw else None),
+                (db.to(b_dtype) if need_db else None)) + (None,) * 12
+    g = g_loss if g_loss.dtype == torch.float64 else g_loss.to(torch.float32)
+    if ctx.grads_on_ctx:
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy computes its gradients in the forward and hands them over in the "
+                               "first backward; a second backward through the same graph (retain_graph=True) is not "
+                               "supported: compute the loss again")
+        dh, dw, db = ctx.grads
+        ctx.grads = None  # ours are now the only references: scaled in place, taken by autograd without a copy
+        scale = lambda x, dtype: x.mul_(g).to(dtype)  # noqa: E731
+    else:
+        dh, dw, db = ctx.saved_tensors
+        scale = lambda x, dtype: (x * g).to(dtype)  # noqa: E731
+    return ((scale(dh, h_dtype) if need_dh else None), (scale(dw, w_dtype) if need_dw else None),
+            (scale(db, b_dtype) if need_db else None)) + (None,) * 12
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-row cross-entropy of ``h Wᵀ + b`` (fp32, 0 where ignored); gradients by the backward kernel."""
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, compute_dtype, config):
-        loss, lse = linear_cross_entropy_forward(hidden, weight, bias, targets, ignore_index, compute_dtype, config)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.ignore_index, ctx.compute_dtype, ctx.config = ignore_index, compute_dtype, config
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        dh, dw, db = linear_cross_entropy_backward(grad_loss, hidden, weight, bias, targets, lse, ctx.ignore_index,
-                                                   ctx.compute_dtype, ctx.config, needs=needs)
-        return dh, dw, db, None, None, None, None
+# -- the public function ---------------------------------------------------------------------------
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
+    if device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device.type):
         return None
-    try:
-        enabled = torch.is_autocast_enabled("cuda")
-    except TypeError:  # torch < 2.4
-        enabled = torch.is_autocast_enabled()
-    if not enabled:
-        return None
-    try:
-        return torch.get_autocast_dtype("cuda")
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device.type)
 
 
-@torch.compiler.disable
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    reduction: str = "mean", ignore_index: int = IGNORE_INDEX, config: KernelConfig | None = None,
+    reduction: str = "mean", ignore_index: int = IGNORE_INDEX, *, label_smoothing: float = 0.0,
+    z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None,
+    use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` without the ``N × V`` logits.
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` without the ``N × V`` logits, on
+    any device.
 
-    ``hidden`` ``(..., D)``, ``targets`` of the same leading shape, ``weight`` ``(V, D)``, ``bias``
-    ``(V,)`` or None. ``reduction`` in {"mean", "sum", "none"}; ``mean`` over all-ignored targets is
-    0. The result is fp32 (``none``: one value per position, flattened). Under CUDA autocast the
-    matmuls run in the autocast dtype (inputs are cast tile by tile inside the kernels, and the weight
-    gradient comes back in the weight's own dtype, accumulated in fp32)."""
+    ``hidden`` ``(..., D)``, ``targets`` (int64 or int32) of the same leading shape, ``weight``
+    ``(V, D)``, ``bias`` ``(V,)`` or None. ``reduction`` in {"mean", "sum", "none"} (``none``: one
+    value per position, flattened); ``mean`` over all-ignored targets is 0. Options, as in
+    ``F.cross_entropy`` / Liger-Kernel: ``label_smoothing`` ε (PyTorch's definition),
+    ``z_loss`` λ (adds ``λ·logsumexp²`` per non-ignored row, with its gradient), ``softcap`` c (logits
+    become ``c·tanh(z/c)`` before the softmax, as Gemma 2). The loss is fp32 (fp64 for fp64 inputs).
+    ``use_triton``: None (default) uses the Triton step on CUDA where it works and PyTorch elsewhere;
+    True forces Triton (CPU only under ``TRITON_INTERPRET=1``); False never uses it.
+    ``chunk_size``: rows per chunk (default: from V, D and the device, see :func:`chunk_rows`)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)} (…, D), weight {tuple(weight.shape)} (V, D)")
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     if t.shape[0] != h.shape[0]:
         raise ValueError(f"hidden has {h.shape[0]} positions but targets has {t.shape[0]}")
-    compute = _autocast_dtype(h.device)
-    if compute is None:
-        compute = torch.promote_types(h.dtype, weight.dtype)
-        if compute == torch.float64:
-            raise TypeError("the Triton linear cross-entropy has no float64 path; use backend='torch' for float64")
-    loss, _ = LinearCrossEntropyFunction.apply(h, weight, bias, t, ignore_index, compute, config)
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / (t != ignore_index).sum().clamp_min(1)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 or int32 class indices, got {t.dtype}: convert with targets.long()")
+    devices = {h.device, weight.device, t.device} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"hidden, weight, bias and targets must be on one device, got {sorted(map(str, devices))}: "
+                         "move them with .to(device)")
+    floats = [x.dtype for x in (h, weight, bias) if x is not None]
+    if any(dt not in _FLOAT for dt in floats):
+        raise TypeError(f"linear_cross_entropy computes in float32/bfloat16/float16/float64, got {floats}: "
+                        "cast hidden, weight and bias with .float()")
+    compute = torch.promote_types(h.dtype, weight.dtype)
+    autocast = _autocast_dtype(h.device)
+    if autocast is not None and compute != torch.float64:
+        compute = autocast
+    if use_triton:
+        require_triton(h.device)
+        if compute not in _TRITON_DTYPES:
+            raise LmmemError(f"the Triton step has no {compute} variant; use use_triton=None (the PyTorch step handles it)")
+    grad = torch.is_grad_enabled()
+    needs = (grad and h.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+    loss, _, _, _, _ = torch.ops.lmmem.linear_cross_entropy(
+        h, weight, bias, t, reduction, int(ignore_index), float(label_smoothing), float(z_loss),
+        float(softcap or 0.0), compute, *needs, int(chunk_size or 0), -1 if use_triton is None else int(bool(use_triton)))
+    return loss
 
 
 def linear_cross_entropy_reference(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean", ignore_index: int = IGNORE_INDEX, *, label_smoothing: float = 0.0,
+    z_loss: float = 0.0, softcap: float | None = None,
 ) -> torch.Tensor:
     """The specification: materialise the logits and use PyTorch's cross-entropy (in the inputs'
     dtype, at least fp32; float64 in the tests). Same conventions as :func:`linear_cross_entropy`."""
     logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), weight, bias)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     t = targets.reshape(-1)
-    nll = torch.nn.functional.cross_entropy(logits, t, ignore_index=ignore_index, reduction="none")
+    nll = torch.nn.functional.cross_entropy(logits, t.long(), ignore_index=ignore_index, reduction="none",
+                                            label_smoothing=label_smoothing)
+    valid = t != ignore_index
+    if z_loss:
+        nll = nll + z_loss * torch.where(valid, torch.logsumexp(logits, dim=-1) ** 2, torch.zeros_like(nll))
     if reduction == "none":
         return nll
     if reduction == "sum":
         return nll.sum()
-    return nll.sum() / (t != ignore_index).sum().clamp_min(1)
+    return nll.sum() / valid.sum().clamp_min(1)

@@ -19,18 +19,18 @@ Hebbian softmax does (Rae et al. 2018):
 Backends
 --------
 The training loss and :meth:`target_log_probs` of the linear softmaxes go through
-:meth:`OutputLayer.cross_entropy`, which has two implementations: ``torch`` (``F.linear`` then
-``F.cross_entropy``: materialises the ``N × V`` logits) and ``triton`` (the fused kernel of
-:mod:`lmmem.kernels.linear_cross_entropy`: never stores them). ``backend="auto"`` (the default)
-picks Triton for CUDA tensors when triton is installed and PyTorch otherwise (CPU, float64);
-``"torch"`` / ``"triton"`` force one (forcing Triton on CPU tensors needs the interpreter,
-``TRITON_INTERPRET=1``). The backend is a run-time choice, not part of the model: it is a plain
-attribute (``layer.backend = "torch"``), not saved in checkpoints.
+:meth:`OutputLayer.cross_entropy`. ``backend="auto"`` (the default) and ``"triton"`` use the chunked
+fused linear cross-entropy of :mod:`lmmem.kernels.linear_cross_entropy` (never more than one chunk
+of the ``N × V`` logits, on any device, any float dtype): ``auto`` runs its in-place step as a
+Triton kernel on CUDA (falling back to PyTorch, with one warning, wherever a kernel variant fails)
+and in PyTorch elsewhere; ``triton`` forces the Triton kernels (on CPU tensors only under the
+interpreter, ``TRITON_INTERPRET=1``). ``"torch"`` is the plain reference: ``F.linear`` then
+``F.cross_entropy``, materialising the logits. The Hebbian statistics follow the same choice
+(:meth:`uses_triton`). The backend is a run-time choice, not part of the model: a plain attribute
+(``layer.backend = "torch"``), not saved in checkpoints. ``LMMEM_TRITON=0`` switches Triton off.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ from torch import nn
 
 IGNORE_INDEX = -100
 BACKENDS = ("auto", "torch", "triton")
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 class OutputLayer(nn.Module):
@@ -76,24 +75,30 @@ class OutputLayer(nn.Module):
         self._backend = value
 
     def uses_triton(self, hidden: torch.Tensor) -> bool:
-        """Whether :meth:`cross_entropy` runs the fused Triton kernel for these activations."""
+        """Whether the Triton kernels (loss step, Hebbian statistics and update) are asked for with
+        these activations: forced by ``backend="triton"``, or ``auto`` on CUDA with triton usable
+        (installed, ``LMMEM_TRITON`` not 0) and a dtype the kernels handle. A kernel variant that
+        fails here still falls back to PyTorch (see :mod:`lmmem.kernels.runtime`)."""
         if self._backend == "torch":
             return False
         if self._backend == "triton":
             return True
+        from lmmem.kernels.runtime import triton_usable
+
         supported = (torch.float32, torch.bfloat16, torch.float16)
-        return (_TRITON_INSTALLED and hidden.is_cuda and self.weight.is_cuda
-                and hidden.dtype in supported and self.weight.dtype in supported)
+        return (hidden.is_cuda and self.weight.is_cuda and hidden.dtype in supported
+                and self.weight.dtype in supported and triton_usable(hidden.device))
 
     def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Cross-entropy of ``softmax(W h + b)`` (at least fp32; ``none``: flattened, one value per
         position), by the backend chosen above. Records nothing; subclasses' :meth:`loss` adds that."""
-        if self.uses_triton(hidden):
-            from lmmem.kernels.linear_cross_entropy import linear_cross_entropy
+        if self._backend == "torch":
+            return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
+        from lmmem.kernels.linear_cross_entropy import linear_cross_entropy
 
-            return linear_cross_entropy(hidden, self.weight, self.bias, targets, reduction, ignore_index)
-        return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
+        return linear_cross_entropy(hidden, self.weight, self.bias, targets, reduction, ignore_index,
+                                    use_triton=True if self._backend == "triton" else None)
 
     # -- distribution -----------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 
 class FullSoftmax(OutputLayer):
-    """``backend``: "auto" (fused Triton kernel on CUDA, PyTorch elsewhere), "torch" or "triton";
-    see :mod:`lmmem.output_layers.base`."""
+    """``backend``: "auto" (chunked fused loss on any device, Triton step on CUDA), "torch" (materialised
+    logits, the reference) or "triton"; see :mod:`lmmem.output_layers.base`."""
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         return self.cross_entropy(hidden, targets, reduction, ignore_index)

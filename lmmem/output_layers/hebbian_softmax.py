@@ -63,7 +63,7 @@ accumulate: stored and new classes are merged by a second ``unique``. The statis
 they are not in the ``state_dict`` (a checkpoint is taken between steps, when none are pending);
 ``counts`` is a persistent buffer and is saved and restored.
 
-On CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton scatter kernel
+On CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton segmented-sum kernel
 instead (:mod:`lmmem.kernels.hebbian`): the classes present are found by sorting the targets, the
 buffers have one slot per position (sentinel ids past the last class), so there is no
 ``torch.unique`` and no host sync; the update is a kernel over those slots. Same rule, same
@@ -222,9 +222,9 @@ class HebbianSoftmax(OutputLayer):
         rescale: scale ``h̄_i`` to the norm of the row before mixing (default off).
         sync_distributed: under DDP, all-gather the batch statistics so replicas stay identical
             (default on; off only makes sense if each rank's model is meant to diverge).
-        backend: "auto" (default: the Triton kernels for CUDA tensors, PyTorch otherwise), "torch"
+        backend: "auto" (default: the fused loss on any device; Triton kernels for CUDA tensors), "torch"
             or "triton" (on CPU only under ``TRITON_INTERPRET=1``). With Triton, the loss is the fused
-            linear cross-entropy (no ``N × V`` logits), the statistics come from a scatter kernel into
+            linear cross-entropy (no ``N × V`` logits), the statistics come from a segmented-sum kernel into
             ``N``-slot buffers (no ``torch.unique``, no host sync) and the update is an in-place
             kernel over the rows of the batch's classes; see :mod:`lmmem.kernels.hebbian`.
     """
