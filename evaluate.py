@@ -28,7 +28,7 @@ from lmmem.memories import CacheConfig, MbPAConfig
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="best.pt / last.pt written by train.py (or the run folder)")
+    p.add_argument("checkpoint", help="best.pt / last.pt written by train.py (or the run folder, or a folder written by python -m lmmem.training.export)")
     p.add_argument("--data", help="prepared corpus folder (default: the one the model was trained on)")
     p.add_argument("--split", default="test", help="train | valid | test")
     p.add_argument("--json", help="write the results here as JSON")

@@ -102,6 +102,7 @@ the update runs eagerly after the step).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,18 @@ import torch.distributed as dist
 from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (U,) int64, counts (U,) int64, sums (U, D)
+
+
+class MissingHebbianUpdateWarning(UserWarning):
+    """Statistics were recorded, then the optimizer stepped without the Hebbian update."""
+
+
+FORGOTTEN_UPDATE_MESSAGE = (
+    "HebbianSoftmax recorded statistics, then the optimizer stepped without applying the Hebbian update: "
+    "the layer is training as a plain softmax (counts stay 0). Attach it once: layer.attach_to_optimizer(optimizer) "
+    "(Accelerate-wrapped optimizers and LR schedulers are unwrapped); with the Hugging Face Trainer pass "
+    "callbacks=[lmmem.hf.HebbianSoftmaxCallback()]; or call layer.on_optimizer_step() after every step."
+)
 
 
 def hebbian_lambda(counts_before: torch.Tensor, gamma: float, smoothing_limit: float | None, dtype: torch.dtype) -> torch.Tensor:
@@ -230,6 +243,12 @@ class HebbianSoftmax(OutputLayer):
     """
 
     counts: torch.Tensor
+    # Warn once when a training forward finds statistics from before an optimizer step (see
+    # _check_forgotten_update). Set to False on an instance to silence it.
+    check_forgotten_update: bool = True
+    _forgotten_warned = False
+    _stats_weight_version = 0
+    _backward_seen = False
 
     def __init__(
         self,
@@ -281,9 +300,32 @@ class HebbianSoftmax(OutputLayer):
         return self._nll(hidden, targets, reduction, ignore_index)
 
     # -- statistics -------------------------------------------------------------------------------
+    def _mark_backward(self, grad: torch.Tensor) -> None:
+        self._backward_seen = True
+
+    def _check_forgotten_update(self) -> None:
+        """Called by a training forward that finds statistics pending. Gradient accumulation records
+        several forwards before one step, so pending statistics alone are fine; they are stale when
+        the optimizer has stepped since they were recorded, seen as (a) an in-place change of the
+        weight (its version counter; fused optimizers do not bump it) or (b) a backward through this
+        layer followed by ``zero_grad()`` (the weight's gradient is None again). A heuristic: it
+        misses a fused optimizer used with ``zero_grad(set_to_none=False)``."""
+        w = self.weight
+        stepped = w._version != self._stats_weight_version or (self._backward_seen and w.requires_grad and w.grad is None)
+        if stepped and self.check_forgotten_update and not self._forgotten_warned:
+            self._forgotten_warned = True
+            warnings.warn(FORGOTTEN_UPDATE_MESSAGE, MissingHebbianUpdateWarning, stacklevel=4)
+
     @torch.compiler.disable
     @torch.no_grad()
     def _record(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+        if self._stats is None:
+            self._stats_weight_version = self.weight._version
+            self._backward_seen = False
+        else:
+            self._check_forgotten_update()
+        if hidden.requires_grad:
+            hidden.register_hook(self._mark_backward)
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         t = targets.detach().reshape(-1).to(torch.int64)
         if t.numel() != h.shape[0]:
