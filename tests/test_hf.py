@@ -83,6 +83,19 @@ def test_apply_keeps_logits_ties_and_generate(arch):
     out = model.generate(ids[:, :4], attention_mask=torch.ones_like(ids[:, :4]), max_new_tokens=6, do_sample=False)
     assert out.shape == (4, 10) and torch.equal(out, generated)
     assert model.config.lmmem_head["layer"] == "hebbian"
+    # the head's state starts as in a layer built the ordinary way
+    fresh = dict(HebbianLMHead(32, V, bias=False).named_buffers())
+    for name, buf in head.named_buffers():
+        assert buf.dtype == fresh[name].dtype and torch.equal(buf, fresh[name]), name
+
+
+def test_applying_to_a_model_saved_with_a_head_warns(tmp_path):
+    model = tiny("llama")
+    apply_hebbian_softmax(model)
+    model.save_pretrained(tmp_path)
+    plain = LlamaForCausalLM.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="lmmem.hf.from_pretrained"):
+        apply_hebbian_softmax(plain)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -320,3 +333,36 @@ def test_export_run_and_evaluate_it(small_corpus, tmp_path):
     assert b.report.loss == a.report.loss and b.meta["step"] == a.meta["step"] == 6
     with pytest.raises(LmmemError, match="never overwrites"):
         export_run(run / "last.pt", out)
+
+
+@pytest.mark.slow
+def test_export_cli_and_its_errors(small_corpus, tmp_path):
+    from conftest import run_script
+
+    run = tmp_path / "run"
+    run_script("train.py", "--data", str(small_corpus), "--out", str(run), "--max-steps", "2", "--batch-size", "4", "--bptt", "8",
+               "--embed-dim", "16", "--hidden-dim", "24", "--proj-dim", "16", "--eval-tokens", "100", check=True)
+    ok = run_script("-m", "lmmem.training.export", str(run / "last.pt"), "--out", str(tmp_path / "exp"), check=True)
+    assert "exported" in ok.stdout
+    again = run_script("-m", "lmmem.training.export", str(run / "last.pt"), "--out", str(tmp_path / "exp"))
+    missing = run_script("-m", "lmmem.training.export", str(tmp_path / "nothing.pt"), "--out", str(tmp_path / "exp2"))
+    for proc in (again, missing):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    assert not (tmp_path / "exp2").exists()
+    ev = run_script("evaluate.py", str(tmp_path / "exp"), "--split", "valid", "--max-tokens", "100", check=True)
+    assert "valid" in ev.stdout
+
+
+@pytest.mark.slow
+def test_hf_head_comparison_runs(small_corpus, tmp_path):
+    from lmmem.experiments.hf_head_comparison import main
+
+    out = tmp_path / "cmp.json"
+    assert main(["--data", str(small_corpus), "--steps", "3", "--seeds", "1", "--n-embd", "16", "--n-head", "2", "--n-layer", "1",
+                 "--context", "16", "--batch-size", "4", "--valid-windows", "8", "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"stock", "fused", "hebbian"}
+    runs = {r["head"]: r for r in result["runs"]}
+    assert runs["fused"]["train_losses"] == pytest.approx(runs["stock"]["train_losses"], rel=1e-4)  # same model, same loss

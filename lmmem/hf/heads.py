@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from lmmem.output_layers import FullSoftmax, HebbianSoftmax, OutputLayer
+from lmmem.output_layers.base import IGNORE_INDEX
 
 
 class _CausalLMHead:
@@ -24,9 +25,10 @@ class _CausalLMHead:
 
     _capturing = False
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, **loss_options) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                ignore_index: int = IGNORE_INDEX, **loss_options) -> torch.Tensor:
         if targets is not None:
-            return self.loss(hidden, targets, **loss_options)
+            return self.loss(hidden, targets, reduction=reduction, ignore_index=ignore_index, **loss_options)
         if self._capturing:
             return hidden
         return self.logits(hidden)

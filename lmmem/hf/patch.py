@@ -26,6 +26,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def apply_hebbian_softmax(model: nn.Module, *, trainer=None, loss_options: dict 
     (``model, optimizer``) in your own loop. ``loss_options`` are passed to every ``layer.loss`` call.
     ``verify`` runs a 3-token probe to check that the model's logits are ``lm_head(hidden)``.
     """
+    _warn_if_saved_head_is_dropped(model)
     _apply(model, "hebbian", layer_options, loss_options or {}, verify)
     if trainer is not None:
         from lmmem.hf.callback import HebbianSoftmaxCallback
@@ -69,7 +71,16 @@ def apply_hebbian_softmax(model: nn.Module, *, trainer=None, loss_options: dict 
 def apply_fused_softmax(model: nn.Module, *, loss_options: dict | None = None, verify: bool = True, **layer_options) -> nn.Module:
     """As :func:`apply_hebbian_softmax` with the plain softmax (:class:`~lmmem.output_layers.FullSoftmax`):
     the fused linear + cross-entropy loss in training, no update rule."""
+    _warn_if_saved_head_is_dropped(model)
     return _apply(model, "full", layer_options, loss_options or {}, verify)
+
+
+def _warn_if_saved_head_is_dropped(model: nn.Module) -> None:
+    spec = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if spec is not None and head_kind(model.get_output_embeddings()) is None:
+        warnings.warn(f"this model was saved with an lmmem {spec.get('layer')} head, but loaded with the stock one: applying "
+                      "a new head starts its state (the Hebbian counts) from zero. Load it with lmmem.hf.from_pretrained(path), "
+                      "or call lmmem.hf.load_head_state(model, path) after applying", stacklevel=3)
 
 
 def lmmem_head(model: nn.Module) -> OutputLayer | None:
@@ -111,6 +122,8 @@ def _apply(model: nn.Module, kind: str, layer_options: dict, loss_options: dict,
         head = cls(old.in_features, old.out_features, bias=old.bias is not None, **layer_options)
     head.weight = old.weight
     head.bias = old.bias
+    # The layers' state buffers (Hebbian counts, ...) all start at zero (a test checks this against a
+    # layer built the ordinary way), so they are made directly on the weight's device.
     for name, buf in list(head.named_buffers(recurse=False)):
         setattr(head, name, torch.zeros(buf.shape, dtype=buf.dtype, device=old.weight.device))
     head.train(old.training)
