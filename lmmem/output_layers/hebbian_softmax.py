@@ -74,7 +74,11 @@ Applying the update
 :meth:`HebbianSoftmax.hebbian_update_` (called by :meth:`on_optimizer_step`) writes the rows in
 place with ``index_copy_`` and integer indices. (A public reimplementation wrote through a
 boolean-mask index, ``W[mask] = ...`` on a copy, so its weights never changed; the tests check that
-rows really move.) Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once.
+rows really move.) Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once
+(wrappers such as Accelerate's ``AcceleratedOptimizer`` or an LR scheduler are unwrapped to the
+``torch.optim.Optimizer`` inside; with the Hugging Face Trainer use ``lmmem.hf.HebbianSoftmaxCallback``).
+A training forward that finds statistics recorded before an optimizer step that applied no update
+warns once (:class:`MissingHebbianUpdateWarning`, see :meth:`HebbianSoftmax._check_forgotten_update`).
 Calling it twice after one step is harmless (the second call finds nothing pending). The optimizer's
 own state (momentum, Adam moments) is left as it is: the rule moves the rows, not the optimizer.
 
