@@ -153,8 +153,10 @@ def unwrap_optimizer(optimizer):
     seen = {id(optimizer)}
     current = optimizer
     while True:
+        # follow anything optimizer-like (wrappers of wrappers): an Optimizer, or an object with step()
         inner = next((getattr(current, a) for a in _WRAPPED_OPTIMIZER_ATTRS
-                      if isinstance(getattr(current, a, None), torch.optim.Optimizer)), None)
+                      if isinstance(getattr(current, a, None), torch.optim.Optimizer)
+                      or callable(getattr(getattr(current, a, None), "step", None))), None)
         if inner is None or id(inner) in seen:
             break
         seen.add(id(inner))

@@ -107,6 +107,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -304,16 +305,28 @@ class HebbianSoftmax(OutputLayer):
         return self._nll(hidden, targets, reduction, ignore_index)
 
     # -- statistics -------------------------------------------------------------------------------
-    def _mark_backward(self, grad: torch.Tensor) -> None:
-        self._backward_seen = True
+    def _watch_weight_gradient(self) -> None:
+        """Note every gradient accumulated into the weight (for :meth:`_check_forgotten_update`). Where
+        a framework keeps gradients elsewhere (DeepSpeed, FSDP), the hook never fires: no false alarm."""
+        w = self.weight
+        watched = getattr(self, "_watched_weight", None)  # a weakref: a Parameter attribute would become a parameter
+        if (watched is not None and watched() is w) or not w.requires_grad:
+            return
+
+        def seen(param: torch.Tensor) -> None:
+            if param is self.weight:
+                self._backward_seen = True
+
+        w.register_post_accumulate_grad_hook(seen)
+        self._watched_weight = weakref.ref(w)
 
     def _check_forgotten_update(self) -> None:
         """Called by a training forward that finds statistics pending. Gradient accumulation records
         several forwards before one step, so pending statistics alone are fine; they are stale when
         the optimizer has stepped since they were recorded, seen as (a) an in-place change of the
-        weight (its version counter; fused optimizers do not bump it) or (b) a backward through this
-        layer followed by ``zero_grad()`` (the weight's gradient is None again). A heuristic: it
-        misses a fused optimizer used with ``zero_grad(set_to_none=False)``."""
+        weight (its version counter; fused optimizers do not bump it) or (b) a gradient accumulated
+        into the weight, then gone again (``zero_grad()``). A heuristic: it misses a fused optimizer
+        used with ``zero_grad(set_to_none=False)``."""
         w = self.weight
         stepped = w._version != self._stats_weight_version or (self._backward_seen and w.requires_grad and w.grad is None)
         if stepped and self.check_forgotten_update and not self._forgotten_warned:
@@ -328,8 +341,7 @@ class HebbianSoftmax(OutputLayer):
             self._backward_seen = False
         else:
             self._check_forgotten_update()
-        if hidden.requires_grad:
-            hidden.register_hook(self._mark_backward)
+        self._watch_weight_gradient()
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         t = targets.detach().reshape(-1).to(torch.int64)
         if t.numel() != h.shape[0]:
