@@ -90,9 +90,34 @@ def run(corpus: PreparedCorpus, head: str, seed: int, args, hebbian_options: dic
             "hebbian_options": hebbian_options if head == "hebbian" else None}
 
 
+def plot_training_curves(result_files: list[str], out: str) -> None:
+    """Mean training loss per step (over seeds) of every head in the given result JSONs, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for path in result_files:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+        tied = "tied" if result["meta"].get("tied", True) else "untied"
+        for name in dict.fromkeys(r["head"] for r in result["runs"]):
+            curves = np.array([r["train_losses"] for r in result["runs"] if r["head"] == name])
+            ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), label=f"{name} ({tied}, {len(curves)} seeds)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_yscale("log")
+    ax.set_title("tiny GPT-2 on Gutenberg: stock head vs lmmem heads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="prepared corpus folder (python -m data_prep)")
+    p.add_argument("--data", help="prepared corpus folder (python -m data_prep)")
     p.add_argument("--heads", nargs="+", default=["stock", "fused", "hebbian"], choices=["stock", "fused", "hebbian"])
     p.add_argument("--hebbian-options", default="{}", help="JSON of HebbianSoftmax options (default: the layer's defaults)")
     p.add_argument("--name", default=None, help="name of the hebbian variant in the results")
@@ -107,7 +132,14 @@ def main(argv=None) -> int:
     p.add_argument("--untie", action="store_true", help="separate input and output embeddings (GPT-2 ties them)")
     p.add_argument("--valid-windows", type=int, default=256, help="at most this many validation windows")
     p.add_argument("--json", help="write all runs and the summary here")
+    p.add_argument("--plot", help="PNG of the training curves of --plot-from (or of this run's --json)")
+    p.add_argument("--plot-from", nargs="+", help="only plot these result JSONs (no training)")
     args = p.parse_args(argv)
+    if args.plot_from:
+        plot_training_curves(args.plot_from, args.plot or "curves.png")
+        return 0
+    if not args.data:
+        p.error("--data is required (unless --plot-from)")
     corpus = PreparedCorpus.open(args.data)
     hebbian_options = json.loads(args.hebbian_options)
     runs = []
@@ -131,6 +163,8 @@ def main(argv=None) -> int:
                 "data": args.data, "vocab_size": len(corpus.vocab), "tied": not args.untie}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
+        if args.plot:
+            plot_training_curves([args.json], args.plot)
     return 0
 
 
