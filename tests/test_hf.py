@@ -200,6 +200,10 @@ def test_save_pretrained_from_pretrained_round_trip(arch, tmp_path, caplog):
     before = head2.counts.clone()
     _, seen = train_plain_loop(loaded, steps=2)
     assert torch.equal(head2.counts, before + torch.bincount(seen, minlength=V))
+    # sharded checkpoints: the counts are found in whichever shard holds them
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert torch.equal(from_pretrained(tmp_path / "sharded").get_output_embeddings().counts, head.counts)
     # a model saved without an lmmem head loads as a plain model
     plain = tiny(arch)
     plain.save_pretrained(tmp_path / "plain")
@@ -231,6 +235,8 @@ def test_hf_trainer_with_gradient_accumulation(arch, tmp_path):
     assert head.pending_statistics() is None
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    metrics = trainer.evaluate(examples[:8])  # eval mode: the stock path (logits + HF's loss), nothing recorded
+    assert 0 < metrics["eval_loss"] < losses[0] and head.pending_statistics() is None
     model.eval()
     out = model.generate(all_labels[:2, :4], attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=5, do_sample=False)
     assert out.shape == (2, 9)
