@@ -315,8 +315,14 @@ def test_refusals_name_the_fix():
         return out
 
     scaled.forward = forward
+    head = scaled.lm_head
     with pytest.raises(LmmemError, match="not lm_head"):
         apply_hebbian_softmax(scaled)
+    assert scaled.lm_head is head and scaled.forward is forward and not hasattr(scaled.config, "lmmem_head")  # untouched
+    with pytest.raises(LmmemError, match="gamma"):
+        apply_hebbian_softmax(tiny("llama"), gamma=2.0)
+    with pytest.raises(LmmemError, match="no_such"):
+        apply_hebbian_softmax(tiny("llama"), no_such=1)
 
 
 # -- exports of train.py runs ----------------------------------------------------------------------

@@ -118,8 +118,11 @@ def _apply(model: nn.Module, kind: str, layer_options: dict, loss_options: dict,
     _check_loss_options(cls, loss_options)
     # Built on the meta device: its own V × D initial weight is never allocated, the old head's
     # parameters are put in (same Parameter objects: ties and optimizer references stay valid).
-    with torch.device("meta"):
-        head = cls(old.in_features, old.out_features, bias=old.bias is not None, **layer_options)
+    try:
+        with torch.device("meta"):
+            head = cls(old.in_features, old.out_features, bias=old.bias is not None, **layer_options)
+    except (TypeError, ValueError) as e:
+        raise LmmemError(f"{cls.__name__}: {e}") from None
     head.weight = old.weight
     head.bias = old.bias
     # The layers' state buffers (Hebbian counts, ...) all start at zero (a test checks this against a
@@ -129,13 +132,25 @@ def _apply(model: nn.Module, kind: str, layer_options: dict, loss_options: dict,
     head.train(old.training)
     path = _head_path(model, old)
     parent_name, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, head)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    had_own_forward = "forward" in vars(model)  # an instance-level forward someone installed before us
+    previous_forward = vars(model).get("forward")
+    setattr(parent, attr, head)
     _wrap_forward(model, head, loss_options)
+    if verify:
+        try:
+            _verify_logits_are_head_of_hidden(model, head)
+        except BaseException:
+            # refused: leave the model exactly as it was given
+            setattr(parent, attr, old)
+            if had_own_forward:
+                model.forward = previous_forward
+            else:
+                del model.forward
+            raise
     if config is not None:
         saved = {k: v for k, v in layer_options.items() if k not in _RUNTIME_OPTIONS}
         setattr(config, CONFIG_KEY, {"layer": kind, "options": saved, "loss_options": dict(loss_options)})
-    if verify:
-        _verify_logits_are_head_of_hidden(model, head)
     return model
 
 
