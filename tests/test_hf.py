@@ -234,7 +234,7 @@ def test_hf_trainer_with_gradient_accumulation(arch, tmp_path):
     assert torch.equal(head.counts, 8 * torch.bincount(seen_targets(all_labels), minlength=V))
     assert head.pending_statistics() is None
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
     metrics = trainer.evaluate(examples[:8])  # eval mode: the stock path (logits + HF's loss), nothing recorded
     assert 0 < metrics["eval_loss"] < losses[0] and head.pending_statistics() is None
     model.eval()
