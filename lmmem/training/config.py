@@ -48,7 +48,9 @@ class TrainConfig:
     hebbian_write_norm: str = field(default="row", metadata={
         "help": "Hebbian softmax, centred rule: norm of the written part: row (the row's own) | running (running mean over trained rows) | none"})
     hebbian_mean_decay: float = field(default=0.99, metadata={"help": "Hebbian softmax, centred rule: decay of the running mean of the activations"})
-    hebbian_start_step: int = field(default=0, metadata={"help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance)"})
+    hebbian_start_step: int = field(default=-1, metadata={
+        "help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance); "
+                "-1: the rule's default (centred 50, paper 0)"})
     # optimisation
     batch_size: int = field(default=32, metadata={"help": "global batch (rows of text), split across processes"})
     bptt: int = field(default=35, metadata={"help": "truncated-BPTT length (tokens per row per step)"})
@@ -75,7 +77,7 @@ class TrainConfig:
         softmax_options: dict[str, Any] = {}
         if self.softmax == "hebbian":
             softmax_options = {"gamma": self.hebbian_gamma, "smoothing_limit": self.hebbian_T, "rule": self.hebbian_rule,
-                               "start_step": self.hebbian_start_step}
+                               "start_step": None if self.hebbian_start_step < 0 else self.hebbian_start_step}
             if self.hebbian_rule == "paper":
                 softmax_options["rescale"] = self.hebbian_rescale
             else:
@@ -167,7 +169,7 @@ def validate(cfg: TrainConfig) -> None:
         (not (cfg.hebbian_rescale and cfg.hebbian_rule != "paper"),
          "--hebbian-rescale applies to --hebbian-rule paper only; the centred rule sets the written norm with --hebbian-write-norm"),
         (0 <= cfg.hebbian_mean_decay < 1, "--hebbian-mean-decay must be in [0, 1)"),
-        (cfg.hebbian_start_step >= 0, "--hebbian-start-step must be >= 0"),
+        (cfg.hebbian_start_step >= -1, "--hebbian-start-step must be >= 0 (or -1: the rule's default)"),
         (cfg.lr > 0, "--lr must be positive"),
         (cfg.batch_size > 0 and cfg.bptt > 0, "--batch-size and --bptt must be positive"),
         (cfg.max_steps > 0, "--max-steps must be positive"),
