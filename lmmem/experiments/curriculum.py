@@ -75,7 +75,7 @@ class CurriculumConfig:
     hebbian_gamma: float = 0.01
     hebbian_smoothing_limit: int = 100
     hebbian_rule: str = "centred"  # HebbianSoftmax's default; "paper" for Rae et al.'s exact rule
-    hebbian_write_norm: str = "row"  # centred rule only
+    hebbian_write_norm: str = "running"  # centred rule only
     memory_size: int = 4096
     memory_k: int = 64
     key_size: int = 64

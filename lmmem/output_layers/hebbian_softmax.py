@@ -5,8 +5,12 @@ A full softmax whose output rows are trained by gradient *and*, right after ever
 pulled towards the activations that predicted their class, so that a rare word becomes predictable
 after one or two sightings instead of hundreds of small gradient steps.
 
-The rule, exactly as implemented
---------------------------------
+Two rules (``rule=``): ``"paper"``, the paper's rule exactly, and ``"centred"`` (the default, a
+variant of ours, not the paper's), which writes the same information without the paper rule's
+side effect on language models. Both share the counts, λ schedule, statistics and DDP path below.
+
+The paper's rule (``rule="paper"``), exactly as implemented
+------------------------------------------------------------
 For every class ``i`` present (as a non-ignored target) in the batch of the step, let
 
 * ``n_i``  be its number of occurrences in the batch (summed over gradient-accumulation
@@ -42,6 +46,36 @@ paper does not rescale).
 
 Defaults: the paper's exact values of γ and T are not known to us; a public reimplementation used
 ``gamma=0.01`` and ``smoothing_limit=500``, which are the defaults here.
+
+The centred rule (``rule="centred"``, the default)
+---------------------------------------------------
+Why: in a language model the final activations share a large common component μ (their mean), and
+the model keeps each word's frequency prior in its row's component along μ. The paper's write
+copies h̄'s scale *and* μ into the row: in a controlled study on Gutenberg one write raised the
+word's logit by a median 21.7 nats in its own context (one Adam step: 0.2) and by ~|μ|² ≈ 12 nats in
+every other one; the probability mass on rare words went from 0.21 to 0.53–0.84 (true share 0.18)
+and every frequency bucket got worse (docs/results/hebbian-softmax.md, issue 12).
+
+The rule: μ is a running mean of the training activations (buffer :attr:`activation_mean`: the plain
+mean over the first ``1/(1 − mean_decay)`` updates, then an EMA with ``mean_decay``, default 0.99),
+``u = μ/|μ|``. For each class in the batch, with the same ``λ`` and counts as above::
+
+    target_i = (θ̂_i·u) u  +  s_i · P(h̄_i − μ)          P = projection orthogonal to u
+    θ_i ← λ_i · target_i + (1 − λ_i) · θ̂_i
+
+so the row's component along μ (its frequency prior) is never changed, and its orthogonal part
+moves towards the *centred* mean activation. ``s_i`` sets the written part's norm (``write_norm``):
+``"running"`` (the default) a running, token-weighted mean of the norm of the rows' orthogonal
+parts over each batch's rows (buffer :attr:`running_row_norm`: the typical row the gradient trains,
+frequent words weighing most), ``"row"`` the norm of the row's own orthogonal part (a rare word's
+row is small, so its write is weak), ``"none"`` unscaled. The rule writes from the ``start_step``-th update on (default 50
+for the centred rule, 0 for the paper's: writes during a from-scratch model's first steps raised its
+loss by ~0.5 nats); before that, counts and running statistics advance but no row is written.
+``rescale`` belongs to the paper's rule only. The running statistics are computed from the all-rank
+statistics, so DDP replicas stay identical; they and :attr:`updates` are persistent buffers (a
+checkpoint resumes exactly; checkpoints from before these buffers existed load with them fresh).
+The Triton mixing kernel implements the paper's rule only: the centred rule's update runs in PyTorch
+(O(U·D) per step) on the statistics of either backend.
 
 Which activations
 -----------------
@@ -304,9 +338,20 @@ class HebbianSoftmax(OutputLayer):
             linear cross-entropy (no ``N × V`` logits), the statistics come from a scatter kernel into
             ``N``-slot buffers (no ``torch.unique``, no host sync) and the update is an in-place
             kernel over the rows of the batch's classes; see :mod:`lmmem.kernels.hebbian`.
+        rule: ``"centred"`` (default; ours: writes h̄ − μ orthogonally to the running activation mean
+            μ, keeping the row's component along μ) or ``"paper"`` (Rae et al.'s exact rule). The
+            Triton update kernel implements ``"paper"`` only; ``"centred"`` updates in PyTorch.
+        write_norm: centred rule: norm of the written part, ``"running"`` (default), ``"row"`` or
+            ``"none"`` (see the module docstring).
+        mean_decay: centred rule: EMA decay of μ and of the running row norm (default 0.99).
+        start_step: updates before the rule writes rows (counts and running statistics advance
+            meanwhile); default ``None``: 50 for ``"centred"``, 0 for ``"paper"``.
     """
 
     counts: torch.Tensor
+    activation_mean: torch.Tensor
+    running_row_norm: torch.Tensor
+    updates: torch.Tensor
 
     def __init__(
         self,
@@ -319,7 +364,7 @@ class HebbianSoftmax(OutputLayer):
         sync_distributed: bool = True,
         backend: str = "auto",
         rule: str = "centred",
-        write_norm: str = "row",
+        write_norm: str = "running",
         mean_decay: float = 0.99,
         start_step: int | None = None,
     ):

@@ -45,8 +45,8 @@ class TrainConfig:
     hebbian_rule: str = field(default="centred", metadata={
         "help": "Hebbian softmax update rule: centred (default: write h̄ minus the running mean of the activations, orthogonally to it, "
                 "keeping the row's own component along it) | paper (Rae et al. 2018 exactly: mix h̄ itself)"})
-    hebbian_write_norm: str = field(default="row", metadata={
-        "help": "Hebbian softmax, centred rule: norm of the written part: row (the row's own) | running (running mean over trained rows) | none"})
+    hebbian_write_norm: str = field(default="running", metadata={
+        "help": "Hebbian softmax, centred rule: norm of the written part: running (a running token-weighted mean of the rows' norms) | row (the row's own) | none"})
     hebbian_mean_decay: float = field(default=0.99, metadata={"help": "Hebbian softmax, centred rule: decay of the running mean of the activations"})
     hebbian_start_step: int = field(default=-1, metadata={
         "help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance); "
