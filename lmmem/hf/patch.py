@@ -317,9 +317,12 @@ def load_head_state(model: nn.Module, path: str | os.PathLike) -> None:
                     raise LmmemError(f"{path}: {key} has shape {tuple(value.shape)}, the model's head {tuple(buf.shape)}; "
                                      "load the model with the vocabulary it was saved with")
                 buf.copy_(value)
-    if wanted:
+    persistent = [n for n, _ in head.named_buffers(recurse=False) if n not in head._non_persistent_buffers_set]
+    if persistent and len(wanted) == len(persistent):
         raise LmmemError(f"{path} has no {', '.join(sorted(wanted))}: it was not saved from a model with this lmmem head "
                          "(save with model.save_pretrained after apply_hebbian_softmax)")
+    # Some but not all found: saved by an lmmem whose layer had less state (e.g. before the centred
+    # rule's running statistics); those start fresh, as HebbianSoftmax does for old checkpoints.
 
 
 @contextmanager
