@@ -82,6 +82,8 @@ RULES: dict[str, Rule] = {
     "output_dropout": unit_interval("a dropout probability", hi_open=True),
     "hebbian_gamma": unit_interval("the Hebbian mixing rate is a fraction of the row that is replaced"),
     "hebbian_T": non_negative("the smoothing limit counts occurrences; 0: the rows learn from gradients only"),
+    "hebbian_mean_decay": unit_interval("the running mean's decay per step", hi_open=True),
+    "hebbian_start_step": Rule(lo=-1, why="optimizer steps before the rule starts; -1: the rule's default"),
     # train.py: optimisation
     "seed": non_negative("seeds are non-negative integers"),
     "batch_size": at_least_one("at least one row of text per step"),

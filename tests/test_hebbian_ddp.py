@@ -22,7 +22,7 @@ STEPS = 4
 ROWS, BPTT, VOCAB = 4, 6, 37  # global batch: 4 rows, 2 per rank
 
 
-def make_cfg() -> ModelConfig:
+def make_cfg(rule: str = "paper") -> ModelConfig:
     return ModelConfig(
         vocab_size=VOCAB,
         embed_dim=8,
@@ -32,7 +32,8 @@ def make_cfg() -> ModelConfig:
         output_dropout=0.0,
         tie_weights=True,
         softmax="hebbian",
-        softmax_options={"gamma": 0.2, "smoothing_limit": 3},
+        # the centred rule from its 2nd update on: its warm-up and running statistics under DDP too
+        softmax_options={"gamma": 0.2, "smoothing_limit": 3, "rule": rule, "start_step": 0 if rule == "paper" else 1},
     )
 
 
@@ -49,7 +50,7 @@ def train(model, steps, rows: slice, loss_scale: float, lr: float = 0.3) -> dict
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _worker(rank, init_file, state, steps, out_dir):
+def _worker(rank, init_file, state, steps, out_dir, rule):
     try:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -60,7 +61,7 @@ def _worker(rank, init_file, state, steps, out_dir):
         rows = slice(rank * per, (rank + 1) * per)
         results = {}
         for sync in (True, False):
-            model = build_model(make_cfg()).double()
+            model = build_model(make_cfg(rule)).double()
             model.load_state_dict(state)
             model.output.sync_distributed = sync
             # DDP averages gradients over ranks: (s_0 + s_1) / WORLD, matched by the reference below
@@ -74,8 +75,9 @@ def _worker(rank, init_file, state, steps, out_dir):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
-    model = build_model(make_cfg()).double()
+@pytest.mark.parametrize("rule", ["paper", "centred"])
+def test_ddp_two_processes_match_one_process(tmp_path, rule):
+    model = build_model(make_cfg(rule)).double()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     steps = []
     for j in range(STEPS):
@@ -88,7 +90,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         steps.append((x, y))
 
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "init"), state, steps, str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp_path / "init"), state, steps, str(tmp_path), rule)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:

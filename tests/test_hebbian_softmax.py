@@ -19,9 +19,12 @@ from lmmem.output_layers.base import IGNORE_INDEX
 from lmmem.output_layers.hebbian_softmax import hebbian_lambda, hebbian_update_reference
 
 D, V = 5, 11
+# the layer's persistent state besides weight and bias
+RULE_STATE = {"counts", "activation_mean", "running_row_norm", "updates"}
 
 
 def layer64(**kw) -> HebbianSoftmax:
+    kw.setdefault("rule", "paper")
     layer = HebbianSoftmax(D, V, **kw).double()
     layer.train()
     return layer
@@ -125,7 +128,7 @@ def test_counts_advance_by_occurrences_so_second_lambda_depends_on_first_batch_s
 
 
 def test_hand_computed_three_class_example():
-    layer = HebbianSoftmax(2, 3, gamma=0.4, smoothing_limit=3).double().train()
+    layer = HebbianSoftmax(2, 3, gamma=0.4, smoothing_limit=3, rule="paper").double().train()
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 2.0], [-1.0, 0.0]]))
         layer.bias.copy_(torch.tensor([0.5, -0.5, 0.25]))
@@ -152,7 +155,7 @@ def test_saturated_and_absent_classes_follow_plain_softmax_exactly(opt_name):
     T = 5
     hebb = layer64(gamma=0.3, smoothing_limit=T)
     full = FullSoftmax(D, V).double().train()
-    full.load_state_dict({k: v for k, v in hebb.state_dict().items() if k != "counts"})
+    full.load_state_dict({k: v for k, v in hebb.state_dict().items() if k not in RULE_STATE})
     saturated = [0, 1, 2, 3, 4, 5]
     fresh = [6, 7]
     hebb.counts[saturated] = torch.randint(T, T + 100, (len(saturated),))
@@ -206,7 +209,7 @@ def test_repeated_labels_average():
 def test_vectorised_update_equals_reference_loop(rescale):
     gamma = float(torch.rand(()) * 0.3)
     T = int(torch.randint(2, 9, ()))
-    layer = HebbianSoftmax(7, 23, gamma=gamma, smoothing_limit=T, rescale=rescale).double().train()
+    layer = HebbianSoftmax(7, 23, gamma=gamma, smoothing_limit=T, rescale=rescale, rule="paper").double().train()
     layer.counts.copy_(torch.randint(0, T + 3, (23,)))
     layer.counts[torch.randperm(23)[:5]] = 0
     N = int(torch.randint(40, 90, ()))
@@ -299,7 +302,7 @@ def test_rows_really_move(monkeypatch):
 
 
 def test_tied_embedding_row_equals_mean_activation():
-    cfg = ModelConfig(vocab_size=V, embed_dim=6, hidden_dim=9, proj_dim=6, dropout=0.0, output_dropout=0.0, tie_weights=True, softmax="hebbian")
+    cfg = ModelConfig(vocab_size=V, embed_dim=6, hidden_dim=9, proj_dim=6, dropout=0.0, output_dropout=0.0, tie_weights=True, softmax="hebbian", softmax_options={"rule": "paper"})
     model = build_model(cfg).double().train()
     x, y = torch.randint(0, V, (2, 5)), torch.randint(0, V, (2, 5))
     with torch.no_grad():
@@ -327,7 +330,7 @@ def test_tied_embedding_row_equals_mean_activation():
 def test_loss_and_log_probs_equal_full_softmax(reduction):
     hebb = layer64()
     full = FullSoftmax(D, V).double()
-    full.load_state_dict({k: v for k, v in hebb.state_dict().items() if k != "counts"})
+    full.load_state_dict({k: v for k, v in hebb.state_dict().items() if k not in RULE_STATE})
     h = torch.randn(3, 7, D, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, V, (3, 7))
     t[1, 2:5] = IGNORE_INDEX
@@ -393,7 +396,7 @@ def test_state_dict_round_trip_of_counts():
     layer.hebbian_update_()
     record(layer, torch.randn(3, D, dtype=torch.float64), torch.randint(0, V, (3,)))  # pending: transient
     sd = layer.state_dict()
-    assert set(sd) == {"weight", "bias", "counts"} and sd["counts"].dtype == torch.int64
+    assert set(sd) == {"weight", "bias"} | RULE_STATE and sd["counts"].dtype == torch.int64
     restored = layer64()
     restored.load_state_dict(sd)
     assert torch.equal(restored.counts, layer.counts) and int(restored.counts.sum()) == 12
@@ -409,14 +412,14 @@ def test_state_dict_round_trip_of_counts():
 
 def test_registry_and_options():
     assert OUTPUT_LAYERS["hebbian"] is HebbianSoftmax
-    layer = build_output_layer("hebbian", 4, 9, gamma=0.5, smoothing_limit=3, bias=False, rescale=True)
+    layer = build_output_layer("hebbian", 4, 9, gamma=0.5, smoothing_limit=3, bias=False, rescale=True, rule="paper")
     assert layer.bias is None and layer.gamma == 0.5 and layer.rescale
     with pytest.raises(ValueError):
         HebbianSoftmax(4, 9, gamma=1.5)
 
 
 def test_bf16_autocast_statistics_are_fp32():
-    layer = HebbianSoftmax(D, V).train()
+    layer = HebbianSoftmax(D, V, rule="paper").train()
     h = torch.randn(2, 9, D)
     t = torch.randint(0, V, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):

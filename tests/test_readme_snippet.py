@@ -1,6 +1,7 @@
-"""The README's "drop the Hebbian softmax into your own LM" snippet runs as written.
+"""The README's snippets run as written: "drop the Hebbian softmax into your own LM" and the
+Hugging Face GPT-2 and Trainer examples.
 
-The code is taken from README.md between ``<!-- snippet:hebbian-drop-in -->`` and ``<!-- /snippet -->``,
+The code is taken from README.md between ``<!-- snippet:NAME -->`` and ``<!-- /snippet -->``,
 so the README cannot drift from what works.
 """
 
@@ -9,15 +10,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- snippet:hebbian-drop-in -->", "<!-- /snippet -->"
+END = "<!-- /snippet -->"
 
-def snippet_source() -> str:
+
+def snippet_source(name: str = "hebbian-drop-in") -> str:
     text = README.read_text(encoding="utf-8")
-    assert START in text and END in text, "README.md lost its hebbian drop-in snippet markers"
-    block = text.split(START, 1)[1].split(END, 1)[0]
+    start = f"<!-- snippet:{name} -->"
+    assert start in text and END in text, f"README.md lost its {name} snippet markers"
+    block = text.split(start, 1)[1].split(END, 1)[0]
     fenced = re.search(r"```(?:python|py)?\n(.*?)```", block, re.S)
     assert fenced, "the README snippet must be a fenced python block"
     return fenced.group(1)
@@ -33,3 +37,35 @@ def test_readme_snippet_runs_and_updates_rows():
     assert int(layer.counts.sum()) == 3 * targets.numel()
     assert torch.equal(layer.counts, torch.bincount(targets, minlength=1000) * 3)
     assert layer.pending_statistics() is None
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def test_readme_hf_gpt2_snippet(tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("transformers", reason="lmmem[hf] extra not installed")
+    _quiet_transformers()
+    monkeypatch.chdir(tmp_path)  # it saves to ./gpt2-hebbian
+    ns: dict = {}
+    exec(compile(snippet_source("hf-gpt2"), "README-hf-gpt2", "exec"), ns)
+    model, reloaded, tokens = ns["model"], ns["reloaded"], ns["tokens"]
+    counts = model.lm_head.counts
+    assert int(counts.sum()) == 3 * tokens[:, 1:].numel()  # 3 steps, every shifted label counted
+    assert torch.equal(reloaded.lm_head.counts, counts)
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied after loading
+    assert ns["generated"].shape == (1, 15)
+    reloaded.eval()
+    assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_readme_hf_trainer_snippet(tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("transformers", reason="lmmem[hf] extra not installed")
+    _quiet_transformers()
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(snippet_source("hf-trainer"), "README-hf-trainer", "exec"), ns)
+    # 4 optimizer steps of 4 × 2 sequences = 2 epochs over the 16 sequences of 31 targets
+    assert int(ns["model"].lm_head.counts.sum()) == 2 * 16 * 31

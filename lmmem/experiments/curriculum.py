@@ -77,6 +77,8 @@ class CurriculumConfig:
     softmax_bias: bool = False  # see _SoftmaxLearner
     hebbian_gamma: float = 0.01
     hebbian_smoothing_limit: int = 100
+    hebbian_rule: str = "centred"  # HebbianSoftmax's default; "paper" for Rae et al.'s exact rule
+    hebbian_write_norm: str = "running"  # centred rule only
     memory_size: int = 4096
     memory_k: int = 64
     key_size: int = 64
@@ -201,8 +203,9 @@ class _SoftmaxLearner(_Learner):
 
     def __init__(self, cfg: CurriculumConfig, total: int, hebbian: bool):
         self.net = ConvNet(cfg.image_size, cfg.embed)
+        rule = {"rule": cfg.hebbian_rule} | ({"write_norm": cfg.hebbian_write_norm} if cfg.hebbian_rule != "paper" else {})
         self.head = (HebbianSoftmax(cfg.embed, total, gamma=cfg.hebbian_gamma, smoothing_limit=cfg.hebbian_smoothing_limit,
-                                    bias=cfg.softmax_bias)
+                                    bias=cfg.softmax_bias, **rule)
                      if hebbian else FullSoftmax(cfg.embed, total, bias=cfg.softmax_bias))
         self.opt = torch.optim.Adam([*self.net.parameters(), *self.head.parameters()], lr=cfg.lr)
         self.head.attach_to_optimizer(self.opt)  # the Hebbian rule runs after every step (no-op for FullSoftmax)
@@ -470,6 +473,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--background-steps", type=int, default=CurriculumConfig.background_steps)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hebbian-rule", default=CurriculumConfig.hebbian_rule, choices=["centred", "paper"])
+    ap.add_argument("--hebbian-write-norm", default=CurriculumConfig.hebbian_write_norm, choices=["row", "running", "none"])
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-4],
                     help="Adam learning rates to run every method at (the methods prefer different ones)")
     ap.add_argument("--omniglot", help="hub name or local folder/parquet of Omniglot (instead of procedural glyphs)")
@@ -481,7 +486,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     cfg = CurriculumConfig(seed=args.seed, num_classes=args.classes, presentations=args.presentations,
                            background_classes=args.background_classes, background_steps=args.background_steps,
-                           methods=tuple(args.methods))
+                           methods=tuple(args.methods), hebbian_rule=args.hebbian_rule, hebbian_write_norm=args.hebbian_write_norm)
     pools = None
     if args.omniglot:
         images, labels = load_omniglot(args.omniglot, image_size=cfg.image_size)

@@ -244,7 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--variants", nargs="+", default=["full", "hebbian"],
-                   help="models to compare: a softmax name, or LABEL:key=value,... e.g. hebbian-T100:softmax=hebbian,hebbian_T=100")
+                   help="models to compare: a softmax name, or LABEL:key=value,... e.g. hebbian-T100:softmax=hebbian,hebbian_T=100; "
+                        "'hebbian' is the default (centred) rule, hebbian-paper:softmax=hebbian,hebbian_rule=paper the paper's exact rule")
     p.add_argument("--train-args", default="", help="extra train.py flags as KEY=VALUE pairs, e.g. 'lr=1e-3 hebbian_T=100'")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--name", help="corpus name on the page (default: the source folder's name)")

@@ -133,9 +133,47 @@ class OutputLayer(nn.Module):
     def on_optimizer_step(self) -> None:
         """Called after every optimizer step. Plain softmax layers do nothing here."""
 
-    def attach_to_optimizer(self, optimizer: torch.optim.Optimizer):
-        """Run :meth:`on_optimizer_step` after every ``optimizer.step()``; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda *_: self.on_optimizer_step())
+    def attach_to_optimizer(self, optimizer):
+        """Run :meth:`on_optimizer_step` after every ``optimizer.step()``; returns the hook handle.
+
+        ``optimizer`` may be a wrapper (Accelerate's ``AcceleratedOptimizer``, an LR scheduler, other
+        wrappers that keep the real optimizer as ``.optimizer``): the hook goes on the innermost
+        ``torch.optim.Optimizer``, whose ``step()`` every wrapper ends in (see :func:`unwrap_optimizer`)."""
+        return unwrap_optimizer(optimizer).register_step_post_hook(lambda *_: self.on_optimizer_step())
+
+
+# Attribute names under which optimizer wrappers keep the optimizer they wrap: Accelerate's
+# AcceleratedOptimizer and torch LR schedulers (.optimizer), Lightning (._optimizer), ZeroRedundancyOptimizer
+# (.optim), SAM-style wrappers (.base_optimizer).
+_WRAPPED_OPTIMIZER_ATTRS = ("optimizer", "_optimizer", "optim", "base_optimizer")
+
+
+def unwrap_optimizer(optimizer):
+    """The innermost ``torch.optim.Optimizer`` behind ``optimizer``.
+
+    A wrapper can subclass ``Optimizer`` without running its ``__init__`` (AcceleratedOptimizer
+    does), so its own ``register_step_post_hook`` fails; hooks on the inner optimizer run whenever the
+    wrapper really steps (and not when it skips a step, e.g. during gradient accumulation or after an
+    fp16 overflow, which is what the Hebbian update needs)."""
+    seen = {id(optimizer)}
+    current = optimizer
+    while True:
+        # follow anything optimizer-like (wrappers of wrappers): an Optimizer, or an object with step()
+        inner = next((getattr(current, a) for a in _WRAPPED_OPTIMIZER_ATTRS
+                      if isinstance(getattr(current, a, None), torch.optim.Optimizer)
+                      or callable(getattr(getattr(current, a, None), "step", None))), None)
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        current = inner
+    if not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_post_hooks")):
+        from lmmem.errors import LmmemError
+
+        raise LmmemError(
+            f"cannot find the torch.optim.Optimizer inside {type(optimizer).__name__} to attach the output layer to; "
+            "call layer.on_optimizer_step() right after every optimizer step yourself (with the Hugging Face Trainer: "
+            "callbacks=[lmmem.hf.HebbianSoftmaxCallback()])")
+    return current
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

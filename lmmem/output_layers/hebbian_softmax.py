@@ -5,8 +5,12 @@ A full softmax whose output rows are trained by gradient *and*, right after ever
 pulled towards the activations that predicted their class, so that a rare word becomes predictable
 after one or two sightings instead of hundreds of small gradient steps.
 
-The rule, exactly as implemented
---------------------------------
+Two rules (``rule=``): ``"paper"``, the paper's rule exactly, and ``"centred"`` (the default, a
+variant of ours, not the paper's), which writes the same information without the paper rule's
+side effect on language models. Both share the counts, λ schedule, statistics and DDP path below.
+
+The paper's rule (``rule="paper"``), exactly as implemented
+------------------------------------------------------------
 For every class ``i`` present (as a non-ignored target) in the batch of the step, let
 
 * ``n_i``  be its number of occurrences in the batch (summed over gradient-accumulation
@@ -43,6 +47,36 @@ paper does not rescale).
 Defaults: the paper's exact values of γ and T are not known to us; a public reimplementation used
 ``gamma=0.01`` and ``smoothing_limit=500``, which are the defaults here.
 
+The centred rule (``rule="centred"``, the default)
+---------------------------------------------------
+Why: in a language model the final activations share a large common component μ (their mean), and
+the model keeps each word's frequency prior in its row's component along μ. The paper's write
+copies h̄'s scale *and* μ into the row: in a controlled study on Gutenberg one write raised the
+word's logit by a median 21.7 nats in its own context (one Adam step: 0.2) and by ~|μ|² ≈ 12 nats in
+every other one; the probability mass on rare words went from 0.21 to 0.53–0.84 (true share 0.18)
+and every frequency bucket got worse (docs/results/hebbian-softmax.md, issue 12).
+
+The rule: μ is a running mean of the training activations (buffer :attr:`activation_mean`: the plain
+mean over the first ``1/(1 − mean_decay)`` updates, then an EMA with ``mean_decay``, default 0.99),
+``u = μ/|μ|``. For each class in the batch, with the same ``λ`` and counts as above::
+
+    target_i = (θ̂_i·u) u  +  s_i · P(h̄_i − μ)          P = projection orthogonal to u
+    θ_i ← λ_i · target_i + (1 − λ_i) · θ̂_i
+
+so the row's component along μ (its frequency prior) is never changed, and its orthogonal part
+moves towards the *centred* mean activation. ``s_i`` sets the written part's norm (``write_norm``):
+``"running"`` (the default) a running, token-weighted mean of the norm of the rows' orthogonal
+parts over each batch's rows (buffer :attr:`running_row_norm`: the typical row the gradient trains,
+frequent words weighing most), ``"row"`` the norm of the row's own orthogonal part (a rare word's
+row is small, so its write is weak), ``"none"`` unscaled. The rule writes from the ``start_step``-th update on (default 50
+for the centred rule, 0 for the paper's: writes during a from-scratch model's first steps raised its
+loss by ~0.5 nats); before that, counts and running statistics advance but no row is written.
+``rescale`` belongs to the paper's rule only. The running statistics are computed from the all-rank
+statistics, so DDP replicas stay identical; they and :attr:`updates` are persistent buffers (a
+checkpoint resumes exactly; checkpoints from before these buffers existed load with them fresh).
+The Triton mixing kernel implements the paper's rule only: the centred rule's update runs in PyTorch
+(O(U·D) per step) on the statistics of either backend.
+
 Which activations
 -----------------
 The layer records exactly the ``hidden`` it is given in :meth:`HebbianSoftmax.loss`, i.e. the
@@ -74,7 +108,11 @@ Applying the update
 :meth:`HebbianSoftmax.hebbian_update_` (called by :meth:`on_optimizer_step`) writes the rows in
 place with ``index_copy_`` and integer indices. (A public reimplementation wrote through a
 boolean-mask index, ``W[mask] = ...`` on a copy, so its weights never changed; the tests check that
-rows really move.) Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once.
+rows really move.) Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once
+(wrappers such as Accelerate's ``AcceleratedOptimizer`` or an LR scheduler are unwrapped to the
+``torch.optim.Optimizer`` inside; with the Hugging Face Trainer use ``lmmem.hf.HebbianSoftmaxCallback``).
+A training forward that finds statistics recorded before an optimizer step that applied no update
+warns once (:class:`MissingHebbianUpdateWarning`, see :meth:`HebbianSoftmax._check_forgotten_update`).
 Calling it twice after one step is harmless (the second call finds nothing pending). The optimizer's
 own state (momentum, Adam moments) is left as it is: the rule moves the rows, not the optimizer.
 
@@ -102,6 +140,8 @@ the update runs eagerly after the step).
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -109,6 +149,18 @@ import torch.distributed as dist
 from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (U,) int64, counts (U,) int64, sums (U, D)
+
+
+class MissingHebbianUpdateWarning(UserWarning):
+    """Statistics were recorded, then the optimizer stepped without the Hebbian update."""
+
+
+FORGOTTEN_UPDATE_MESSAGE = (
+    "HebbianSoftmax recorded statistics, then the optimizer stepped without applying the Hebbian update: "
+    "the layer is training as a plain softmax (counts stay 0). Attach it once: layer.attach_to_optimizer(optimizer) "
+    "(Accelerate-wrapped optimizers and LR schedulers are unwrapped); with the Hugging Face Trainer pass "
+    "callbacks=[lmmem.hf.HebbianSoftmaxCallback()]; or call layer.on_optimizer_step() after every step."
+)
 
 
 def hebbian_lambda(counts_before: torch.Tensor, gamma: float, smoothing_limit: float | None, dtype: torch.dtype) -> torch.Tensor:
@@ -151,6 +203,65 @@ def hebbian_mix_(
     counts.index_add_(0, ids.to(counts.device), n)
 
 
+RULES = ("paper", "centred")
+# The centred rule writes from the 51st update on: writes during a from-scratch model's first steps
+# raised its training loss by ~0.5 nats for a few steps (tests/test_hebbian_rules.py); 10 sufficed there.
+DEFAULT_START_STEP = 50
+WRITE_NORMS = ("row", "running", "none")
+
+
+def centred_targets(
+    rows: torch.Tensor, mean: torch.Tensor, activation_mean: torch.Tensor, write_norm: str, running_norm: torch.Tensor | float | None
+) -> torch.Tensor:
+    """The rows the ``"centred"`` rule mixes towards (vectorised over the U rows of the batch).
+
+    With ``u = μ/|μ|`` (μ the running mean of the training activations), each row ``θ̂`` keeps its
+    own component along ``u`` (where the model keeps its frequency prior) and its orthogonal part is
+    replaced by the centred mean activation ``h̄ − μ`` with its ``u`` component removed, scaled to
+    ``write_norm``'s norm: ``"row"`` the row's own orthogonal norm, ``"running"`` ``running_norm``,
+    ``"none"`` unscaled. ``θ ← λ·target + (1−λ)·θ̂`` then moves only the orthogonal part."""
+    mu = activation_mean.to(rows.dtype)
+    mu_norm = mu.norm()
+    u = mu / mu_norm if float(mu_norm) > 0 else torch.zeros_like(mu)
+    along = rows @ u  # (U,)
+    row_perp = rows - along.unsqueeze(1) * u
+    write = mean - mu
+    write = write - (write @ u).unsqueeze(1) * u
+    if write_norm != "none":
+        norm = row_perp.norm(dim=1, keepdim=True) if write_norm == "row" else torch.as_tensor(running_norm, dtype=rows.dtype, device=rows.device)
+        write = write * (norm / write.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return along.unsqueeze(1) * u + write
+
+
+@torch.no_grad()
+def hebbian_mix_centred_(
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    ids: torch.Tensor,
+    n: torch.Tensor,
+    sums: torch.Tensor,
+    gamma: float,
+    smoothing_limit: float | None,
+    activation_mean: torch.Tensor,
+    write_norm: str = "row",
+    running_norm: torch.Tensor | float | None = None,
+) -> None:
+    """:func:`hebbian_mix_` for ``rule="centred"`` (same λ and counts; the row mixes towards
+    :func:`centred_targets` instead of ``h̄``). PyTorch only: there is no Triton kernel for it."""
+    if ids.numel() == 0:
+        return
+    ids = ids.to(weight.device)
+    n = n.to(device=counts.device, dtype=counts.dtype)
+    mix_dtype = torch.promote_types(torch.promote_types(weight.dtype, sums.dtype), torch.float32)
+    mean = sums.to(device=weight.device, dtype=mix_dtype) / n.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
+    rows = weight.index_select(0, ids).to(mix_dtype)
+    target = centred_targets(rows, mean, activation_mean.to(weight.device), write_norm, running_norm)
+    lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype).unsqueeze(1)
+    new_rows = lam * target + (1.0 - lam) * rows
+    weight.index_copy_(0, ids, new_rows.to(weight.dtype))
+    counts.index_add_(0, ids.to(counts.device), n)
+
+
 def hebbian_update_reference(
     weight: torch.Tensor,
     counts: torch.Tensor,
@@ -160,12 +271,19 @@ def hebbian_update_reference(
     smoothing_limit: float | None = 500,
     ignore_index: int = IGNORE_INDEX,
     rescale: bool = False,
+    rule: str = "paper",
+    activation_mean: torch.Tensor | None = None,
+    write_norm: str = "row",
+    running_norm: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain, per-class, float64 statement of the rule (the specification; slow).
 
     ``weight`` is the output matrix *after* the optimizer step (θ̂), ``counts`` the occurrences seen
     before this batch, ``hidden`` (N, D) / ``targets`` (N,) the whole batch of the step (all
-    micro-batches and ranks concatenated). Returns new ``(weight, counts)`` (float64, int64 copies)."""
+    micro-batches and ranks concatenated). Returns new ``(weight, counts)`` (float64, int64 copies).
+    For ``rule="centred"``, ``activation_mean`` is the μ of this step (the layer's running mean
+    *after* folding in this batch, see :meth:`HebbianSoftmax.update_running_statistics_`) and
+    ``running_norm`` the norm written when ``write_norm="running"``."""
     W = weight.detach().to(torch.float64).clone()
     c = counts.detach().to(torch.int64).clone()
     h = hidden.detach().reshape(-1, hidden.shape[-1]).to(torch.float64)
@@ -181,7 +299,18 @@ def hebbian_update_reference(
         c_i = int(c[cls])
         limit = math.inf if smoothing_limit is None else smoothing_limit
         lam = max(1.0 / (c_i + 1), gamma) if c_i < limit else 0.0
-        if rescale:
+        if rule == "centred":
+            mu = activation_mean.detach().to(torch.float64)
+            u = mu / mu.norm() if float(mu.norm()) > 0 else torch.zeros_like(mu)
+            along = float(W[cls] @ u)
+            row_perp = W[cls] - along * u
+            write = (mean - mu) - float((mean - mu) @ u) * u
+            if write_norm == "row":
+                write = write * (row_perp.norm() / write.norm().clamp_min(1e-12))
+            elif write_norm == "running":
+                write = write * (running_norm / write.norm().clamp_min(1e-12))
+            mean = along * u + write
+        elif rescale:
             mean = mean * (W[cls].norm() / mean.norm().clamp_min(1e-12))
         W[cls] = lam * mean + (1.0 - lam) * W[cls]
         c[cls] = c_i + n_i
@@ -227,9 +356,26 @@ class HebbianSoftmax(OutputLayer):
             linear cross-entropy (no ``N × V`` logits), the statistics come from a segmented-sum kernel into
             ``N``-slot buffers (no ``torch.unique``, no host sync) and the update is an in-place
             kernel over the rows of the batch's classes; see :mod:`lmmem.kernels.hebbian`.
+        rule: ``"centred"`` (default; ours: writes h̄ − μ orthogonally to the running activation mean
+            μ, keeping the row's component along μ) or ``"paper"`` (Rae et al.'s exact rule). The
+            Triton update kernel implements ``"paper"`` only; ``"centred"`` updates in PyTorch.
+        write_norm: centred rule: norm of the written part, ``"running"`` (default), ``"row"`` or
+            ``"none"`` (see the module docstring).
+        mean_decay: centred rule: EMA decay of μ and of the running row norm (default 0.99).
+        start_step: updates before the rule writes rows (counts and running statistics advance
+            meanwhile); default ``None``: 50 for ``"centred"``, 0 for ``"paper"``.
     """
 
     counts: torch.Tensor
+    activation_mean: torch.Tensor
+    running_row_norm: torch.Tensor
+    updates: torch.Tensor
+    # Warn once when a training forward finds statistics from before an optimizer step (see
+    # _check_forgotten_update). Set to False on an instance to silence it.
+    check_forgotten_update: bool = True
+    _forgotten_warned = False
+    _stats_weight_version = 0
+    _backward_seen = False
 
     def __init__(
         self,
@@ -241,7 +387,23 @@ class HebbianSoftmax(OutputLayer):
         rescale: bool = False,
         sync_distributed: bool = True,
         backend: str = "auto",
+        rule: str = "centred",
+        write_norm: str = "running",
+        mean_decay: float = 0.99,
+        start_step: int | None = None,
     ):
+        if start_step is None:  # the paper's rule starts at once (bit-for-bit the paper's); see DEFAULT_START_STEP
+            start_step = DEFAULT_START_STEP if rule == "centred" else 0
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if write_norm not in WRITE_NORMS:
+            raise ValueError(f"write_norm must be one of {', '.join(WRITE_NORMS)}, got {write_norm!r}")
+        if rescale and rule != "paper":
+            raise ValueError("rescale applies to rule='paper' only; the centred rule sets the written norm with write_norm")
+        if not 0.0 <= float(mean_decay) < 1.0:
+            raise ValueError(f"mean_decay must be in [0, 1), got {mean_decay}")
+        if int(start_step) < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if smoothing_limit is not None and smoothing_limit < 0:
@@ -251,20 +413,41 @@ class HebbianSoftmax(OutputLayer):
         self.smoothing_limit = smoothing_limit
         self.rescale = bool(rescale)
         self.sync_distributed = bool(sync_distributed)
+        self.rule = rule
+        self.write_norm = write_norm
+        self.mean_decay = float(mean_decay)
+        self.start_step = int(start_step)
         self.process_group = None  # None: the default group
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64), persistent=True)
+        # State of the centred rule (kept, and saved, under every rule so that a checkpoint resumes
+        # exactly and a run can switch rule): the running mean μ of the training activations, the
+        # running token-weighted norm of the rows' parts orthogonal to μ, and the number of updates.
+        self.register_buffer("activation_mean", torch.zeros(in_features), persistent=True)
+        self.register_buffer("running_row_norm", torch.zeros(()), persistent=True)
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64), persistent=True)
         self._stats: Stats | None = None
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if hasattr(self, "counts"):
             self.counts.zero_()
+            self.activation_mean.zero_()
+            self.running_row_norm.zero_()
+            self.updates.zero_()
             self._stats = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the centred rule existed have no state for it: start it fresh.
+        for name in ("activation_mean", "running_row_norm", "updates"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
-            f"gamma={self.gamma}, smoothing_limit={self.smoothing_limit}, rescale={self.rescale}"
+            f"gamma={self.gamma}, smoothing_limit={self.smoothing_limit}, rule={self.rule!r}, "
+            + (f"rescale={self.rescale}" if self.rule == "paper" else
+               f"write_norm={self.write_norm!r}, mean_decay={self.mean_decay}, start_step={self.start_step}")
         )
 
     # -- distribution -----------------------------------------------------------------------------
@@ -281,9 +464,43 @@ class HebbianSoftmax(OutputLayer):
         return self._nll(hidden, targets, reduction, ignore_index)
 
     # -- statistics -------------------------------------------------------------------------------
+    def _watch_weight_gradient(self) -> None:
+        """Note every gradient accumulated into the weight (for :meth:`_check_forgotten_update`). Where
+        a framework keeps gradients elsewhere (DeepSpeed, FSDP), the hook never fires: no false alarm."""
+        w = self.weight
+        watched = getattr(self, "_watched_weight", None)  # a weakref: a Parameter attribute would become a parameter
+        if (watched is not None and watched() is w) or not w.requires_grad:
+            return
+
+        def seen(param: torch.Tensor) -> None:
+            if param is self.weight:
+                self._backward_seen = True
+
+        w.register_post_accumulate_grad_hook(seen)
+        self._watched_weight = weakref.ref(w)
+
+    def _check_forgotten_update(self) -> None:
+        """Called by a training forward that finds statistics pending. Gradient accumulation records
+        several forwards before one step, so pending statistics alone are fine; they are stale when
+        the optimizer has stepped since they were recorded, seen as (a) an in-place change of the
+        weight (its version counter; fused optimizers do not bump it) or (b) a gradient accumulated
+        into the weight, then gone again (``zero_grad()``). A heuristic: it misses a fused optimizer
+        used with ``zero_grad(set_to_none=False)``."""
+        w = self.weight
+        stepped = w._version != self._stats_weight_version or (self._backward_seen and w.requires_grad and w.grad is None)
+        if stepped and self.check_forgotten_update and not self._forgotten_warned:
+            self._forgotten_warned = True
+            warnings.warn(FORGOTTEN_UPDATE_MESSAGE, MissingHebbianUpdateWarning, stacklevel=4)
+
     @torch.compiler.disable
     @torch.no_grad()
     def _record(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> None:
+        if self._stats is None:
+            self._stats_weight_version = self.weight._version
+            self._backward_seen = False
+        else:
+            self._check_forgotten_update()
+        self._watch_weight_gradient()
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         t = targets.detach().reshape(-1).to(torch.int64)
         if t.numel() != h.shape[0]:
@@ -359,7 +576,9 @@ class HebbianSoftmax(OutputLayer):
         """Apply the rule with the statistics recorded since the last call (after ``optimizer.step()``),
         then clear them. A no-op when nothing is pending (except that under DDP every rank takes part
         in the all-gather, so no rank can hang waiting for another)."""
-        triton = self.uses_triton(self.weight)
+        # The Triton mixing kernel implements the paper's rule only; the centred rule runs in PyTorch
+        # (O(U·D) after the step, on the statistics of either backend).
+        triton = self.uses_triton(self.weight) and self.rule == "paper"
         if self._distributed():
             stats = self._all_gather_stats(self.pending_statistics())  # without the ignore sentinel
         elif triton:
@@ -369,11 +588,50 @@ class HebbianSoftmax(OutputLayer):
         self._stats = None
         if stats is None:
             return
+        # (start_step == 0 is decided without reading `updates`: the Triton path stays free of host syncs)
+        write = self.start_step == 0 or int(self.updates) >= self.start_step
+        if self.rule == "centred":
+            self.update_running_statistics_(*stats)
+        self.updates += 1
+        if not write:  # warm-up: the statistics and counts advance, no row is written
+            ids, n = stats[0], stats[1]
+            keep = ids < self.num_classes  # Triton statistics carry sentinel slots
+            self.counts.index_add_(0, ids[keep].to(self.counts.device), n[keep].to(self.counts.dtype))
+            return
+        if self.rule == "centred":
+            hebbian_mix_centred_(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit,
+                                 self.activation_mean, self.write_norm, self.running_row_norm)
+            return
         if triton:
             from lmmem.kernels.hebbian import hebbian_mix_triton_ as mix
         else:
             mix = hebbian_mix_
         mix(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
+
+    @torch.no_grad()
+    def update_running_statistics_(self, ids: torch.Tensor, n: torch.Tensor, sums: torch.Tensor) -> None:
+        """Fold one step's statistics into ``activation_mean`` (μ) and ``running_row_norm``, before the
+        rows are written. Both are the plain mean over the first ``1/(1 − mean_decay)`` updates (no
+        bias towards the zero start), then an exponential moving average with ``mean_decay``. Inputs
+        are the (all-rank) statistics of the step, so every DDP replica computes the same values.
+        The row norm is token-weighted over the batch's classes (the rows the gradient trains most),
+        measured orthogonally to the new μ on the rows after the optimizer step."""
+        total = n.sum()
+        if int(total) == 0:
+            return
+        k = int(self.updates)
+        rate = max(1.0 - self.mean_decay, 1.0 / (k + 1))
+        mu = self.activation_mean
+        batch_mean = sums.to(device=mu.device, dtype=torch.float64).sum(0) / float(total)
+        mu.copy_((mu.double() + rate * (batch_mean - mu.double())).to(mu.dtype))
+        rows = self.weight.detach().index_select(0, ids.to(self.weight.device)).to(torch.float64)
+        u = mu.double().to(rows.device)
+        u = u / u.norm() if float(u.norm()) > 0 else u
+        perp = (rows - (rows @ u).unsqueeze(1) * u).norm(dim=1)
+        w = n.to(device=rows.device, dtype=torch.float64)
+        batch_norm = (perp * w).sum() / w.sum()
+        r = self.running_row_norm
+        r.copy_((r.double() + rate * (batch_norm.to(r.device) - r.double())).to(r.dtype))
 
     def on_optimizer_step(self) -> None:
         self.hebbian_update_()

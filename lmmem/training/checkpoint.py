@@ -86,6 +86,10 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, require: tuple[str, ...] = EVAL_KEYS) -> dict:
     path = Path(path)
     if path.is_dir():
+        from lmmem.training.export import export_as_checkpoint, is_export
+
+        if is_export(path):  # an export folder (weights + vocab + config) reads as a checkpoint without optimizer
+            return export_as_checkpoint(path, map_location)
         for name in ("best.pt", "last.pt"):
             if (path / name).is_file():
                 path = path / name

@@ -45,7 +45,16 @@ class TrainConfig:
     tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and softmax weights"})
     hebbian_gamma: float = field(default=0.01, metadata={"help": "Hebbian softmax: minimum mixing rate gamma"})
     hebbian_T: int = field(default=500, metadata={"help": "Hebbian softmax: smoothing limit T (occurrences after which only gradients train a row)"})
-    hebbian_rescale: bool = field(default=False, metadata={"help": "Hebbian softmax: scale the mean activation to the row's norm before mixing"})
+    hebbian_rescale: bool = field(default=False, metadata={"help": "Hebbian softmax, --hebbian-rule paper only: scale the mean activation to the row's norm before mixing"})
+    hebbian_rule: str = field(default="centred", metadata={
+        "help": "Hebbian softmax update rule: centred (default: write h̄ minus the running mean of the activations, orthogonally to it, "
+                "keeping the row's own component along it) | paper (Rae et al. 2018 exactly: mix h̄ itself)"})
+    hebbian_write_norm: str = field(default="running", metadata={
+        "help": "Hebbian softmax, centred rule: norm of the written part: running (a running token-weighted mean of the rows' norms) | row (the row's own) | none"})
+    hebbian_mean_decay: float = field(default=0.99, metadata={"help": "Hebbian softmax, centred rule: decay of the running mean of the activations"})
+    hebbian_start_step: int = field(default=-1, metadata={
+        "help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance); "
+                "-1: the rule's default (centred 50, paper 0)"})
     # optimisation
     batch_size: int = field(default=32, metadata={"help": "global batch (rows of text), split across processes"})
     bptt: int = field(default=35, metadata={"help": "truncated-BPTT length (tokens per row per step)"})
@@ -72,7 +81,12 @@ class TrainConfig:
     def model_config(self, vocab_size: int) -> ModelConfig:
         softmax_options: dict[str, Any] = {}
         if self.softmax == "hebbian":
-            softmax_options = {"gamma": self.hebbian_gamma, "smoothing_limit": self.hebbian_T, "rescale": self.hebbian_rescale}
+            softmax_options = {"gamma": self.hebbian_gamma, "smoothing_limit": self.hebbian_T, "rule": self.hebbian_rule,
+                               "start_step": None if self.hebbian_start_step < 0 else self.hebbian_start_step}
+            if self.hebbian_rule == "paper":
+                softmax_options["rescale"] = self.hebbian_rescale
+            else:
+                softmax_options.update(write_norm=self.hebbian_write_norm, mean_decay=self.hebbian_mean_decay)
         return ModelConfig(
             arch=self.arch,
             vocab_size=vocab_size,
@@ -156,6 +170,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.softmax_backend in ("auto", "torch", "triton"),
          f"--softmax-backend must be auto, torch or triton, not {cfg.softmax_backend!r}"),
         (not (cfg.resume and cfg.overwrite), "--resume continues the run in --out and --overwrite replaces it: give one of them"),
+        (cfg.hebbian_rule in ("centred", "paper"), f"--hebbian-rule must be centred or paper, not {cfg.hebbian_rule!r}"),
+        (cfg.hebbian_write_norm in ("row", "running", "none"),
+         f"--hebbian-write-norm must be row, running or none, not {cfg.hebbian_write_norm!r}"),
+        (not (cfg.hebbian_rescale and cfg.hebbian_rule != "paper"),
+         "--hebbian-rescale applies to --hebbian-rule paper only; the centred rule sets the written norm with --hebbian-write-norm"),
     ]
     for ok, message in checks:
         if not ok:

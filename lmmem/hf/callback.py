@@ -1,0 +1,32 @@
+"""Running the Hebbian update after every optimizer step: a Trainer callback and a one-call attach."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import TrainerCallback
+
+from lmmem.output_layers.base import OutputLayer
+
+
+def output_layers(model: nn.Module) -> list[OutputLayer]:
+    """Every lmmem output layer in ``model`` (a DDP/FSDP wrapper included: its modules are searched)."""
+    return [m for m in model.modules() if isinstance(m, OutputLayer)]
+
+
+def attach_to_optimizer(model: nn.Module, optimizer) -> list:
+    """Run the update of every lmmem layer in ``model`` after every step of ``optimizer`` (a
+    ``torch.optim.Optimizer``, or a wrapper of one: Accelerate's ``AcceleratedOptimizer``, an LR
+    scheduler, ...). Returns the hook handles (``handle.remove()`` detaches)."""
+    return [layer.attach_to_optimizer(optimizer) for layer in output_layers(model)]
+
+
+class HebbianSoftmaxCallback(TrainerCallback):
+    """For ``transformers.Trainer``: applies the Hebbian update of every lmmem layer in the model right
+    after each optimizer step (the Trainer's ``on_optimizer_step`` event, i.e. once per accumulated
+    batch, before the LR scheduler steps). Harmless for layers without a rule and if the layer is
+    also attached to the optimizer (a second call finds nothing pending)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            for layer in output_layers(model):
+                layer.on_optimizer_step()
