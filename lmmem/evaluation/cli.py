@@ -36,7 +36,7 @@ from lmmem.validation import check_flags
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help=f"best.pt / last.pt written by train.py, or its run folder (default: {TrainConfig.out}, train.py's default)")
+                   help=f"best.pt / last.pt written by train.py, its run folder (default: {TrainConfig.out}, train.py's default), or a folder written by python -m lmmem.training.export")
     p.add_argument("--data", help="prepared corpus folder (default: the one the model was trained on)")
     p.add_argument("--split", default="test", help="train | valid | test")
     p.add_argument("--json", help="write the results here as JSON")
