@@ -34,7 +34,7 @@ def batch(n: int, repeat: int = 3):
     h = torch.randn(n, D, dtype=torch.float64) + 2.0 * torch.randn(D, dtype=torch.float64)
     t = torch.randint(0, V, (n,))
     t[torch.randperm(n)[:repeat]] = int(t[0])  # one class several times
-    t[torch.randperm(n)[:2]] = IGNORE_INDEX
+    t[1 + torch.randperm(n - 1)[:2]] = IGNORE_INDEX  # never position 0: tests read the repeated class from t[0]
     return h, t
 
 

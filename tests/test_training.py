@@ -165,8 +165,9 @@ def test_config_validation():
     cfg = config_from_args({"preset": "wt103-paper"})
     assert (cfg.hidden_dim, cfg.proj_dim, cfg.embed_dim, cfg.num_layers, cfg.tie_weights, cfg.output_dropout) == (2048, 512, 512, 1, True, 0.2)
     assert config_from_args({"preset": "wt103-paper", "hidden_dim": 64}).hidden_dim == 64  # flags beat presets
-    hebb = config_from_args({"softmax": "hebbian", "hebbian_T": 50, "hebbian_gamma": 0.1, "hebbian_rescale": True}).model_config(10)
-    assert hebb.softmax_options == {"gamma": 0.1, "smoothing_limit": 50, "rescale": True}
+    hebb = config_from_args({"softmax": "hebbian", "hebbian_T": 50, "hebbian_gamma": 0.1, "hebbian_rescale": True,
+                             "hebbian_rule": "paper"}).model_config(10)
+    assert hebb.softmax_options == {"gamma": 0.1, "smoothing_limit": 50, "rescale": True, "rule": "paper", "start_step": None}
     from lmmem.models import build_model
 
     layer = build_model(hebb).output
