@@ -126,7 +126,7 @@ def train_trunk(bc: BindingConfig, log=print) -> None:
     done = [p for p in points if p not in todo]
     start, state = 0, None
     if done:
-        ckpt = load_checkpoint(work / f"trunk-step{done[-1]}.pt")
+        ckpt = load_checkpoint(work / f"trunk-step{done[-1]}.pt", require=TRUNK_KEYS)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -148,6 +148,10 @@ def train_trunk(bc: BindingConfig, log=print) -> None:
                              "rng": torch.get_rng_state(), "carried_state": state}, work / f"trunk-step{step + 1}.pt")
 
 
+# The experiment's own trunk snapshots (not train.py runs): what a branch needs to start from.
+TRUNK_KEYS = ("model_config", "train_config", "model", "optimizer", "step")
+
+
 def _sightings_before(batcher: StreamBatcher, steps: int, vocab: int) -> np.ndarray:
     seen = np.zeros(vocab, dtype=np.int64)
     for step in range(steps):
@@ -163,7 +167,7 @@ def run_branch(bc: BindingConfig, point: int, label: str, overrides: dict) -> di
     corpus = PreparedCorpus.open(cfg.data)
     V = len(corpus.vocab)
     train_counts = corpus.train_counts()
-    ckpt = load_checkpoint(work / f"trunk-step{point}.pt")
+    ckpt = load_checkpoint(work / f"trunk-step{point}.pt", require=TRUNK_KEYS)
     model = build_model(cfg.model_config(V))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     rule_state = {"output.counts", "output.activation_mean", "output.running_row_norm", "output.updates"}
