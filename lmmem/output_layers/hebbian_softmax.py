@@ -195,6 +195,19 @@ def hebbian_mix_(
 
     This is the function a fused kernel would replace; :func:`hebbian_update_reference` is its
     specification."""
+
+    def target_of(rows: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        if rescale:
+            return mean * (rows.norm(dim=1, keepdim=True) / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return mean
+
+    _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of)
+
+
+def _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of) -> None:
+    """The bookkeeping both rules share: mean activations h̄ of the classes present, λ from the
+    counts before the batch, ``θ ← λ·target_of(θ̂, h̄) + (1−λ)·θ̂`` written with ``index_copy_``,
+    counts advanced. ``target_of`` is the only thing a rule decides."""
     if ids.numel() == 0:
         return
     ids = ids.to(weight.device)
@@ -202,11 +215,10 @@ def hebbian_mix_(
     mix_dtype = torch.promote_types(torch.promote_types(weight.dtype, sums.dtype), torch.float32)
     mean = sums.to(device=weight.device, dtype=mix_dtype) / n.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
     rows = weight.index_select(0, ids).to(mix_dtype)
-    if rescale:
-        mean = mean * (rows.norm(dim=1, keepdim=True) / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    target = target_of(rows, mean)
     lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype).unsqueeze(1)
-    # λ·h̄ + (1−λ)·θ̂ (not lerp): exact at λ = 1 (row = h̄) and λ = 0 (row = θ̂).
-    new_rows = lam * mean + (1.0 - lam) * rows
+    # λ·target + (1−λ)·θ̂ (not lerp): exact at λ = 1 (row = target) and λ = 0 (row = θ̂).
+    new_rows = lam * target + (1.0 - lam) * rows
     weight.index_copy_(0, ids, new_rows.to(weight.dtype))
     counts.index_add_(0, ids.to(counts.device), n)
 
@@ -256,18 +268,8 @@ def hebbian_mix_centred_(
 ) -> None:
     """:func:`hebbian_mix_` for ``rule="centred"`` (same λ and counts; the row mixes towards
     :func:`centred_targets` instead of ``h̄``). PyTorch only: there is no Triton kernel for it."""
-    if ids.numel() == 0:
-        return
-    ids = ids.to(weight.device)
-    n = n.to(device=counts.device, dtype=counts.dtype)
-    mix_dtype = torch.promote_types(torch.promote_types(weight.dtype, sums.dtype), torch.float32)
-    mean = sums.to(device=weight.device, dtype=mix_dtype) / n.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
-    rows = weight.index_select(0, ids).to(mix_dtype)
-    target = centred_targets(rows, mean, activation_mean.to(weight.device), write_norm, running_norm)
-    lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype).unsqueeze(1)
-    new_rows = lam * target + (1.0 - lam) * rows
-    weight.index_copy_(0, ids, new_rows.to(weight.dtype))
-    counts.index_add_(0, ids.to(counts.device), n)
+    _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit,
+               lambda rows, mean: centred_targets(rows, mean, activation_mean.to(weight.device), write_norm, running_norm))
 
 
 def hebbian_update_reference(
