@@ -456,15 +456,20 @@ def test_mix_kernel_matches_reference_rule(gen, rescale):
     h, W, b, t = make_inputs(gen, ignore_every=5)
     V = W.shape[0]
     counts = torch.randint(0, 4, (V,), generator=gen)
-    counts[t[0]] = 700  # past T: the rule leaves it alone
-    counts[t[2]] = 0  # first sighting: λ = 1
-    counts[t[4]] = 499  # the last count below T
+    # three distinct classes present in the batch (random labels repeat, and some positions are ignored)
+    present = t[t != IGNORE].unique()
+    present = present[torch.randperm(len(present), generator=gen)]
+    saturated, first, last = present[:3].tolist()
+    counts[saturated] = 700  # past T: the rule leaves it alone
+    counts[first] = 0  # first sighting: λ = 1
+    counts[last] = 499  # the last count below T
     W_k, c_k = W.clone(), counts.clone()
     hebbian_mix_triton_(W_k, c_k, *hebbian_statistics(h, t, V, IGNORE), gamma=0.01, smoothing_limit=500, rescale=rescale)
     W_r, c_r = hebbian_update_reference(W, counts, h, t, gamma=0.01, smoothing_limit=500, rescale=rescale)
     assert torch.equal(c_k, c_r)
     torch.testing.assert_close(W_k.double(), W_r, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {gen.initial_seed()}: {m}")
-    assert torch.equal(W_k[t[0]], W[t[0]])  # c ≥ T: untouched, bit for bit
+    assert torch.equal(W_k[saturated], W[saturated])  # c ≥ T: untouched, bit for bit
+    assert not torch.equal(W_k[first], W[first])  # a first sighting is written
 
 
 def test_merged_micro_batch_statistics_equal_one_batch(gen):
