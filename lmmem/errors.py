@@ -19,4 +19,9 @@ class CheckpointError(LmmemError):
 
 
 class TrainingDiverged(LmmemError):
-    """The loss became NaN, infinite or far above ln V; the last good checkpoint was kept (exit 3)."""
+    """The loss became NaN, infinite or far above ln V; the last good checkpoint was kept (exit 3).
+    ``step`` and ``loss`` say where (``loss`` is None when the parameters, not the loss, went bad)."""
+
+    def __init__(self, message: str, *, step: int | None = None, loss: float | None = None):
+        super().__init__(message)
+        self.step, self.loss = step, loss

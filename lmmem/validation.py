@@ -151,6 +151,13 @@ RULES: dict[str, Rule] = {
     "background_classes": non_negative("0 means none"),
     "background_steps": non_negative("0 means none"),
     "threads": at_least_one("at least one thread"),
+    "margin": non_negative("nats a variant's training loss may rise above the full softmax's"),
+    "branch_points": at_least_one("the trunk is trained at least one step before a branch"),
+    "branch_steps": at_least_one("a branch trains at least one step"),
+    "settle": non_negative("0 means the endpoint counts from the branch's first step"),
+    "rare_below": at_least_one("a rare word has fewer than this many training occurrences"),
+    "frequent_from": at_least_one("a frequent word has at least this many training occurrences"),
+    "bootstrap": at_least_one("at least one bootstrap resample"),
 }
 
 # (flag a, flag b, holds(a, b), message): checked when both are given.

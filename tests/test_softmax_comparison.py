@@ -2,11 +2,13 @@
 evaluates plain/+cache/+MbPA/+both tuned on valid, writes the page, and reuses finished work."""
 
 import json
+import shutil
 
 import pytest
 
 from conftest import write_prepared_corpus
 
+from lmmem.errors import LmmemError
 from lmmem.experiments import softmax_comparison
 
 
@@ -35,6 +37,7 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     assert "| full + cache + MbPA |" in text and "| hebbian + MbPA |" in text
     assert " ± " in text  # two seeds: mean ± std
     assert "(seeds 2)" in text
+    assert "`hebbian` = softmax=hebbian (Hebbian rule: centred)" in text  # "hebbian" meant the paper's rule before
     assert (page.parent / "repro" / "results.json").is_file()
     # a second invocation trains and evaluates nothing again
     stamp = {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")}
@@ -55,6 +58,30 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     one.write_text(json.dumps(saved))
     assert softmax_comparison.main(argv) == 0
     assert json.loads(one.read_text())["key"]["mbpa"]["eps"] != 123.0
+
+    # --reuse: a variant's runs come from an earlier results.json with the same settings; nothing is trained
+    other = tmp_path / "other"
+    shutil.copytree(work / "data", other / "data")
+    base = [str(other) if a == str(work) else a for a in argv[:argv.index("--page")] + argv[argv.index("--page") + 2:]]
+    earlier = work / "results.json"
+    reuse = ["--reuse"] + [f"{label}={earlier}" for label in ("full", "hebbian", "hebbian-T2")]
+    assert softmax_comparison.main(base + reuse) == 0
+    assert not list(other.glob("*-seed*"))
+    again = json.loads((other / "results.json").read_text())
+    assert again["runs"] == json.loads(earlier.read_text())["runs"]
+    assert again["reused"]["full"]["from"] == str(earlier)
+    assert f"reused from `{earlier}`" in (other / "results.md").read_text()
+    # ... and refused, in one line naming the difference, when the earlier runs were measured otherwise
+    steps = base.index("--max-steps") + 1
+    with pytest.raises(LmmemError, match="--max-steps"):
+        softmax_comparison.main(base[:steps] + ["7"] + base[steps + 1:] + reuse)
+    with pytest.raises(LmmemError, match="variant hebbian"):
+        softmax_comparison.main([a.replace("hebbian-T2:softmax=hebbian,hebbian_T=2", "hebbian-T2:softmax=hebbian,hebbian_T=3")
+                                 for a in base] + ["--reuse", f"hebbian-T2={earlier}"])
+    with pytest.raises(LmmemError, match="test-time settings"):
+        softmax_comparison.main(base + ["--mbpa-k", "3"] + reuse)
+    with pytest.raises(LmmemError, match=r"seed\(s\) 3"):
+        softmax_comparison.main([*base, "--seeds", "1", "2", "3", "--reuse", f"full={earlier}"])
 
 
 def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):
@@ -161,6 +188,28 @@ def test_render_redraws_a_committed_page_from_its_json(tmp_path):
     panels = softmax_comparison.chart_panels(json.loads((tmp_path / "reproduction-gutenberg" / "results.json").read_text()))
     assert list(panels) == ["full (3 seeds)", "hebbian (3 seeds)", "hebbian-rescale (seed 1)", "hebbian-T100 (seed 1)"]
     assert all(list(p) == ["plain", "+ cache", "+ MbPA", "+ cache + MbPA"] for p in panels.values())
+
+
+def _runner_pages() -> list[str]:
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    return sorted(p.stem for p in docs.glob("*.md") if (docs / p.stem / "results.json").is_file()
+                  and json.loads((docs / p.stem / "results.json").read_text()).get("command", "").startswith(
+                      "python -m lmmem.experiments.softmax_comparison"))
+
+
+@pytest.mark.parametrize("name", _runner_pages())
+def test_every_runner_page_is_what_render_makes_of_its_json(tmp_path, name):
+    """A runner page is never edited by hand: what it says is what its committed JSON says."""
+    import shutil
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results"
+    (tmp_path / name).mkdir()
+    shutil.copy(docs / name / "results.json", tmp_path / name / "results.json")
+    assert softmax_comparison.main(["render", str(tmp_path / f"{name}.md")]) == 0
+    assert (tmp_path / f"{name}.md").read_text() == (docs / f"{name}.md").read_text()
 
 
 def test_one_number_format():

@@ -54,6 +54,7 @@ from lmmem.training import TrainConfig
 from lmmem.training.checkpoint import load_checkpoint, save_checkpoint
 from lmmem.training.config import config_from_args
 from lmmem.training.trainer import lr_multiplier, make_optimizer
+from lmmem.validation import check_flags
 
 K_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 4), (5, 9))  # inclusive ranges of earlier sightings
 K_NAMES = ["0", "1", "2", "3–4", "5–9"]
@@ -367,6 +368,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=0)
     p.add_argument("--page", help="write the results page here (markdown)")
     args = p.parse_args(argv)
+    check_flags(vars(args))
     if args.settle >= args.branch_steps:
         raise LmmemError("--settle must be smaller than --branch-steps")
     if not any(parse_variant(v)[0] == "full" for v in args.variants):

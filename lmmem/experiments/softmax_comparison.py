@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lmmem.cli import run_cli
+from lmmem.errors import LmmemError
 from lmmem.evaluation import (
     FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
 )
@@ -110,10 +111,17 @@ def markdown(results: dict) -> str:
     first = next(iter(results["runs"].values()))[0]["test"]
     lines.append("| token share | | | " + " | ".join(f"{100 * b['share']:.1f}%" for b in first["buckets"]) + " |")
     vseeds = results.get("variant_seeds", {})
+    rules = results.get("hebbian_rules", {})
     lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items())
+                                         + (f" (Hebbian rule: {rules[k]})" if k in rules and "hebbian_rule" not in v else "")
                                          + (f" (seeds {', '.join(map(str, vseeds[k]))})" if vseeds.get(k, results["seeds"]) != results["seeds"] else "")
                                          for k, v in results["variants"].items()),
               f"preset `{results['preset']}`, {format_count(results['max_steps'])} steps each."]
+    for label, src in results.get("reused", {}).items():
+        lines += ["", f"`{label}`: runs and evaluations reused from `{src['from']}` (same settings, checked by `--reuse`; "
+                      f"not trained again in this command). They were made by `{src['command']}` on "
+                      + (", ".join(f"{k} {v}" for k, v in src["machine"].items()) if isinstance(src.get("machine"), dict) else str(src.get("machine")))
+                      + "."]
     lines += ["", "Per seed (test perplexity; training minutes of wall time, – where the run did not record it):", "",
               "| model | seed | steps | train min | test ppl | " + " | ".join(names) + " |",
               "|---|---|---|---|---|" + "---|" * len(names)]
@@ -235,6 +243,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["render"]:
         return render_main(argv[1:])
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_flags(vars(args))
+    return run(args, argv, p)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("corpus", choices=["wikitext-103", "gutenberg", "gigaword", "synthetic"])
     p.add_argument("--source", help="corpus source for data_prep (folder or 'hub')")
@@ -263,9 +278,50 @@ def main(argv=None) -> int:
     t.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
                                   "with its chart and JSON in a folder of the same name")
-    args = p.parse_args(argv)
-    check_flags(vars(args))
+    p.add_argument("--reuse", nargs="+", default=[], metavar="LABEL=RESULTS_JSON",
+                   help="take LABEL's runs from a results.json this command wrote earlier with the same settings (corpus, "
+                        "preset, steps, data_prep and train flags, the variant, evaluation and test-time settings) "
+                        "instead of training them again; the page names the file and the command that made it")
+    return p
 
+
+def load_reused(spec: str, args, parser: argparse.ArgumentParser, overrides: dict, seeds: list[int],
+                test_time: dict | None) -> tuple[dict[int, dict], dict]:
+    """``LABEL=RESULTS_JSON`` → ({seed: run record}, provenance). Refuses (one line) a file whose
+    settings differ from this command's in anything that changes what is measured."""
+    label, _, path = spec.partition("=")
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LmmemError(f"--reuse {spec}: cannot read {path} ({e})") from None
+    prefix = "python -m lmmem.experiments.softmax_comparison "
+    if not earlier.get("command", "").startswith(prefix):
+        raise LmmemError(f"--reuse {spec}: {path} was not written by softmax_comparison (no command recorded)")
+    then = parser.parse_args(shlex.split(earlier["command"][len(prefix):]))
+    same = {
+        "corpus": (then.corpus, args.corpus),
+        "source folder": (Path(then.source or "").name, Path(args.source or "").name),
+        "--prep-args": (shlex.split(then.prep_args), shlex.split(args.prep_args)),
+        "--preset": (then.preset, args.preset),
+        "--max-steps": (then.max_steps, args.max_steps),
+        "--train-args": (sorted(then.train_args.split()), sorted(args.train_args.split())),
+        "--eval-batch-size": (then.eval_batch_size, args.eval_batch_size),
+        f"variant {label}": (earlier.get("variants", {}).get(label), overrides),
+        "bucket edges": (earlier.get("bucket_names"), FrequencyBuckets().names),
+    }
+    if test_time is not None:
+        same["test-time settings"] = (_comparable_key(earlier.get("test_time") or {}), _comparable_key(test_time))
+    differ = [name for name, (a, b) in same.items() if a != b]
+    if differ:
+        raise LmmemError(f"--reuse {spec}: {path} was measured with other settings ({', '.join(differ)}); train {label} here instead")
+    records = {r["seed"]: r for r in earlier["runs"].get(label, [])}
+    missing = [s for s in seeds if s not in records or (test_time is not None and not records[s].get("test_time"))]
+    if missing:
+        raise LmmemError(f"--reuse {spec}: {path} has no {label} run for seed(s) {', '.join(map(str, missing))}")
+    return {s: records[s] for s in seeds}, {"from": path, "command": earlier["command"], "machine": earlier.get("machine")}
+
+
+def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
     work = Path(args.work)
     data_dir = work / "data"
     name = args.name or (f"{Path(args.source).name} (prepared as {args.corpus})" if args.source and Path(args.source).name != args.corpus
@@ -288,15 +344,34 @@ def main(argv=None) -> int:
                           vocab=args.mbpa_vocab)
     variants = dict(parse_variant(v) for v in args.variants)
     variant_seeds = {label: _variant_seeds(overrides, args.seeds) for label, overrides in variants.items()}
+    test_time_settings = None
+    if args.test_time:
+        from dataclasses import asdict
+
+        test_time_settings = {"cache": asdict(cache_cfg), "mbpa": asdict(mbpa_cfg), "thetas": args.thetas,
+                              "lambdas": args.lambdas, "streams": args.eval_batch_size}
+    reused: dict[str, dict[int, dict]] = {}
+    provenance: dict[str, dict] = {}
+    for spec in args.reuse:
+        label = spec.partition("=")[0]
+        if label not in variants or "=" not in spec:
+            parser.error(f"--reuse {spec}: expected LABEL=RESULTS_JSON with LABEL one of --variants ({', '.join(variants)})")
+        reused[label], provenance[label] = load_reused(spec, args, parser, variants[label], variant_seeds[label], test_time_settings)
     runs: dict[str, list[dict]] = {label: [] for label in variants}
+    hebbian_rules: dict[str, str] = {}
     for seed in args.seeds:
         for sm, overrides in variants.items():
             if seed not in variant_seeds[sm]:
+                continue
+            if sm in reused:
+                runs[sm].append(reused[sm][seed])
                 continue
             out = work / f"{sm}-seed{seed}"
             flags = {"data": str(data_dir), "out": str(out), "preset": args.preset, "softmax": sm, "seed": seed,
                      "max_steps": args.max_steps, **extra, **overrides}
             cfg = config_from_args({k: _coerce(k, v) for k, v in flags.items()})
+            if cfg.softmax == "hebbian":  # the page names the rule: "hebbian" meant the paper's rule before issue 12
+                hebbian_rules[sm] = cfg.hebbian_rule
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
             state = run_state(out, cfg)
             if state != "finished":
@@ -331,10 +406,11 @@ def main(argv=None) -> int:
                     "python": platform.python_version()},
     }
     if args.test_time:
-        from dataclasses import asdict
-
-        results["test_time"] = {"cache": asdict(cache_cfg), "mbpa": asdict(mbpa_cfg), "thetas": args.thetas,
-                                "lambdas": args.lambdas, "streams": args.eval_batch_size}
+        results["test_time"] = test_time_settings
+    if provenance:
+        results["reused"] = provenance
+    if hebbian_rules:
+        results["hebbian_rules"] = hebbian_rules
     targets = [(work / "results.md", work / "results.json", work / "results.png")]
     if args.page:
         targets.append(page_targets(Path(args.page)))
@@ -355,6 +431,8 @@ def chart_panels(results: dict) -> dict[str, dict[str, PerplexityReport]]:
     for sm, rs in results["runs"].items():
         seeds = [r["seed"] for r in rs]
         label = f"{sm} ({len(seeds)} seeds)" if len(seeds) > 1 else f"{sm} (seed {seeds[0]})"
+        if sm in results.get("hebbian_rules", {}) and "hebbian_rule" not in results["variants"][sm]:
+            label = f"{sm}, {results['hebbian_rules'][sm]} rule" + label[len(sm):]
         if results.get("test_time"):
             panels[label] = {METHOD_LABELS[m].strip() or "plain": mean_report([report_from_dict(r["test_time"]["test"][m]) for r in rs])
                              for m in METHODS if all(m in r["test_time"]["test"] for r in rs)}

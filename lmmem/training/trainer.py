@@ -438,7 +438,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
             raise TrainingDiverged(
                 f"loss became {value:.4g} by step {progress.step} ({where}; a uniform guess scores ln V = "
                 f"{loss_limit / DIVERGENCE_FACTOR:.2f}): the run diverged and stopped without saving; {kept()}. "
-                f"Lower --lr or set --clip"
+                f"Lower --lr or set --clip", step=progress.step, loss=value,
             )
 
     # Validation needs only the total loss: every vocabulary entry goes to one bucket.
@@ -464,7 +464,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> TrainResult:
         if not ctx.is_main:
             return
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingDiverged(f"parameters became NaN/inf by step {progress.step}; stopped without saving; {kept()}. Lower --lr or set --clip")
+            raise TrainingDiverged(f"parameters became NaN/inf by step {progress.step}; stopped without saving; {kept()}. Lower --lr or set --clip",
+                                   step=progress.step)
         save_checkpoint(
             {
                 "model_config": model_cfg.to_dict(),
