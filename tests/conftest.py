@@ -76,3 +76,20 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 300, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def prep_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``python -m data_prep ARGV`` in-process: (exit code, stdout, stderr)."""
+    from data_prep.__main__ import main
+
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def decoded(root: Path, split: str) -> list[str]:
+    """The words of a prepared corpus's split."""
+    from lmmem.data.corpus import PreparedCorpus
+
+    corpus = PreparedCorpus.open(root)
+    return corpus.vocab.decode(corpus.tokens(split))

@@ -22,6 +22,7 @@ from data_prep.gutenberg import assign_books, book_units
 from data_prep.reading import ReadOptions, iter_blocks
 from data_prep.tokenization import WordTokenizer
 from data_prep import wikitext
+from conftest import decoded, prep_cli as run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -33,17 +34,6 @@ def needs_shared(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (the shared real corpora sit in ../shared/data beside the checkout)")
     return path
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def decoded(root: Path, split: str) -> list[str]:
-    corpus = PreparedCorpus.open(root)
-    return corpus.vocab.decode(corpus.tokens(split))
 
 
 # ---------------------------------------------------------------------------------------------

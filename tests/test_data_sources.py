@@ -13,20 +13,9 @@ from lmmem.data.corpus import PreparedCorpus
 from lmmem.data.vocab import EOS, UNK
 
 from data_prep.__main__ import main
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, decoded, prep_cli as run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def decoded(root: Path, split: str) -> list[str]:
-    corpus = PreparedCorpus.open(root)
-    return corpus.vocab.decode(corpus.tokens(split))
 
 
 # ---------------------------------------------------------------------------------------------

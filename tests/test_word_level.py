@@ -44,6 +44,17 @@ def reference(token_nll, tokens, train, buckets_edges):
     return sums, counts
 
 
+def write_text_source(src, *, seed: int, test_lines: int, words_per_line: int):
+    """A folder of train/valid/test .txt files of random lines over a small fixed word list (for
+    SentencePiece corpora whose word boundaries the tests check)."""
+    src.mkdir()
+    rng = np.random.default_rng(seed)
+    words = "the cat sat on a mat with another catty dog and dogs sitting".split()
+    for split, n in (("train", 300), ("valid", 30), ("test", test_lines)):
+        (src / f"{split}.txt").write_text("\n".join(" ".join(rng.choice(words, words_per_line)) for _ in range(n)) + "\n")
+    return src
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_word_report_matches_a_float64_hand_computation(seed):
     rng = np.random.default_rng(seed)
@@ -89,12 +100,7 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
     from lmmem.models import ModelConfig, build_model
     from lmmem.training.checkpoint import save_checkpoint
 
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    words = "the cat sat on a mat with another catty dog and dogs sitting".split()
-    for split, n in (("train", 300), ("valid", 30), ("test", 40)):
-        (src / f"{split}.txt").write_text("\n".join(" ".join(rng.choice(words, 7)) for _ in range(n)) + "\n")
+    src = write_text_source(tmp_path / "src", seed=0, test_lines=40, words_per_line=7)
     data = tmp_path / "spm"
     assert prep(["text", "--source", str(src), "--out", str(data), "--tokenizer", "sentencepiece", "--vocab-size", "28",
                  "--quiet"]) == 0
@@ -138,12 +144,7 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
 def test_evaluate_cli_prints_and_writes_word_level_numbers(tmp_path):
     from conftest import run_script
 
-    src = tmp_path / "src"
-    src.mkdir()
-    rng = np.random.default_rng(1)
-    words = "the cat sat on a mat with another catty dog and dogs sitting".split()
-    for split, n in (("train", 300), ("valid", 30), ("test", 30)):
-        (src / f"{split}.txt").write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(n)) + "\n")
+    src = write_text_source(tmp_path / "src", seed=1, test_lines=30, words_per_line=6)
     data, run = tmp_path / "spm", tmp_path / "run"
     run_script("-m", "data_prep", "text", "--source", str(src), "--out", str(data), "--tokenizer", "sentencepiece",
                "--vocab-size", "28", "--quiet", check=True)

@@ -328,6 +328,14 @@ def _row_weights(targets: torch.Tensor, reduction: str, ignore_index: int, dtype
     return (w / count if reduction == "mean" else w), count
 
 
+def _grads_or_empty(hidden: torch.Tensor, acc: torch.dtype, dh, dw, db) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A custom op returns tensors, not None: a gradient not asked for is an empty tensor, a distinct
+    one each time (a custom op's outputs must not alias each other)."""
+    return (dh if dh is not None else hidden.new_empty(0),
+            dw if dw is not None else hidden.new_empty(0, dtype=acc),
+            db if db is not None else hidden.new_empty(0, dtype=acc))
+
+
 @torch.library.custom_op("lmmem::linear_cross_entropy", mutates_args=())
 def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
             reduction: str, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
@@ -348,11 +356,7 @@ def _lce_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / count
-    def empty(dtype=hidden.dtype):  # distinct tensors: a custom op's outputs must not alias each other
-        return hidden.new_empty(0, dtype=dtype)
-
-    return (loss, lse, dh if dh is not None else empty(), dw if dw is not None else empty(acc),
-            db if db is not None else empty(acc))
+    return (loss, lse, *_grads_or_empty(hidden, acc, dh, dw, db))
 
 
 @_lce_op.register_fake
@@ -382,11 +386,7 @@ def _lce_backward_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
             hidden, weight, bias, targets, grad.to(acc), compute_dtype=compute_dtype, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, needs=(need_dh, need_dw, need_db),
             chunk_size=chunk_size, use_triton=_resolve_triton(use_triton, device, compute_dtype))
-    def empty(dtype=hidden.dtype):
-        return hidden.new_empty(0, dtype=dtype)
-
-    return (dh if dh is not None else empty(), dw if dw is not None else empty(acc),
-            db if db is not None else empty(acc))
+    return _grads_or_empty(hidden, acc, dh, dw, db)
 
 
 @_lce_backward_op.register_fake
