@@ -176,8 +176,20 @@ def test_bf16_autocast_over_fp32_weights_on_cpu(gen):
                                                                    ignore_index=IGNORE))
     for name, o, e, w in zip(("loss", "dh", "dW", "db"), [ours[0], *ours[1]], [eager[0], *eager[1]], [want[0], *want[1]]):
         err_o, err_e = (o - w).abs().max().item(), (e - w).abs().max().item()
-        assert err_o <= 2 * err_e + 1e-6, f"{name}: ours {err_o:.3g} vs eager autocast {err_e:.3g} (seed {gen.initial_seed()})"
+        # db sums the logit gradients after they are stored in the compute dtype (bf16), eager sums them
+        # in fp32: its error is 2.0–2.9× eager's (300 seeds; a 2× bound failed 6% of runs). Exactly that
+        # rounding, and nothing else, is checked below.
+        factor = 4 if name == "db" else 2
+        assert err_o <= factor * err_e + 1e-6, f"{name}: ours {err_o:.3g} vs eager autocast {err_e:.3g} (seed {gen.initial_seed()})"
     assert (ours[0] - want[0]).abs().item() > 0  # bf16 really was used (an fp32 run would be ~1e-7 off)
+    z = torch.nn.functional.linear(h.bfloat16(), W.bfloat16(), b.bfloat16()).float()
+    valid = t != IGNORE
+    g = torch.softmax(z, 1)
+    g[valid, t[valid]] -= 1
+    g[~valid] = 0
+    db_bf16_logit_grads = (g / valid.sum()).bfloat16().float().sum(0)
+    torch.testing.assert_close(ours[1][2].float(), db_bf16_logit_grads, rtol=0, atol=1e-5,  # one bf16 ulp of a gradient flip: ~2e-6
+                               msg=lambda m: f"db (seed {gen.initial_seed()}): {m}")
 
 
 def test_confident_predictions_keep_the_target_gradient(gen):
