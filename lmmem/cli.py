@@ -7,9 +7,12 @@ line naming the fix), 3 training diverged (the last good checkpoint is kept), 13
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 
 from lmmem.errors import LmmemError, TrainingDiverged
+from lmmem.safety import describe_os_error
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -23,9 +26,56 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def run_cli(main, argv=None) -> int:
-    from lmmem.safety import describe_os_error
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a text"}
 
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's conventions: every error is ONE line naming the fix (the valid
+    choices, the closest flag), exit status 2 — argparse prints its whole usage block first — and
+    no abbreviated flags (``--max-step 5`` would otherwise silently mean ``--max-steps 5``, and a
+    later flag sharing the prefix would change what an old command line does)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.explain(message)}\n")
+
+    def explain(self, message: str) -> str:
+        """argparse's message rewritten to say what to do instead."""
+        hint = f"see {self.prog} --help"
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            words = m.group(1).split()
+            flags = [w for w in words if w.startswith("-")]
+            if not flags:
+                return f"unexpected argument {words[0]!r} ({hint})"
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            name = flags[0].split("=", 1)[0]
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+            if close:
+                return f"unknown option {name}: did you mean {close[0]}? ({hint})"
+            return f"unknown option {name} ({hint})"
+        m = re.match(r"argument (\S+?)(?:/\S+)?: invalid choice: '?(.*?)'? \(choose from (.*)\)$", message)
+        if m:
+            flag, value, choices = m.groups()
+            names = [c.strip().strip("'") for c in choices.split(",")]
+            close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+            guess = f" (did you mean {close[0]}?)" if close else ""
+            return f"{flag} {value!r} is not one of its choices: {', '.join(names)}{guess}"
+        m = re.match(r"argument (\S+?)(?:/\S+)?: invalid (\w+) value: (.*)$", message)
+        if m:
+            flag, kind, value = m.groups()
+            return f"{flag} takes {_TYPE_WORDS.get(kind, kind)}, not {value}"
+        m = re.match(r"argument (\S+?)(?:/\S+)?: expected one argument", message)
+        if m:
+            return f"{m.group(1)} needs a value ({hint})"
+        return f"{message} ({hint})"
+
+
+def run_cli(main, argv=None) -> int:
     try:
         return main(argv)
     except TrainingDiverged as e:

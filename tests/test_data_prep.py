@@ -517,7 +517,8 @@ def test_unknown_flags_and_bad_values_exit_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+        err = capsys.readouterr().err  # one line naming the fix, not argparse's usage block
+        assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
 
 
 @pytest.mark.slow

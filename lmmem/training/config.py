@@ -11,7 +11,7 @@ import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, get_type_hints
 
-from lmmem.cli import HelpFormatter
+from lmmem.cli import ArgumentParser, HelpFormatter
 from lmmem.errors import LmmemError
 from lmmem.models.config import ModelConfig
 from lmmem.validation import check_flags
@@ -128,7 +128,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser(description: str = "Train a word-level language model.") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=HelpFormatter)
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         default = f.default if f.default is not MISSING else None
