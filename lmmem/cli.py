@@ -7,9 +7,11 @@ line naming the fix), 3 training diverged (the last good checkpoint is kept), 13
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import re
 import sys
+import typing
 
 from lmmem.errors import LmmemError, TrainingDiverged
 from lmmem.safety import describe_os_error
@@ -73,6 +75,65 @@ class ArgumentParser(argparse.ArgumentParser):
         if m:
             return f"{m.group(1)} needs a value ({hint})"
         return f"{message} ({hint})"
+
+
+def add_dataclass_arguments(parser, cls, *, prefix: str = "", skip: tuple[str, ...] = (), defaults_from_class: bool = True,
+                            group=None) -> dict[str, str]:
+    """One flag per field of the dataclass ``cls`` (``batch_size`` → ``--PREFIXbatch-size``), so a
+    command line and the config it fills cannot drift apart. Per field, ``metadata`` may hold
+    ``help`` (stated once; the default is appended unless the help states it), ``choices`` (the
+    constant that defines them, shown in the usage line) and ``cli=False`` (no flag). ``bool``
+    fields become ``--x/--no-x``. With ``defaults_from_class=False`` every flag defaults to None
+    ("not given"), for configs where a preset decides what an absent flag means.
+    Returns ``{dest: field name}`` for :func:`dataclass_from_args`."""
+    target = group if group is not None else parser
+    hints = typing.get_type_hints(cls)
+    dests: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        has_default = f.default is not dataclasses.MISSING
+        default = f.default if has_default else None
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text and default is not None and default is not False:
+            help_text += f" (default: {default})"
+        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = (prefix.replace("-", "_") + f.name)
+        kind = hints[f.name]
+        arg_default = default if defaults_from_class else None
+        if kind is bool:
+            target.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=arg_default, help=help_text)
+        else:
+            base = _scalar_type(kind)
+            choices = f.metadata.get("choices")
+            target.add_argument(flag, dest=dest, type=base, default=arg_default, help=help_text,
+                                choices=list(choices) if choices is not None else None,
+                                metavar=f.metadata.get("metavar"))
+        dests[dest] = f.name
+    return dests
+
+
+def dataclass_from_args(cls, args, dests: dict[str, str], **extra):
+    """``cls(**values)`` from the parsed ``args`` for the flags :func:`add_dataclass_arguments`
+    added (absent ones, None, left to the dataclass default); a ValueError of the config's own
+    checks becomes a one-line LmmemError."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    given = {name: values[dest] for dest, name in dests.items() if values.get(dest) is not None}
+    try:
+        return cls(**given, **extra)
+    except ValueError as e:
+        raise LmmemError(str(e)) from None
+
+
+def _scalar_type(kind):
+    """The argparse ``type`` of a field annotation: ``int``, ``float``, ``str``, or the non-None
+    member of ``X | None``."""
+    if kind in (int, float, str):
+        return kind
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if len(args) == 1 and args[0] in (int, float, str):
+        return args[0]
+    return str
 
 
 def run_cli(main, argv=None) -> int:

@@ -51,3 +51,32 @@ def test_toml_config_type_error_is_one_line(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--max-steps takes an integer" in r.stderr
+
+
+def test_dataclass_arguments_follow_the_fields():
+    from dataclasses import dataclass, field
+
+    from lmmem.cli import add_dataclass_arguments, dataclass_from_args
+    from lmmem.errors import LmmemError
+
+    @dataclass
+    class Cfg:
+        window: int = field(default=2000, metadata={"help": "pairs kept"})
+        rule: str = field(default="a", metadata={"help": "the rule", "choices": ("a", "b")})
+        segment: int | None = field(default=None, metadata={"help": "length"})
+        exact: bool = field(default=True, metadata={"help": "exact distances"})
+        hidden: int = field(default=1, metadata={"cli": False})
+
+        def __post_init__(self):
+            if self.window < 1:
+                raise ValueError("window must be ≥ 1")
+
+    p = ArgumentParser(prog="x")
+    dests = add_dataclass_arguments(p, Cfg, prefix="cache-")
+    assert set(dests) == {"cache_window", "cache_rule", "cache_segment", "cache_exact"}
+    assert "{a,b}" in p.format_usage() and "(default: 2000)" in p.format_help()
+    cfg = dataclass_from_args(Cfg, p.parse_args(["--cache-window", "7", "--no-cache-exact"]), dests)
+    assert cfg == Cfg(window=7, exact=False)
+    assert dataclass_from_args(Cfg, p.parse_args([]), dests) == Cfg()
+    with pytest.raises(LmmemError, match="window must be"):
+        dataclass_from_args(Cfg, p.parse_args(["--cache-window", "0"]), dests)
