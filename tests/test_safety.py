@@ -26,7 +26,7 @@ from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import DataError
 from lmmem.safety import FolderBusy, FolderLock, describe_os_error
 from lmmem.training import load_checkpoint
-from lmmem.training.checkpoint import save_checkpoint
+from lmmem.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -407,7 +407,7 @@ class _FullDisk:
 def test_full_disk_during_a_checkpoint(corpus, tmp_path, capsys, monkeypatch):
     """ENOSPC injected into the checkpoint writes from the second one on: one line, exit 2, the first
     checkpoint intact and loadable, no temp file left."""
-    from lmmem.training import checkpoint as C
+    from lmmem import checkpoints as C
 
     out = tmp_path / "full"
     real_fdopen, saves = os.fdopen, []

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, run_script, write_prepared_corpus
 from lmmem.errors import CheckpointError, DataError, LmmemError
 from lmmem.training import TrainConfig, config_from_args, load_checkpoint, resume_config, train
-from lmmem.training.checkpoint import save_checkpoint
+from lmmem.checkpoints import save_checkpoint
 
 TINY = dict(embed_dim=16, hidden_dim=32, proj_dim=16, batch_size=4, bptt=12, log_interval=2, eval_interval=4,
             checkpoint_interval=3, eval_batch_size=4, progress=False, warmup_steps=2)

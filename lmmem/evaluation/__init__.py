@@ -14,8 +14,8 @@ from lmmem.evaluation.perplexity import DEFAULT_BUCKET_EDGES, FrequencyBuckets, 
 from lmmem.evaluation.report import format_table, plot_bucketed_perplexity, write_json
 from lmmem.evaluation.test_time import TestTimeScores, evaluate_methods, score_test_time
 from lmmem.evaluation.dynamic import DynamicConfig, score_dynamic
-from lmmem.training.checkpoint import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.training.distributed import resolve_device
+from lmmem.checkpoints import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.device import resolve_device
 
 
 @dataclass

@@ -52,7 +52,7 @@ from lmmem.evaluation.perplexity import FrequencyBuckets, PerplexityReport, scor
 from lmmem.experiments.softmax_comparison import _coerce, parse_variant
 from lmmem.models import build_model
 from lmmem.training import TrainConfig
-from lmmem.training.checkpoint import load_checkpoint, save_checkpoint
+from lmmem.checkpoints import load_checkpoint, save_checkpoint
 from lmmem.training.config import config_from_args
 from lmmem.training.trainer import lr_multiplier, make_optimizer
 from lmmem.validation import check_flags

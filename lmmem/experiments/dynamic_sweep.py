@@ -23,8 +23,8 @@ from lmmem.cli import ArgumentParser, HelpFormatter, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import score_stream, write_json
 from lmmem.evaluation.dynamic import DynamicConfig, gradient_statistics, score_dynamic
-from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.training.distributed import resolve_device
+from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.device import resolve_device
 from lmmem.validation import check_flags
 
 

@@ -23,7 +23,7 @@ import torch
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.jsonio import write_json
-from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.validation import check_flags
 
 

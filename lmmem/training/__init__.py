@@ -1,6 +1,6 @@
 """Training: configuration, the loop, checkpoints and torch.distributed set-up."""
 
-from lmmem.training.checkpoint import load_checkpoint, save_checkpoint
+from lmmem.checkpoints import load_checkpoint, save_checkpoint
 from lmmem.training.config import PRESETS, TrainConfig, build_parser, config_from_args
 from lmmem.training.trainer import TrainingDiverged, TrainResult, resume_config, train
 

@@ -11,6 +11,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lmmem.checkpoints import DEFAULT_RUN
 from lmmem.cli import ArgumentParser, add_dataclass_arguments
 from lmmem.errors import LmmemError
 from lmmem.models.config import ModelConfig
@@ -21,7 +22,7 @@ from lmmem.validation import check_flags
 class TrainConfig:
     # data and run
     data: str | None = field(default=None, metadata={"help": "prepared corpus folder (python -m data_prep); default: the embedded synthetic corpus"})
-    out: str = field(default="runs/default", metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
+    out: str = field(default=DEFAULT_RUN, metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
     preset: str = field(default="tiny", metadata={"help": "model+optimisation preset (see PRESETS)", "choices": ("tiny", "small", "wt103-paper")})
     seed: int = field(default=1234, metadata={"help": "random seed (weights, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt exactly where it stopped (reads and writes OUT)"})

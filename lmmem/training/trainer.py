@@ -46,7 +46,7 @@ from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
 from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
 from lmmem.training import distributed as D
-from lmmem.training.checkpoint import RESUME_KEYS, TEMP_PATTERNS, check_vocab_matches, load_checkpoint, save_checkpoint
+from lmmem.checkpoints import RESUME_KEYS, TEMP_PATTERNS, check_vocab_matches, load_checkpoint, save_checkpoint
 from lmmem.training.config import TrainConfig, validate
 
 # Fields that define the model or the data stream: a resumed run must keep them.
