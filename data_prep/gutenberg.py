@@ -29,7 +29,7 @@ Encodings
     stops at the first invalid byte instead; ``--encoding NAME`` reads every book as NAME.
 
 Tokens
-    The ``regex`` rule of ``data_prep.tokenization`` (words with internal apostrophes and
+    The ``regex`` rule of ``lmmem.data.tokenization`` (words with internal apostrophes and
     hyphens, numbers, each punctuation mark on its own); case kept unless ``--lowercase``.
 
 Splits
@@ -52,10 +52,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.text_source import ReadContext, TextSource
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource, check_split_coverage
+from data_prep.options import check_split_coverage
 from data_prep.reading import ReadOptions, declared_encoding, iter_blocks, nth_line_end, require_folder, text_as_file
 
 NAME = "gutenberg"

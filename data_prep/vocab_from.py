@@ -92,10 +92,3 @@ def check_no_conflicts(args, source: VocabSource) -> None:
         given.append("--tokenizer")
     if given:
         raise DataError(f"--vocab-from takes the vocabulary and the tokeniser from {source.corpus}; drop {', '.join(given)}")
-
-
-def describe_unknown(info: dict, n: int = 10) -> str:
-    """One summary line for meta.json's ``unknown_words``."""
-    common = ", ".join(f"{w} ({c:,})" for w, c in info["most_common"][:n])
-    return (f"unknown words: {info['tokens']:,} tokens of {info['types']:,} types became <unk>"
-            + (f"; most frequent: {common}" if common else ""))

@@ -99,7 +99,7 @@ def ensure_data(cfg: TrainConfig, ctx: D.DistContext) -> Path:
         return Path(cfg.data)
     path = default_data_dir()
     if ctx.is_main and not (path / "meta.json").is_file():
-        from data_prep.common import corpus_lock
+        from lmmem.data.corpus_folder import corpus_lock
         from lmmem.data.synthetic import write_synthetic_corpus
 
         # Two first-ever runs: the second waits for the first to finish writing, then uses it.
