@@ -247,7 +247,7 @@ def test_out_that_is_a_symlink(tmp_path, capsys):
 def test_two_first_runs_share_the_embedded_corpus(tmp_path, monkeypatch):
     """Two first-ever train.py (no --data) race to write the synthetic corpus: one writes, the other waits."""
     from lmmem.data import synthetic
-    from lmmem.training import trainer
+    from lmmem.training import run as trainer_run
     from lmmem.training.config import TrainConfig
     from lmmem.training.distributed import DistContext
 
@@ -266,7 +266,7 @@ def test_two_first_runs_share_the_embedded_corpus(tmp_path, monkeypatch):
 
     def run():
         try:
-            results.append(trainer.ensure_data(TrainConfig(), ctx))
+            results.append(trainer_run.ensure_data(TrainConfig(), ctx))
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from lmmem.config_file import add_config_argument, argv_with_config
 from lmmem.training.config import TrainConfig, build_parser, config_from_args
-from lmmem.training.trainer import TrainResult, resume_config, train
+from lmmem.training.run_folder import resume_config
+from lmmem.training.trainer import TrainResult, train
 
 
 def next_steps(result: TrainResult, evaluate: str = "python evaluate.py") -> str:

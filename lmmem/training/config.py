@@ -164,3 +164,19 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise LmmemError(message)
     check_flags(cfg.to_dict())  # every numeric flag, with its reason (lmmem.validation)
+
+
+def config_value(key: str, value):
+    """A TrainConfig field's value from the text of a ``KEY=VALUE`` pair (the experiment runners'
+    ``--train-args`` and variants): ``bool`` (1/true/yes), ``int``, ``float``, or the text itself.
+    Values that are not text, and unknown keys, pass through (config_from_args refuses those)."""
+    if not isinstance(value, str):
+        return value
+    kind = str({f.name: f.type for f in fields(TrainConfig)}.get(key, "str"))
+    if "bool" in kind:
+        return value.lower() in ("1", "true", "yes")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return value
