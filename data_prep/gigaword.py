@@ -34,6 +34,8 @@ from lmmem.errors import DataError
 from data_prep import options as O
 from data_prep.options import check_split_coverage
 from data_prep.reading import ReadOptions, iter_blocks, require_folder
+from data_prep.text import hub_column_fix, row_text
+from data_prep.wikitext import open_hub_split
 
 NAME = "gigaword"
 HUB_DATASET = "gigaword"
@@ -213,9 +215,6 @@ def local_source(folder, read_opts: ReadOptions, *, valid_fraction=0.05, test_fr
 
 
 def hub_source(dataset: str) -> TextSource:
-    from data_prep.text import hub_column_fix, row_text
-    from data_prep.wikitext import open_hub_split
-
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
         for split in SPLITS:
             if split not in ctx.wanted:

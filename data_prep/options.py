@@ -13,6 +13,7 @@ from lmmem.data.writer import prepare
 from lmmem.errors import DataError
 
 from data_prep.reading import ReadOptions
+from data_prep.vocab_from import check_no_conflicts, load_vocab_source
 
 
 def positive_int(text: str) -> int:
@@ -155,8 +156,6 @@ def run_prepare(args, source: TextSource, rule: str, min_count: int) -> dict:
 
 def _run_prepare_with_vocab(args, source: TextSource) -> dict:
     """``--vocab-from``: the vocabulary, word rule, case and SentencePiece model of a trained model."""
-    from data_prep.vocab_from import check_no_conflicts, load_vocab_source
-
     fixed = load_vocab_source(args.vocab_from)
     check_no_conflicts(args, fixed)
     tok = fixed.tokenizer

@@ -28,7 +28,8 @@ from lmmem.validation import check_flags
 
 
 def occurrence_index(targets: np.ndarray, is_name: np.ndarray) -> np.ndarray:
-    """k for a target that is the k-th occurrence of a name in the stream; 0 for non-names."""
+    """k for a token of ``targets`` that is the k-th occurrence of a name in it (1 = first); 0 for
+    non-names. (Also the per-document count of lmmem.experiments.curriculum's text counterpart.)"""
     occ = np.zeros(len(targets), dtype=np.int64)
     seen: dict[int, int] = {}
     for t in np.flatnonzero(is_name[targets]):

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lmmem.cli import ArgumentParser, run_cli
+from lmmem.data.synthetic import write_synthetic_corpus
 from lmmem.errors import LmmemError
 from lmmem.evaluation import (
     FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mbpa-alpha", type=float, default=MbPAConfig.alpha)
     t.add_argument("--mbpa-eps", type=float, default=MbPAConfig.eps)
     t.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
-                   help="restricted MbPA over this many candidate rows (0: exact MbPA, ~20× slower on CPU)")
+                   help="restricted MbPA over this many candidate rows (0: exact MbPA, much slower on CPU; timings in docs/results/test-time-memory.md)")
     t.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     t.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
@@ -331,8 +332,6 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
                          else args.corpus)
     steps_run: list[str] = []
     if args.corpus == "synthetic":
-        from lmmem.data.synthetic import write_synthetic_corpus
-
         if not (data_dir / "meta.json").is_file():
             write_synthetic_corpus(data_dir)
         steps_run.append(f"# synthetic corpus written to {data_dir}")
