@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +35,8 @@ from lmmem.device import resolve_device
 from lmmem.errors import CheckpointError, LmmemError
 from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
+from lmmem.paths import recorded_path_candidates
+from lmmem.safety import create_temp_file
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION", "CHECKPOINT_KIND", "DEFAULT_RUN", "EVAL_KEYS", "EXPORT_KIND", "RESUME_KEYS",
@@ -88,8 +89,8 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"kind": CHECKPOINT_KIND, "format_version": CHECKPOINT_FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp)
+    # the permissions of any file the user writes (umask), not mkstemp's 0600: a checkpoint is shared too
+    fd, tmp = create_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
@@ -161,19 +162,32 @@ def _check_contents(ckpt: dict, path: Path, require: tuple[str, ...]) -> None:
         )
 
 
+def _run_dir(ckpt_path: str | Path) -> Path:
+    p = Path(ckpt_path)
+    return p if p.is_dir() else p.parent
+
+
 def data_dir_for(ckpt: dict, data: str | Path | None, ckpt_path: str | Path = "checkpoint") -> Path:
     """``--data`` if given, else the corpus the checkpoint was trained on. The checkpoint's path is
     only a default to read from (a copied or crafted file may name anything): it is checked here and
-    never written to."""
+    never written to. A relative path (runs made before paths were stored absolute) is looked for
+    where the run was started, then in the current folder (see :mod:`lmmem.paths`)."""
     if data is not None:
         return Path(data)
-    saved = ckpt.get("train_config", {}).get("data")
-    if not isinstance(saved, str) or not saved or not Path(saved).is_dir():
-        raise CheckpointError(
-            f"{ckpt_path} was trained on the corpus {saved!r}, which is not a folder on this machine; "
-            "pass --data DIR (the prepared corpus the model was trained on)"
-        )
-    return Path(saved)
+    train_config = ckpt.get("train_config", {})
+    saved = train_config.get("data")
+    if isinstance(saved, str) and saved:
+        tried = recorded_path_candidates(saved, _run_dir(ckpt_path), train_config.get("out"))
+        for candidate in tried:
+            if candidate.is_dir():
+                return candidate
+        where = f" (looked in {', '.join(map(str, tried))})" if len(tried) > 1 else ""
+    else:
+        where = ""
+    raise CheckpointError(
+        f"{ckpt_path} was trained on the corpus {saved!r}, which is not a folder on this machine{where}; "
+        "pass --data DIR (the prepared corpus the model was trained on)"
+    )
 
 
 def check_vocab_matches(ckpt: dict, fingerprint: str, data_root: str | Path, ckpt_path: str | Path = "checkpoint") -> None:

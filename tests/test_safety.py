@@ -181,7 +181,8 @@ def test_prepare_refuses_a_different_corpus_and_keeps_it_on_failure(tmp_path, ca
     assert prep_cli(capsys, out)[0] == 0  # the same corpus again: allowed, byte-identical
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     rc, _, err = prep_cli(capsys, out, seed=1)
-    assert rc == 2 and "different prepared corpus" in one_line_error(err) and "--overwrite" in err
+    # the refusal names the option that differs (issue 23)
+    assert rc == 2 and "prepared with other options (--seed 1 here, 0 there)" in one_line_error(err) and "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert prep_cli(capsys, out, "--overwrite", seed=1)[0] == 0
     assert PreparedCorpus.open(out).meta["seed"] == 1
@@ -220,7 +221,7 @@ def test_an_interrupted_swap_is_recovered(tmp_path, capsys):
     os.rename(out, tmp_path / ".s.old")
     (tmp_path / ".s.staging").mkdir()  # the unfinished new one
     rc, _, err = prep_cli(capsys, out, seed=3)  # another corpus without --overwrite: refused, after recovery
-    assert rc == 2 and "different prepared corpus" in err
+    assert rc == 2 and "other options (--seed 3 here, 0 there)" in err
     assert PreparedCorpus.open(out).meta["seed"] == 0 and stray_files(tmp_path) == []
 
 

@@ -69,8 +69,30 @@ def check_output_folder(out: Path, source: TextSource, options: dict, *, overwri
         old = {}
     new = {"corpus": source.corpus, "source": source.source, "options": options or {}}
     if not isinstance(old, dict) or _identity(old) != _identity(new):
-        what = f"{old.get('corpus')} from {old.get('source')}" if isinstance(old, dict) else "another corpus"
-        raise DataError(
-            f"--out {out} holds a different prepared corpus ({what}, or other options); "
-            "choose another --out, or pass --overwrite to replace it"
-        )
+        raise DataError(f"--out {out} holds {_difference(old, new)}; choose another --out, or pass --overwrite to replace it")
+
+
+def _difference(old, new: dict) -> str:
+    """What makes the corpus in a folder (``old``, its meta.json) another one than ``new``."""
+    if not isinstance(old, dict) or not old:
+        return "another prepared corpus (its meta.json is unreadable)"
+    if old.get("corpus") != new["corpus"] or old.get("source") != new["source"]:
+        return f"a different prepared corpus ({old.get('corpus')} from {old.get('source')})"
+    was, now = old.get("options") or {}, new["options"]
+    keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    shown = "; ".join(f"{_flag(k)} {_value(now.get(k))} here, {_value(was.get(k))} there" for k in keys[:4])
+    return f"the same corpus prepared with other options ({shown}{'; ...' if len(keys) > 4 else ''})"
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _value(v) -> str:
+    if v is None:
+        return "unset"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)

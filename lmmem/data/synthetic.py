@@ -27,6 +27,7 @@ entry; so a memory can predict a name it has only seen earlier in the same test 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -174,6 +175,13 @@ def generate(cfg: SyntheticConfig, stats: dict | None = None) -> Iterator[tuple[
             "in_train": len(train),
             "only_in_valid_or_test": len((seen.get("valid", set()) | seen.get("test", set())) - train),
         }
+
+
+def default_dir() -> Path:
+    """Where ``train.py`` without ``--data`` keeps the embedded corpus: ``$LMMEM_CACHE/synthetic-default``
+    (default ``~/.cache/lmmem``)."""
+    cache = Path(os.environ.get("LMMEM_CACHE", Path.home() / ".cache" / "lmmem"))
+    return cache / "synthetic-default"
 
 
 def write_synthetic_corpus(out_dir: str | Path, seed: int = 0, train_tokens: int = 500_000, valid_tokens: int = 50_000,

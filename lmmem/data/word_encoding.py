@@ -13,8 +13,8 @@
    the provisional-id -> final-id table returned here (rare and unseen types -> ``<unk>``).
 
 Because the final ids depend only on the counts (ties broken by the token string), the output is
-byte-identical for any ``--workers``. Measured memory and speed: ``benchmarks/bench_data_prep.py``
-and docs/results.
+byte-identical for any ``--workers``. Memory and speed against a naive script:
+docs/results/data-prep.md (``benchmarks/bench_data_prep.py``).
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ One command::
 2. **Branches.** From each trunk checkpoint, one ``train.py`` run per variant (``WORK/branch-step{P}-LABEL``;
    full softmax, the paper's rule, the centred rule, …: a variant is ``LABEL:key=value,...`` of
    :class:`~lmmem.training.TrainConfig` fields) continues training on *identical* batches with an
-   identical dropout stream and the trunk's optimizer state, in train.py's loop (:func:`lmmem.training.trainer.fit`).
-   A Hebbian branch starts with ``counts`` set to each word's real number of sightings so far (so
-   ``λ`` is what it would be had the rule run from the start).
+   identical dropout stream and the trunk's optimizer state, in train.py's loop
+   (:func:`lmmem.training.trainer.fit`). A Hebbian branch starts with ``counts`` set to each word's
+   real number of sightings so far (so ``λ`` is what it would be had the rule run from the start).
 3. **Endpoint.** During a branch, after a settle-in window of ``--settle`` steps, every training
-   token's NLL (the forward before that step's update, seen by a forward hook on the output layer) is filed by its word's training frequency and
-   by ``k``, the word's sightings in *earlier batches* of the stream (trunk included). Primary:
+   token's NLL (the forward before that step's update, seen by a forward hook on the output layer)
+   is filed by its word's training frequency and by ``k``, the word's sightings in *earlier batches* of the stream (trunk included). Primary:
    rare words (fewer than ``--rare-below`` training occurrences) at k = 1, 2, 3–4, 5–9: mean over
    word types of each type's mean NLL, with bootstrap 95% intervals over types, and the paired
    difference to the full-softmax branch (same types, same positions). Guards: k = 0 (never seen:
@@ -34,7 +34,6 @@ markdown page with the commands.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -50,7 +49,6 @@ import torch
 from lmmem.checkpoints import RESUME_KEYS, load_checkpoint
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.batching import Batch, StreamBatcher
-from lmmem.data.corpus import PreparedCorpus
 from lmmem.data.synthetic import write_synthetic_corpus
 from lmmem.errors import LmmemError
 from lmmem.evaluation import FrequencyBuckets, PerplexityReport, score_stream

@@ -35,7 +35,6 @@ within a document of the embedded synthetic corpus (:mod:`lmmem.data.synthetic`)
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time

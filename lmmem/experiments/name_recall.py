@@ -13,7 +13,6 @@ the generator, so this is close to the per-document count.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

@@ -24,7 +24,6 @@ is read).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform

@@ -337,7 +337,7 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
         steps_run.append(f"# synthetic corpus written to {data_dir}")
     else:
         if not args.source:
-            p.error("--source is required for real corpora")
+            raise LmmemError(f"--source is required for the {args.corpus} corpus: the folder (or hub:NAME) to prepare it from")
         steps_run.append(shlex.join(prepare(args.corpus, args.source, data_dir, shlex.split(args.prep_args))))
     extra = parse_train_args(args.train_args)
     buckets = FrequencyBuckets()

@@ -8,7 +8,8 @@ moments, RNG states, the carried LSTM state, the data position. An export keeps 
 to *use* the model: the weights (safetensors, shared tensors such as tied embeddings stored once; the
 Hebbian ``counts`` included, as they are part of the layer's state), the vocabulary it was trained
 with and the model config. It is written to a temporary folder beside the target and renamed into
-place, and an existing target is never overwritten. Reading an export is
+place, and an existing target is never overwritten; its files get the permissions of any other file
+the user writes (an export is meant to be shared). Reading an export is
 :func:`lmmem.checkpoints.load_export` (and :func:`~lmmem.checkpoints.load_checkpoint` takes an
 export folder). Needs the ``safetensors`` package (in ``pip install 'lmmem[hf]'``).
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from lmmem.checkpoints import (
@@ -28,6 +28,8 @@ from lmmem.checkpoints import (
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import LmmemError
+from lmmem.paths import absolute
+from lmmem.safety import create_temp_folder
 
 
 def export_run(checkpoint: str | Path, out: str | Path, *, data: str | Path | None = None) -> Path:
@@ -51,14 +53,16 @@ def export_run(checkpoint: str | Path, out: str | Path, *, data: str | Path | No
         "vocab_size": len(corpus.vocab),
         "step": int(ckpt["progress"]["step"]),
         "bptt": int(ckpt["train_config"]["bptt"]),
-        "data": str(data_dir),
-        "source_checkpoint": str(checkpoint),
+        "data": absolute(data_dir),  # absolute: the export is evaluated from other folders
+        "source_checkpoint": absolute(checkpoint),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = create_temp_folder(out.parent, prefix=f".{out.name}.")
     try:
         st.save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "kind": EXPORT_KIND})
         corpus.vocab.save(tmp / VOCAB)
+        # safetensors creates its file 0600: give it the mode the vocabulary got (the user's umask)
+        shutil.copymode(tmp / VOCAB, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -30,6 +31,29 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     else:
         shape = 1 - frac
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+SCHEDULE_FIELDS = ("lr", "lr_schedule", "warmup_steps", "min_lr_ratio", "max_steps")
+
+
+def schedule_change(saved: dict, cfg: TrainConfig, step: int) -> str | None:
+    """One line saying how a resumed run's flags change its learning-rate schedule from step
+    ``step`` on (``saved``: the run's recorded train_config), or None when the rate at every step
+    left is what it was (e.g. a new --max-steps with a constant schedule)."""
+    changed = [k for k in SCHEDULE_FIELDS if k in saved and saved[k] != getattr(cfg, k)]
+    if not changed:
+        return None
+    before = replace(cfg, **{k: saved[k] for k in changed})
+    end = max(before.max_steps, cfg.max_steps)
+    if all(before.lr * lr_multiplier(before, s) == cfg.lr * lr_multiplier(cfg, s) for s in range(step, end + 1)):
+        return None
+    now = " ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in changed)
+    was = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
+    return (f"note: {now} changes this run's learning-rate schedule (it was made with {was}): the rate at step {step} is "
+            f"{cfg.lr * lr_multiplier(cfg, step):.3g} (was {before.lr * lr_multiplier(before, step):.3g}) and reaches "
+            f"{cfg.lr * lr_multiplier(cfg, cfg.max_steps):.3g} at step {cfg.max_steps} (was "
+            f"{before.lr * lr_multiplier(before, before.max_steps):.3g} at step {before.max_steps}); "
+            f"resume with the run's own values to continue it exactly")
 
 
 def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

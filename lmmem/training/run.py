@@ -15,7 +15,6 @@ bit-for-bit on CPU as if the run had never stopped.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
@@ -36,10 +35,11 @@ from lmmem.errors import CheckpointError, LmmemError, TrainingDiverged
 from lmmem.jsonio import dumps
 from lmmem.models import build_model
 from lmmem.models.config import ModelConfig
+from lmmem.paths import absolute
 from lmmem.safety import write_text_atomic
 from lmmem.training import distributed as D
 from lmmem.training.config import TrainConfig
-from lmmem.training.optim import amp_dtype, lr_multiplier, make_optimizer, make_scheduler
+from lmmem.training.optim import amp_dtype, lr_multiplier, make_optimizer, make_scheduler, schedule_change
 from lmmem.training.run_folder import no_last_message, trim_metrics
 
 # A loss this many times ln V (the loss of a uniform guess over V words) means divergence: a model
@@ -154,16 +154,11 @@ class Run:
 # building a run
 
 
-def default_data_dir() -> Path:
-    cache = Path(os.environ.get("LMMEM_CACHE", Path.home() / ".cache" / "lmmem"))
-    return cache / "synthetic-default"
-
-
 def ensure_data(cfg: TrainConfig, ctx: D.DistContext) -> Path:
     """The prepared corpus folder; with no --data, the embedded synthetic corpus (made once)."""
     if cfg.data is not None:
         return Path(cfg.data)
-    path = default_data_dir()
+    path = synthetic.default_dir()
     if ctx.is_main and not (path / "meta.json").is_file():
         # Two first-ever runs: the second waits for the first to finish writing, then uses it.
         with corpus_lock(path, wait=True):
@@ -179,7 +174,7 @@ def start_run(cfg: TrainConfig, ctx: D.DistContext, summary_writer=None) -> Run:
     where it stopped. Writes ``OUT/config.json``. ``cfg`` itself is not changed."""
     data_dir = ensure_data(cfg, ctx)
     corpus = PreparedCorpus.open(data_dir)
-    cfg = replace(cfg, data=str(data_dir)) if cfg.data is None else replace(cfg)
+    cfg = replace(cfg, data=absolute(data_dir))  # absolute: the run is evaluated and trained again from other folders
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model_config(len(corpus.vocab))
     model = build_model(model_cfg).to(ctx.device)
@@ -196,7 +191,7 @@ def start_run(cfg: TrainConfig, ctx: D.DistContext, summary_writer=None) -> Run:
         _resume(run, data_dir)
     if ctx.is_main:
         write_text_atomic(run.out / "config.json",
-                          dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict()}, what="the run config", indent=2) + "\n")
+                          dumps({"train": recorded_config(cfg), "model": model_cfg.to_dict()}, what="the run config", indent=2) + "\n")
         run.metrics = Metrics(run.out / "metrics.jsonl", summary_writer)
     if ctx.distributed:
         run.net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -217,6 +212,9 @@ def _resume(run: Run, data_dir: Path) -> None:
         trim_metrics(run.out / "metrics.jsonl", run.progress.step)
         p = run.progress
         print(f"resumed {run.last_path} at step {p.step} (epoch {p.epoch}, batch {p.position}) on --data {data_dir}")
+        note = schedule_change(ckpt["train_config"], run.cfg, p.step)
+        if note:
+            print(note)
 
 
 def restore(run: Run, ckpt: dict, *, rng: bool = True, missing_ok: Collection[str] = ()) -> None:
@@ -243,6 +241,11 @@ def restore(run: Run, ckpt: dict, *, rng: bool = True, missing_ok: Collection[st
 
 # ---------------------------------------------------------------------------------------------
 # divergence and checkpoints
+
+
+def recorded_config(cfg: TrainConfig) -> dict:
+    """The config a checkpoint and config.json record: its paths absolute (see lmmem.paths)."""
+    return {**cfg.to_dict(), "data": absolute(cfg.data) if cfg.data else cfg.data, "out": absolute(cfg.out)}
 
 
 def loss_limit(run: Run) -> float:
@@ -287,7 +290,7 @@ def save(run: Run, path: Path) -> None:
     save_checkpoint(
         {
             "model_config": run.model_cfg.to_dict(),
-            "train_config": run.cfg.to_dict(),
+            "train_config": recorded_config(run.cfg),
             "vocab_fingerprint": run.corpus.fingerprint,
             "vocab_size": len(run.corpus.vocab),
             "model": run.model.state_dict(),

@@ -12,7 +12,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from lmmem.checkpoints import RESUME_KEYS, TEMP_PATTERNS, load_checkpoint
+from lmmem.data import synthetic
 from lmmem.errors import CheckpointError, LmmemError
+from lmmem.paths import absolute, recorded_path_candidates
 from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
 from lmmem.training.config import TrainConfig, validate
 
@@ -51,6 +53,8 @@ def resume_config(out: str | Path, overrides: dict) -> TrainConfig:
                 f"drop the flag to resume, or train a new run with another --out"
             )
         saved[key] = value
+    if overrides.get("data") is None and isinstance(saved.get("data"), str):
+        saved["data"] = recorded_data(saved, Path(out))
     known = {f.name for f in fields(TrainConfig)}
     try:
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in known})
@@ -75,12 +79,25 @@ def run_state(out: Path, cfg: TrainConfig) -> str:
     ignore = ("resume", "overwrite", "progress", "out")
     # fill options added since the run was made with their defaults
     saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
+    data = recorded_data(ckpt["train_config"], out)
+    saved["data"] = absolute(data) if data else data
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    wanted["data"] = absolute(cfg.data or synthetic.default_dir())  # the corpus train.py would use
     if saved != wanted:
         return "new"
     if ckpt["progress"]["step"] >= cfg.max_steps and (out / "best.pt").is_file():
         return "finished"
     return "resumable"
+
+
+def recorded_data(train_config: dict, run_dir: Path) -> str:
+    """A run's recorded ``data``, as a path that exists here when one of its readings does (an old
+    run's relative path: where the run was started, else the current folder; see lmmem.paths)."""
+    saved = train_config.get("data")
+    if not isinstance(saved, str) or not saved:
+        return saved
+    tried = recorded_path_candidates(saved, run_dir, train_config.get("out"))
+    return str(next((p for p in tried if p.is_dir()), tried[0]))
 
 
 def no_last_message(out: Path) -> str:

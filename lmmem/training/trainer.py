@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lmmem.data.batching import Batch
+from lmmem.data.batching import Batch, StreamBatcher
 from lmmem.evaluation import autocast_context, score_stream
+from lmmem.progress import Progress as ProgressDisplay
 from lmmem.training import distributed as D
 from lmmem.training.config import TrainConfig
 from lmmem.training.run import Progress, Run, check_loss, save, start_run, tensorboard_writer_class
@@ -57,6 +58,7 @@ class TrainResult:
     stopped_by: str  # "max_steps" | "max_epochs" | "time_budget" | "interrupt"
     last_val_loss: float | None
     is_main: bool = True  # the process that prints and writes (rank 0 under torchrun)
+    splits: tuple[str, ...] = ("train", "valid", "test")  # the corpus's splits (what evaluate.py --split can score)
 
 
 def train(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
@@ -67,7 +69,7 @@ def train(cfg: TrainConfig, hooks: Sequence[StepHook] = ()) -> TrainResult:
         with stop_on_signals() as stop:
             stopped_by = fit(run, hooks, stop)
             finish(run, stopped_by)
-        return TrainResult(run.out, run.progress, stopped_by, run.last_val, run.ctx.is_main)
+        return TrainResult(run.out, run.progress, stopped_by, run.last_val, run.ctx.is_main, tuple(run.corpus.splits))
 
 
 @contextmanager
@@ -92,7 +94,8 @@ def fit(run: Run, hooks: Sequence[StepHook] = (), stop: dict | None = None) -> s
     stop = {"stop": False} if stop is None else stop
     run.t_start = run.t_log = time.monotonic()
     run.tokens_at_log = p.tokens
-    run.bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not _use_bar(run), dynamic_ncols=True, unit="step")
+    # a bar on a terminal; elsewhere plain lines with step/total, elapsed time and time left
+    run.bar = ProgressDisplay(cfg.max_steps, "train", unit="step", initial=p.step, enabled=cfg.progress and run.ctx.is_main)
     run.model.train()
     try:
         while p.step < cfg.max_steps:
@@ -190,11 +193,14 @@ def validate(run: Run) -> float | None:
         return None
     ctx, cfg = run.ctx, run.cfg
     eval_rows = max(ctx.world_size, cfg.eval_batch_size - cfg.eval_batch_size % ctx.world_size)
-    nll, cnt = score_stream(
-        run.model, run.valid_tokens, bucket_of=np.zeros(len(run.corpus.vocab), dtype=np.int64), num_buckets=1,
-        batch_size=eval_rows, bptt=cfg.bptt, device=ctx.device, amp_dtype=run.amp, max_tokens=cfg.eval_tokens,
-        rank=ctx.rank, world_size=ctx.world_size,
-    )  # only the total: every vocabulary entry in one bucket
+    tokens = run.valid_tokens[: cfg.eval_tokens + 1] if cfg.eval_tokens else run.valid_tokens
+    batches = len(StreamBatcher(tokens, eval_rows, cfg.bptt, rank=ctx.rank, world_size=ctx.world_size, pad=True))
+    with ProgressDisplay(batches, "valid", unit="batch", enabled=cfg.progress and ctx.is_main) as shown:
+        nll, cnt = score_stream(
+            run.model, tokens, bucket_of=np.zeros(len(run.corpus.vocab), dtype=np.int64), num_buckets=1,
+            batch_size=eval_rows, bptt=cfg.bptt, device=ctx.device, amp_dtype=run.amp,
+            rank=ctx.rank, world_size=ctx.world_size, on_scores=lambda positions, log_probs: shown.update(1),
+        )  # only the total: every vocabulary entry in one bucket
     sums = D.all_reduce_sum(torch.tensor([nll.sum(), cnt.sum()], dtype=torch.float64), ctx)
     return float(sums[0] / sums[1])
 
@@ -237,13 +243,17 @@ def stop_reason(run: Run, stop: dict) -> str | None:
 
 
 def announce(run: Run) -> None:
-    if run.ctx.is_main:
-        n_params = sum(p.numel() for p in run.model.parameters())
-        print(
-            f"training {run.model_cfg.arch} with {run.model_cfg.softmax} softmax: {n_params / 1e6:.2f}M parameters, "
-            f"vocabulary {len(run.corpus.vocab):,}, {len(run.batcher.tokens):,} train tokens, "
-            f"{run.ctx.world_size} process(es) on {run.ctx.device}"
-        )
+    if not run.ctx.is_main:
+        return
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(
+        f"training {run.model_cfg.arch} with {run.model_cfg.softmax} softmax: {n_params / 1e6:.2f}M parameters, "
+        f"vocabulary {len(run.corpus.vocab):,}, {len(run.batcher.tokens):,} train tokens, "
+        f"{run.ctx.world_size} process(es) on {run.ctx.device}"
+    )
+    if run.valid_tokens is None:
+        print(f"warning: {run.cfg.data} has no valid split (it has {', '.join(run.corpus.splits)}): the run is never "
+              "validated, so best.pt will be the last model, not the best one; prepare the corpus with a valid split to choose on it")
 
 
 def finish(run: Run, stopped_by: str) -> None:
