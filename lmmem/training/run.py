@@ -131,7 +131,7 @@ class Run:
     t_log: float = 0.0  # when the last log line was written, and the tokens seen then
     tokens_at_log: int = 0
     last_val: float | None = None
-    bar: Any = None  # the lmmem.progress.Progress of the loop, while it runs
+    bar: Any = None  # the lmmem.progress.Progress of the loop while it runs (fit), else None
 
     @property
     def out(self) -> Path:

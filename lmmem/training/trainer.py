@@ -117,6 +117,7 @@ def fit(run: Run, hooks: Sequence[StepHook] = (), stop: dict | None = None) -> s
         return "max_steps"
     finally:
         run.bar.close()
+        run.bar = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ def step(run: Run, batch: Batch) -> torch.Tensor:
     p.position += 1
     p.tokens += batch.num_targets * run.ctx.world_size
     run.losses.add(loss)
-    run.bar.update(1)
+    if run.bar is not None:
+        run.bar.update(1)
     return loss
 
 
@@ -181,7 +183,8 @@ def log(run: Run) -> None:
               "lr": run.scheduler.get_last_lr()[0], "tokens_per_s": tps, "elapsed_s": now - run.t_start}
     if run.metrics is not None:
         run.metrics.write(record)
-    run.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{record['train_ppl']:.1f}", tok_s=f"{tps:,.0f}")
+    if run.bar is not None:
+        run.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{record['train_ppl']:.1f}", tok_s=f"{tps:,.0f}")
     if not _use_bar(run) and run.ctx.is_main:
         print(f"step {p.step:>7}  loss {mean:.4f}  ppl {record['train_ppl']:9.2f}  lr {record['lr']:.2e}  {tps:,.0f} tok/s", flush=True)
     run.t_log, run.tokens_at_log = now, p.tokens
