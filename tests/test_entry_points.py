@@ -46,7 +46,7 @@ def test_redirected_training_prints_progress_with_total_and_time_left(small_corp
     log = tmp_path / "train.log"
     with open(log, "w") as f:  # the output of `python train.py ... > train.log 2>&1`
         subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(small_corpus), "--out", str(tmp_path / "r"), *TINY,
-                        "--max-steps", "20", "--eval-interval", "10"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True,
+                        "--max-steps", "20", "--eval-interval", "10", "--eval-tokens", "480"], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     text = log.read_text()
     train_lines = re.findall(r"^train: (\d+)/20 steps \(\d+%\), \S+ elapsed, ~\S+ left", text, re.MULTILINE)
