@@ -92,6 +92,40 @@ def variants():
         out.append(("mix_kernel", K.mix_kernel, sig, {"HAS_LIMIT": limit, "RESCALE": rescale, "BLOCK_D": bd},
                     {"num_warps": K.MIX_CUDA["num_warps"]}, False,
                     f"weight {dt}, {'limit' if limit else 'no limit'}, {'rescale' if rescale else 'no rescale'}, BLOCK_D {bd}"))
+    return out + centred_variants()
+
+
+def centred_variants():
+    """The centred rule's four kernels: the running state (μ, ρ) in fp32 or in the weight's dtype (a
+    model cast to bf16/fp16 casts its buffers too), each ``write_norm``; the per-slot kernels at the
+    largest row block shipped (1024: the most registers; a smaller D compiles a narrower block).
+    All are checked for spills."""
+    C = K.CENTRED_CUDA
+    opts = {"num_warps": C["num_warps"]}
+    pairs = [(w, st) for w in DTYPES for st in dict.fromkeys(("fp32", w))]  # (weight, state) dtypes
+    out = []
+    for st in DTYPES:
+        sig = {"ids_ptr": "*i64", "n_ptr": "*i64", "sums_ptr": "*fp32", "mu_ptr": f"*{st}", "mu_out_ptr": f"*{st}",
+               "updates_ptr": "*i64", "S": "i32", "V": "i32", "D": "i32", "min_rate": "fp32",
+               "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}
+        out.append(("centred_mean_kernel", K.centred_mean_kernel, sig, {"BLOCK_S": C["BLOCK_S"], "BLOCK_D": C["BLOCK_D"]},
+                    opts, True, f"state {st}"))
+        sig = {"ids_ptr": "*i64", "n_ptr": "*i64", "perp_ptr": "*fp32", "norm_ptr": f"*{st}", "norm_out_ptr": f"*{st}",
+               "updates_ptr": "*i64", "S": "i32", "V": "i32", "min_rate": "fp32", "BLOCK_S": "constexpr"}
+        out.append(("centred_norm_kernel", K.centred_norm_kernel, sig, {"BLOCK_S": C["BLOCK_S"]}, opts, True, f"state {st}"))
+    bd = C["BLOCK_D_MAX"]
+    for w, st in pairs:
+        sig = {"w_ptr": f"*{w}", "ids_ptr": "*i64", "mu_ptr": f"*{st}", "along_ptr": "*fp32", "perp_ptr": "*fp32",
+               "V": "i32", "D": "i32", "stride_wv": "i64", "stride_wd": "i64", "BLOCK_D": "constexpr"}
+        out.append(("centred_row_kernel", K.centred_row_kernel, sig, {"BLOCK_D": bd}, opts, True,
+                    f"weight {w}, state {st}, BLOCK_D {bd}"))
+    for (w, st), norm in itertools.product(pairs, K.CENTRED_WRITE_NORMS):
+        sig = {"w_ptr": f"*{w}", "class_counts_ptr": "*i64", "ids_ptr": "*i64", "n_ptr": "*i64", "sums_ptr": "*fp32",
+               "lam_ptr": "*fp32", "mu_ptr": f"*{st}", "norm_ptr": f"*{st}", "along_ptr": "*fp32", "perp_ptr": "*fp32",
+               "updates_ptr": "*i64", "start_step": "i32", "V": "i32", "D": "i32", "stride_wv": "i64", "stride_wd": "i64",
+               "WRITE_NORM": "constexpr", "BLOCK_D": "constexpr"}
+        out.append(("centred_mix_kernel", K.centred_mix_kernel, sig, {"WRITE_NORM": K.CENTRED_WRITE_NORMS[norm], "BLOCK_D": bd}, opts, True,
+                    f"weight {w}, state {st}, write_norm {norm}, BLOCK_D {bd}"))
     return out
 
 

@@ -7,7 +7,7 @@
 #   JSON_DIR=benchmarks/results bash benchmarks/compile_check.sh   # also write per-variant JSON
 #
 # Cost: the 3.6.0 venv is created once and cached in .venv-triton36 (one ~150 MB wheel from the
-# package index); each run compiles 102 variants per triton version, ~1 min of CPU each.
+# package index); each run compiles 154 (variant, architecture) pairs per triton version, a few minutes of CPU each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

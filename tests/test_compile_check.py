@@ -58,4 +58,5 @@ def test_compile_check_passes_a_shipped_kernel_and_catches_a_fenced_atomic(tmp_p
     for dt in ("fp32", "bf16", "fp16"):
         for mode in ("loss only", "loss+grad"):
             assert any(f"logits {dt}" in lab and mode in lab for lab in out["labels"]), (dt, mode)
-    assert out["kernels"] == ["ce_step_kernel", "mix_kernel", "segment_sum_kernel"]
+    assert out["kernels"] == ["ce_step_kernel", "centred_mean_kernel", "centred_mix_kernel", "centred_norm_kernel",
+                              "centred_row_kernel", "mix_kernel", "segment_sum_kernel"]

@@ -15,7 +15,9 @@ here, never the other way round.
   :func:`~lmmem.kernels.hebbian_rule.hebbian_update_reference`.
 * :mod:`lmmem.kernels.hebbian` — the rule's GPU bookkeeping: batch statistics (a deterministic
   segmented sum over the sort of the targets, into ``N``-slot buffers, no host sync) and the
-  in-place row update.
+  paper rule's in-place row update.
+* :mod:`lmmem.kernels.hebbian_centred` — the centred rule's step (running mean, running row norm,
+  the write; λ an input), four kernels with no host sync, beside its PyTorch statement.
 * :mod:`lmmem.kernels.triton_kernels` — the Triton kernels themselves (torch-free, so that
   ``benchmarks/compile_check.py`` can compile them for sm_80 / sm_90a without a GPU).
 * :mod:`lmmem.kernels.runtime` — when Triton runs, and the fallback that keeps a failing kernel

@@ -25,6 +25,7 @@ breaks CUDA graphs). Memory: ``N × D`` fp32 for the sums (16 MB at N = 8,192, D
 
 Each kernel variant is probed on first use and replaced by its PyTorch statement if it fails
 (:mod:`lmmem.kernels.runtime`): :func:`segment_sum_torch`, and ``hebbian_mix_`` on the real slots.
+The centred rule's step, on the same slots, is in :mod:`lmmem.kernels.hebbian_centred`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ running activation mean μ and keeps the row's component along μ, :func:`centre
 :mod:`lmmem.output_layers.hebbian_softmax`.
 
 * :func:`hebbian_mix_` / :func:`hebbian_mix_centred_` — the vectorised in-place update over the
-  ``U`` classes of a batch, O(U·D) (the Triton ``mix_kernel`` is the fused form of the first).
+  ``U`` classes of a batch, O(U·D) (the Triton ``mix_kernel`` and ``centred_mix_kernel`` are their
+  fused forms).
+* :func:`update_running_statistics_` — the centred rule's running mean μ and row norm, folded in
+  before the write (the Triton kernels of :mod:`lmmem.kernels.hebbian_centred` are its fused form).
 * :func:`hebbian_update_reference` — the same rule per class, in float64, from the raw batch:
   slow, obvious, the specification.
 * :func:`merge_class_statistics` — per-class batch statistics from several sources (gradient
@@ -75,10 +78,10 @@ def hebbian_mix_(
     _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of)
 
 
-def _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of) -> None:
+def _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of, lam=None) -> None:
     """The bookkeeping both rules share: mean activations h̄ of the classes present, λ from the
-    counts before the batch, ``θ ← λ·target_of(θ̂, h̄) + (1−λ)·θ̂`` written with ``index_copy_``,
-    counts advanced. ``target_of`` is the only thing a rule decides."""
+    counts before the batch (or the given per-class ``lam`` (U,)), ``θ ← λ·target_of(θ̂, h̄) + (1−λ)·θ̂``
+    written with ``index_copy_``, counts advanced. ``target_of`` is the only thing a rule decides."""
     if ids.numel() == 0:
         return
     ids = ids.to(weight.device)
@@ -87,7 +90,9 @@ def _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of) 
     mean = sums.to(device=weight.device, dtype=mix_dtype) / n.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
     rows = weight.index_select(0, ids).to(mix_dtype)
     target = target_of(rows, mean)
-    lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype).unsqueeze(1)
+    if lam is None:
+        lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype)
+    lam = lam.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
     # λ·target + (1−λ)·θ̂ (not lerp): exact at λ = 1 (row = target) and λ = 0 (row = θ̂).
     new_rows = lam * target + (1.0 - lam) * rows
     weight.index_copy_(0, ids, new_rows.to(weight.dtype))
@@ -129,11 +134,43 @@ def hebbian_mix_centred_(
     activation_mean: torch.Tensor,
     write_norm: str = "row",
     running_norm: torch.Tensor | float | None = None,
+    lam: torch.Tensor | None = None,
 ) -> None:
     """:func:`hebbian_mix_` for ``rule="centred"`` (same λ and counts; the row mixes towards
-    :func:`centred_targets` instead of ``h̄``). PyTorch only: there is no Triton kernel for it."""
+    :func:`centred_targets` instead of ``h̄``). ``lam`` (U,), when given, replaces the λ schedule
+    (``gamma`` and ``smoothing_limit`` are then unused). Its fused form, running statistics
+    included, is :func:`lmmem.kernels.hebbian_centred.hebbian_centred_update_`."""
     _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit,
-               lambda rows, mean: centred_targets(rows, mean, activation_mean.to(weight.device), write_norm, running_norm))
+               lambda rows, mean: centred_targets(rows, mean, activation_mean.to(weight.device), write_norm, running_norm),
+               lam)
+
+
+@torch.no_grad()
+def update_running_statistics_(activation_mean: torch.Tensor, running_row_norm: torch.Tensor, weight: torch.Tensor,
+                               ids: torch.Tensor, n: torch.Tensor, sums: torch.Tensor, updates: int,
+                               mean_decay: float) -> None:
+    """Fold one step's per-class statistics (distinct classes, no sentinel) into the centred rule's
+    running mean μ (``activation_mean``) and ``running_row_norm``, in place, before the rows are
+    written. Both are the plain mean over the first ``1/(1 − mean_decay)`` updates (no bias towards
+    the zero start), then an EMA with ``mean_decay``: rate ``max(1 − mean_decay, 1/(updates + 1))``.
+    The row norm is token-weighted over the batch's classes (the rows the gradient trains most),
+    measured orthogonally to the *new* μ on ``weight``'s rows (after the optimizer step). In
+    float64, rounded to the buffers' dtype; nothing changes when the batch has no token."""
+    total = n.sum()
+    if int(total) == 0:
+        return
+    rate = max(1.0 - mean_decay, 1.0 / (updates + 1))
+    mu = activation_mean
+    batch_mean = sums.to(device=mu.device, dtype=torch.float64).sum(0) / float(total)
+    mu.copy_((mu.double() + rate * (batch_mean - mu.double())).to(mu.dtype))
+    rows = weight.detach().index_select(0, ids.to(weight.device)).to(torch.float64)
+    u = mu.double().to(rows.device)
+    u = u / u.norm() if float(u.norm()) > 0 else u
+    perp = (rows - (rows @ u).unsqueeze(1) * u).norm(dim=1)
+    w = n.to(device=rows.device, dtype=torch.float64)
+    batch_norm = (perp * w).sum() / w.sum()
+    r = running_row_norm
+    r.copy_((r.double() + rate * (batch_norm.to(r.device) - r.double())).to(r.dtype))
 
 
 def hebbian_update_reference(
@@ -149,6 +186,7 @@ def hebbian_update_reference(
     activation_mean: torch.Tensor | None = None,
     write_norm: str = "row",
     running_norm: float | None = None,
+    class_lambda: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain, per-class, float64 statement of the rule (the specification; slow).
 
@@ -156,9 +194,9 @@ def hebbian_update_reference(
     before this batch, ``hidden`` (N, D) / ``targets`` (N,) the whole batch of the step (all
     micro-batches and ranks concatenated). Returns new ``(weight, counts)`` (float64, int64 copies).
     For ``rule="centred"``, ``activation_mean`` is the μ of this step (the layer's running mean
-    *after* folding in this batch, see
-    :meth:`~lmmem.output_layers.hebbian_softmax.HebbianSoftmax.update_running_statistics_`) and
-    ``running_norm`` the norm written when ``write_norm="running"``."""
+    *after* folding in this batch, see :func:`update_running_statistics_`) and ``running_norm`` the
+    norm written when ``write_norm="running"``. ``class_lambda`` (V,), when given, is each class's
+    λ in place of the schedule (for a kernel that takes λ as an input)."""
     W = weight.detach().to(torch.float64).clone()
     c = counts.detach().to(torch.int64).clone()
     h = hidden.detach().reshape(-1, hidden.shape[-1]).to(torch.float64)
@@ -174,6 +212,8 @@ def hebbian_update_reference(
         c_i = int(c[cls])
         limit = math.inf if smoothing_limit is None else smoothing_limit
         lam = max(1.0 / (c_i + 1), gamma) if c_i < limit else 0.0
+        if class_lambda is not None:
+            lam = float(class_lambda[cls])
         if rule == "centred":
             mu = activation_mean.detach().to(torch.float64)
             u = mu / mu.norm() if float(mu.norm()) > 0 else torch.zeros_like(mu)

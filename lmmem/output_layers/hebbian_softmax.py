@@ -101,9 +101,12 @@ persistent buffer and is saved and restored.
 Backends: on CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton
 segmented-sum kernel instead (:mod:`lmmem.kernels.hebbian`): the classes present are found by
 sorting the targets, the buffers have one slot per position (sentinel ids past the last class), so
-there is no ``torch.unique`` and no host sync; the paper rule's update is a kernel over those
-slots. The centred rule's update runs in PyTorch (O(U·D) per step) on the statistics of either
-backend. Same rule, same ``pending_statistics()``; the tests check both backends against
+there is no ``torch.unique`` and no host sync. The update is Triton too, for both rules: the paper's
+is one kernel over those slots; the centred rule's step (running mean, running norm, the write) is
+four (:mod:`lmmem.kernels.hebbian_centred`), with λ computed here (:meth:`HebbianSoftmax.mixing_rates`)
+and ``updates`` read on the device, so the step has no host sync either. A kernel variant that fails
+on the user's GPU falls back to the PyTorch statement with one warning. Same rule, same
+``pending_statistics()``; the tests check both backends against
 :func:`~lmmem.kernels.hebbian_rule.hebbian_update_reference`.
 
 Applying the update
@@ -149,15 +152,16 @@ import torch
 
 from lmmem.constants import IGNORE_INDEX
 from lmmem.kernels.hebbian import SlotStats, hebbian_mix_triton_, hebbian_statistics, merge_statistics
+from lmmem.kernels.hebbian_centred import hebbian_centred_update_
 from lmmem.kernels.hebbian_rule import (
     HEBBIAN_RULES,
     WRITE_NORMS,
     ClassStats,
     hebbian_lambda,
     hebbian_mix_,
-    hebbian_mix_centred_,
     hebbian_update_reference,
     merge_class_statistics,
+    update_running_statistics_,
 )
 from lmmem.output_layers.base import OutputLayer
 from lmmem.output_layers.hebbian_distributed import all_gather_class_statistics, distributed_sync_active
@@ -200,11 +204,12 @@ class HebbianSoftmax(OutputLayer):
         backend: "auto" (default: the fused loss on any device; Triton kernels for CUDA tensors), "torch"
             or "triton" (on CPU only under ``TRITON_INTERPRET=1``). With Triton, the loss is the fused
             linear cross-entropy (no ``N × V`` logits), the statistics come from a segmented-sum kernel into
-            ``N``-slot buffers (no ``torch.unique``, no host sync) and the update is an in-place
-            kernel over the rows of the batch's classes; see :mod:`lmmem.kernels.hebbian`.
+            ``N``-slot buffers (no ``torch.unique``, no host sync) and the update is in-place kernels
+            over the rows of the batch's classes; see :mod:`lmmem.kernels.hebbian` and
+            :mod:`lmmem.kernels.hebbian_centred`.
         rule: ``"centred"`` (default; ours: writes h̄ − μ orthogonally to the running activation mean
-            μ, keeping the row's component along μ) or ``"paper"`` (Rae et al.'s exact rule). The
-            Triton update kernel implements ``"paper"`` only; ``"centred"`` updates in PyTorch.
+            μ, keeping the row's component along μ) or ``"paper"`` (Rae et al.'s exact rule). Both
+            have Triton update kernels.
         write_norm: centred rule: norm of the written part, ``"running"`` (default), ``"row"`` or
             ``"none"`` (see the module docstring).
         mean_decay: centred rule: EMA decay of μ and of the running row norm (default 0.99).
@@ -384,60 +389,58 @@ class HebbianSoftmax(OutputLayer):
         """Apply the rule with the statistics recorded since the last call (after ``optimizer.step()``),
         then clear them. A no-op when nothing is pending (except that under DDP every rank takes part
         in the all-gather, so no rank can hang waiting for another)."""
-        # The Triton mixing kernel implements the paper's rule only; the centred rule runs in PyTorch
-        # (O(U·D) after the step, on the statistics of either backend).
-        triton = self.uses_triton(self.weight) and self.rule == "paper"
+        triton = self.uses_triton(self.weight)
         if distributed_sync_active(self.sync_distributed, self.process_group):
             stats = all_gather_class_statistics(self.pending_statistics(),  # without the ignore sentinel
                                                 self.in_features, self.weight.device, self.process_group)
         elif triton:
-            stats = self._stats  # the kernel skips the sentinel slots itself: no filtering, no host sync
+            stats = self._stats  # the kernels skip the sentinel slots themselves: no filtering, no host sync
         else:
             stats = self.pending_statistics()
         self._stats = None
         if stats is None:
             return
+        if self.rule == "centred":
+            self._centred_update_(stats, triton)
+            return
         # (start_step == 0 is decided without reading `updates`: the Triton path stays free of host syncs)
         write = self.start_step == 0 or int(self.updates) >= self.start_step
-        if self.rule == "centred":
-            self.update_running_statistics_(*stats)
         self.updates += 1
-        if not write:  # warm-up: the statistics and counts advance, no row is written
+        if not write:  # warm-up: the counts advance, no row is written
             ids, n = stats[0], stats[1]
             keep = ids < self.num_classes  # Triton statistics carry sentinel slots
             self.counts.index_add_(0, ids[keep].to(self.counts.device), n[keep].to(self.counts.dtype))
             return
-        if self.rule == "centred":
-            hebbian_mix_centred_(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit,
-                                 self.activation_mean, self.write_norm, self.running_row_norm)
-            return
         mix = hebbian_mix_triton_ if triton else hebbian_mix_
         mix(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
 
+    def _centred_update_(self, stats: ClassStats | SlotStats, triton: bool) -> None:
+        """The centred rule's step: running statistics, then (from ``start_step`` on) the write, then
+        ``updates += 1``; the four Triton kernels or their PyTorch statement
+        (:mod:`lmmem.kernels.hebbian_centred`). The Triton path reads ``updates`` on the device only."""
+        ids, n, sums = stats
+        mix_dtype = torch.promote_types(torch.promote_types(self.weight.dtype, sums.dtype), torch.float32)
+        lam = self.mixing_rates(ids, mix_dtype)
+        hebbian_centred_update_(self.weight.data, self.counts, ids, n, sums, lam, self.activation_mean,
+                                self.running_row_norm, self.updates, self.start_step, self.mean_decay,
+                                self.write_norm, use_triton=triton)
+        self.updates += 1
+
+    def mixing_rates(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The centred rule's λ for the statistics slots ``ids`` (sentinel ids allowed; their λ is never
+        used), from the counts *before* this batch: ``max(1/(c+1), γ)`` while ``c < T``, else 0
+        (:func:`~lmmem.kernels.hebbian_rule.hebbian_lambda`). Vectorised, no host sync; the kernels
+        take it as an input, so a different schedule is a change here only."""
+        safe = ids.clamp(max=self.num_classes - 1).to(self.counts.device)
+        return hebbian_lambda(self.counts.index_select(0, safe), self.gamma, self.smoothing_limit, dtype)
+
     @torch.no_grad()
     def update_running_statistics_(self, ids: torch.Tensor, n: torch.Tensor, sums: torch.Tensor) -> None:
-        """Fold one step's statistics into ``activation_mean`` (μ) and ``running_row_norm``, before the
-        rows are written. Both are the plain mean over the first ``1/(1 − mean_decay)`` updates (no
-        bias towards the zero start), then an exponential moving average with ``mean_decay``. Inputs
-        are the (all-rank) statistics of the step, so every DDP replica computes the same values.
-        The row norm is token-weighted over the batch's classes (the rows the gradient trains most),
-        measured orthogonally to the new μ on the rows after the optimizer step."""
-        total = n.sum()
-        if int(total) == 0:
-            return
-        k = int(self.updates)
-        rate = max(1.0 - self.mean_decay, 1.0 / (k + 1))
-        mu = self.activation_mean
-        batch_mean = sums.to(device=mu.device, dtype=torch.float64).sum(0) / float(total)
-        mu.copy_((mu.double() + rate * (batch_mean - mu.double())).to(mu.dtype))
-        rows = self.weight.detach().index_select(0, ids.to(self.weight.device)).to(torch.float64)
-        u = mu.double().to(rows.device)
-        u = u / u.norm() if float(u.norm()) > 0 else u
-        perp = (rows - (rows @ u).unsqueeze(1) * u).norm(dim=1)
-        w = n.to(device=rows.device, dtype=torch.float64)
-        batch_norm = (perp * w).sum() / w.sum()
-        r = self.running_row_norm
-        r.copy_((r.double() + rate * (batch_norm.to(r.device) - r.double())).to(r.dtype))
+        """Fold one step's (all-rank, per-class) statistics into ``activation_mean`` (μ) and
+        ``running_row_norm``, as the update does before writing the rows
+        (:func:`~lmmem.kernels.hebbian_rule.update_running_statistics_`); does not advance ``updates``."""
+        update_running_statistics_(self.activation_mean, self.running_row_norm, self.weight, ids, n, sums,
+                                   int(self.updates), self.mean_decay)
 
     def on_optimizer_step(self) -> None:
         self.hebbian_update_()
