@@ -1,6 +1,6 @@
 # Two entry points for a fresh Linux machine with only python3:
 #   make demo   set up .venv, then train and evaluate on the embedded synthetic corpus
-#   make test   set up .venv, then run the test suite
+#   make test   set up .venv, then check the import layers and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -23,6 +23,7 @@ demo: setup
 	$(PY) evaluate.py runs/demo-full/best.pt --split test --json runs/demo-full/eval-test.json
 
 test: setup
+	$(VENV)/bin/lint-imports  # the import layers of docs/architecture.md (pyproject.toml)
 	$(PY) -m pytest -q
 
 # every shipped Triton kernel compiled for sm_80 / sm_90a (no GPU needed), under the pinned triton

@@ -85,7 +85,8 @@ def child_naive(source: Path, out: Path) -> dict:
 
 def child_ours(kind: str, source: Path, out: Path, workers: int) -> dict:
     from data_prep import gigaword, gutenberg, wikitext
-    from data_prep.common import TokenizerOptions, VocabOptions, prepare
+    from lmmem.data.encoding import TokenizerOptions, VocabOptions
+    from lmmem.data.writer import prepare
     from data_prep.reading import ReadOptions
 
     base = _rss_mb()

@@ -101,7 +101,7 @@ def checkpoint_source(path: str, data: str | None, tokens: int) -> dict:
     """The output layer of a trained lmmem model and its final activations on ``tokens`` validation
     tokens (targets: the next tokens)."""
     from lmmem.data.corpus import PreparedCorpus
-    from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from lmmem.checkpoints import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)

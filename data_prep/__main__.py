@@ -31,7 +31,9 @@ def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="corpus", required=True, metavar="CORPUS")
     for name, (module, help_text) in CORPORA.items():
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).split("\n\n")[0])
+        # the module docstring's first paragraph, without its reST markup (``x`` reads as x)
+        description = (module.__doc__ or help_text).split("\n\n")[0].replace("``", "")
+        p = sub.add_parser(name, help=help_text, description=description)
         module.add_arguments(p)
         add_config_argument(p)
         p.set_defaults(run=module.run)

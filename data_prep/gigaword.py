@@ -13,7 +13,7 @@ Input, by what ``--source`` holds:
 * ``--source hub``: the hub's ``gigaword`` dataset (field ``document``, its own splits); each row
   is one unit and one document.
 
-Tokens: the ``regex`` rule of ``data_prep.tokenization``. Splits: by document order (files sorted
+Tokens: the ``regex`` rule of ``lmmem.data.tokenization``. Splits: by document order (files sorted
 by path, documents in file order); the last ``--test-fraction`` of the documents are test, the
 ``--valid-fraction`` before them valid, the rest train. This needs the number of documents, so
 the files are read twice (a fast counting pass first). Vocabulary: count-based from train,
@@ -28,11 +28,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.text_source import ReadContext, TextSource, make_progress
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource, check_split_coverage, make_progress
+from data_prep.options import check_split_coverage
 from data_prep.reading import ReadOptions, iter_blocks, require_folder
+from data_prep.text import hub_column_fix, row_text
+from data_prep.wikitext import open_hub_split
 
 NAME = "gigaword"
 HUB_DATASET = "gigaword"
@@ -212,9 +215,6 @@ def local_source(folder, read_opts: ReadOptions, *, valid_fraction=0.05, test_fr
 
 
 def hub_source(dataset: str) -> TextSource:
-    from data_prep.text import hub_column_fix, row_text
-    from data_prep.wikitext import open_hub_split
-
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
         for split in SPLITS:
             if split not in ctx.wanted:

@@ -29,7 +29,7 @@ Encodings
     stops at the first invalid byte instead; ``--encoding NAME`` reads every book as NAME.
 
 Tokens
-    The ``regex`` rule of ``data_prep.tokenization`` (words with internal apostrophes and
+    The ``regex`` rule of ``lmmem.data.tokenization`` (words with internal apostrophes and
     hyphens, numbers, each punctuation mark on its own); case kept unless ``--lowercase``.
 
 Splits
@@ -52,11 +52,14 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.text_source import ReadContext, TextSource
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource, check_split_coverage
+from data_prep.options import check_split_coverage
 from data_prep.reading import ReadOptions, declared_encoding, iter_blocks, nth_line_end, require_folder, text_as_file
+from data_prep.text import hub_column_fix, row_text
+from data_prep.wikitext import open_hub_split
 
 NAME = "gutenberg"
 HUB_DATASET = "deepmind/pg19"
@@ -272,9 +275,6 @@ def local_source(folder, read_opts: ReadOptions, *, unit="paragraph", valid_frac
 
 def hub_source(dataset: str, *, unit="paragraph", max_line_chars=1_000_000) -> TextSource:
     # Hub rows are already text: no encoding to choose.
-    from data_prep.text import hub_column_fix, row_text
-    from data_prep.wikitext import open_hub_split
-
     read_opts = ReadOptions(max_line_chars=max_line_chars)
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:

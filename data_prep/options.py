@@ -1,5 +1,5 @@
 """Command-line options shared by the corpus subcommands, and their translation to the writer's
-option dataclasses (``data_prep.common``)."""
+option dataclasses (``lmmem.data.encoding``; the writer is ``lmmem.data.writer``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import argparse
 from pathlib import Path
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.encoding import TokenizerOptions, VocabOptions
+from lmmem.data.text_source import TextSource
+from lmmem.data.writer import prepare
 from lmmem.errors import DataError
 
-from data_prep.common import TextSource, TokenizerOptions, VocabOptions, prepare
 from data_prep.reading import ReadOptions
+from data_prep.vocab_from import check_no_conflicts, load_vocab_source
 
 
 def positive_int(text: str) -> int:
@@ -39,6 +42,19 @@ def split_list(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated split names among {','.join(SPLITS)}, got {text!r}")
     return names
+
+
+def check_split_coverage(produced, *, valid_fraction: float, test_fraction: float, allow_missing: bool,
+                         what: str, unit: str, advice: str) -> None:
+    """Refuse (unless --allow-missing-splits) a source too small to fill every split it was asked for.
+    ``what`` describes the source ("FOLDER has N book(s)"), ``unit`` how it is split ("to split by
+    book into"), ``advice`` what to add ("add books")."""
+    expected = [s for s, f in (("train", 1.0), ("valid", valid_fraction), ("test", test_fraction)) if f > 0]
+    if any(s not in produced for s in expected) and not allow_missing:
+        raise DataError(
+            f"{what}, too few {unit} {', '.join(expected)} (at least 3 are needed); "
+            f"{advice}, or pass --allow-missing-splits to write only " + ", ".join(produced)
+        )
 
 
 def add_source_argument(p: argparse.ArgumentParser, local_help: str, hub_default: str) -> None:
@@ -140,8 +156,6 @@ def run_prepare(args, source: TextSource, rule: str, min_count: int) -> dict:
 
 def _run_prepare_with_vocab(args, source: TextSource) -> dict:
     """``--vocab-from``: the vocabulary, word rule, case and SentencePiece model of a trained model."""
-    from data_prep.vocab_from import check_no_conflicts, load_vocab_source
-
     fixed = load_vocab_source(args.vocab_from)
     check_no_conflicts(args, fixed)
     tok = fixed.tokenizer

@@ -229,17 +229,3 @@ def declared_encoding(path: Path) -> tuple[str | None, str | None]:
     except LookupError:
         return declared, None
     return declared, "utf-8" if codec in ("ascii", "utf-8") else codec
-
-
-def describe_decoding(info: dict, limit: int = 10) -> list[str]:
-    """Summary lines for meta.json's ``decoding`` record (see ``data_prep.gutenberg``)."""
-    total = info.get("lines", {})
-    out = ["decoded lines: " + ", ".join(f"{n:,} {how}" for how, n in total.items())]
-    books = info.get("books", {})
-    for i, (name, b) in enumerate(books.items()):
-        if i == limit:
-            out.append(f"  ... and {len(books) - limit:,} more books (all in meta.json)")
-            break
-        declared = f"declares {b['declared']!r}" if b.get("declared") else "no declaration"
-        out.append(f"  {name} ({declared}, read as {b['read_as']}): " + ", ".join(f"{n:,} {how}" for how, n in b["lines"].items()))
-    return out

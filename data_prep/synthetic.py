@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmmem.data.synthetic import write_synthetic_corpus
+
 from data_prep import options as O
 
 
@@ -19,8 +21,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> Path:
-    from lmmem.data.synthetic import write_synthetic_corpus
-
     return write_synthetic_corpus(args.out, seed=args.seed, train_tokens=args.train_tokens, valid_tokens=args.valid_tokens,
                                   test_tokens=args.test_tokens, quiet=args.quiet,
                                   overwrite=args.overwrite)

@@ -33,10 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.text_source import ReadContext, TextSource
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource
 from data_prep.reading import ReadOptions, iter_blocks
 
 NAME = "text"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.data.vocab import Vocabulary
-from lmmem.errors import DataError
+from lmmem.errors import CheckpointError, DataError
 
 # Options that define a vocabulary or tokeniser: --vocab-from supplies them, so they must not be set.
 CONFLICTS = (("min_count", "--min-count"), ("max_vocab", "--max-vocab"), ("vocab_splits", "--vocab-splits"),
@@ -48,15 +48,6 @@ class VocabSource:
         return out
 
 
-def _checkpoint_in(path: Path) -> Path | None:
-    if path.is_file():
-        return path
-    for name in ("best.pt", "last.pt"):
-        if (path / name).is_file():
-            return path / name
-    return None
-
-
 def load_vocab_source(spec: str | Path) -> VocabSource:
     path = Path(spec).expanduser()
     if not path.exists():
@@ -65,18 +56,22 @@ def load_vocab_source(spec: str | Path) -> VocabSource:
     if path.is_dir() and (path / "meta.json").is_file():
         corpus_dir = path
     else:
-        checkpoint = _checkpoint_in(path)
+        # imported here, not at the top: it imports torch, which preparing a corpus otherwise never needs
+        from lmmem.checkpoints import checkpoint_in, data_dir_for, load_checkpoint
+
+        checkpoint = path if path.is_file() else checkpoint_in(path)
         if checkpoint is None:
             raise DataError(f"--vocab-from {path} holds neither best.pt/last.pt nor meta.json; pass a checkpoint, a run "
                             "folder or a prepared corpus folder")
-        from lmmem.training.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(checkpoint, map_location="cpu")
-        data = (ckpt.get("train_config") or {}).get("data")
-        if not data or not (Path(data) / "meta.json").is_file():
+        try:
+            corpus_dir = data_dir_for(ckpt, None, checkpoint)
+        except CheckpointError:
+            corpus_dir = None
+        if corpus_dir is None or not (corpus_dir / "meta.json").is_file():
+            data = (ckpt.get("train_config") or {}).get("data")
             raise DataError(f"{checkpoint} was trained on {data!r}, which is not a prepared corpus here; pass that corpus "
                             "folder (or a copy of it) with --vocab-from")
-        corpus_dir = Path(data)
     corpus = PreparedCorpus.open(corpus_dir)
     if checkpoint is not None and ckpt.get("vocab_fingerprint") != corpus.fingerprint:
         raise DataError(f"{checkpoint} was trained with vocabulary {ckpt.get('vocab_fingerprint')} but {corpus_dir} now has "
@@ -97,10 +92,3 @@ def check_no_conflicts(args, source: VocabSource) -> None:
         given.append("--tokenizer")
     if given:
         raise DataError(f"--vocab-from takes the vocabulary and the tokeniser from {source.corpus}; drop {', '.join(given)}")
-
-
-def describe_unknown(info: dict, n: int = 10) -> str:
-    """One summary line for meta.json's ``unknown_words``."""
-    common = ", ".join(f"{w} ({c:,})" for w, c in info["most_common"][:n])
-    return (f"unknown words: {info['tokens']:,} tokens of {info['types']:,} types became <unk>"
-            + (f"; most frequent: {common}" if common else ""))

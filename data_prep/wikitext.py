@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.text_source import ReadContext, TextSource
 from lmmem.errors import DataError
 
 from data_prep import options as O
-from data_prep.common import ReadContext, TextSource
 from data_prep.reading import ReadOptions, iter_blocks, nth_line_end, require_folder
+from data_prep.text import hub_column_fix, row_text
 
 NAME = "wikitext-103"
 HUB_DATASET = "Salesforce/wikitext"
@@ -191,8 +192,6 @@ def local_source(folder, read_opts: ReadOptions, *, skip_blank_lines=False, allo
 
 def _hub_blocks(dataset: str, config: str, split: str) -> BlockFactory:
     def blocks(ctx: ReadContext) -> Iterator[tuple[int, str]]:
-        from data_prep.text import hub_column_fix, row_text
-
         rows = open_hub_split(dataset, config, split)
         parts, size, first = [], 0, 1
         for row in rows:

@@ -1,14 +1,18 @@
 """lmmem: word-level language modelling with memory-augmented softmax layers.
 
-Layout (one package per part of the architecture):
+Layout (one package per part of the architecture; docs/architecture.md has the layers and what
+each may import):
 
-* ``lmmem.data``           vocabularies, prepared corpora, BPTT batching, the embedded synthetic corpus
-* ``lmmem.models``         LSTM (and Transformer) language models behind one interface
+* ``lmmem.data``           vocabularies, prepared corpora (reader and writer), BPTT batching, the embedded synthetic corpus
+* ``lmmem.kernels``        Triton kernels for the output layers, with their plain-PyTorch statements
 * ``lmmem.output_layers``  softmax layers: full, Hebbian (Rae et al. 2018)
-* ``lmmem.kernels``        Triton kernels for the output layers
+* ``lmmem.models``         LSTM and Transformer language models behind one interface
 * ``lmmem.memories``       test-time and rare-event memories
-* ``lmmem.training``       config, training loop, checkpoints, torch.distributed
-* ``lmmem.evaluation``     perplexity bucketed by training frequency, reports
+* ``lmmem.checkpoints``    the one loader and writer of checkpoints, run folders and exports
+* ``lmmem.hf``             the layers as the head of Hugging Face models
+* ``lmmem.evaluation``     perplexity bucketed by training frequency, test-time memories, reports
+* ``lmmem.training``       config, the training loop and its step hook, run folders, torch.distributed
+* ``lmmem.experiments``    runners that write the docs/results pages
 """
 
 from lmmem.errors import LmmemError

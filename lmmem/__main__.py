@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from lmmem.cli import run_cli
+
 USAGE = """usage: lmmem {train,evaluate,prepare} ...
 
   lmmem train ...      train a language model          (lmmem train --help)
@@ -22,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    # Each command's module is imported when that command runs: `lmmem prepare` never imports
+    # torch, and a command's start-up does not pay for the others'.
     if command == "train":
-        from lmmem.cli import run_cli
         from lmmem.training.cli import main as train_main
 
         return run_cli(lambda a: train_main(a, prog="lmmem train", evaluate="lmmem evaluate"), rest)
     if command == "evaluate":
-        from lmmem.cli import run_cli
         from lmmem.evaluation.cli import main as evaluate_main
 
         return run_cli(lambda a: evaluate_main(a, prog="lmmem evaluate"), rest)

@@ -4,7 +4,9 @@ The file is a mapping of option names (``batch_size`` or ``batch-size``, the lon
 dashes) to values. It may hold one section per command (``[train]``, ``[evaluate]``,
 ``[prepare]``); a command reads its own section, or the whole file when it has no sections.
 A run's ``config.json`` (what ``train.py`` writes into the run folder: ``{"train": ..., "model":
-...}``) can be passed back to ``train`` to train the same configuration again.
+...}``) can be passed back to ``train`` to train the same configuration again; its corpus path is
+absolute (an older run's relative one is looked for where that run was started, see lmmem.paths).
+Paths in other files mean what they would on the command line (relative to the current folder).
 
 The values are turned into ``--flag=value`` words placed *before* the command line's own words,
 so argparse parses both the same way (types, choices and required options are checked once, by
@@ -18,6 +20,7 @@ import json
 from pathlib import Path
 
 from lmmem.errors import LmmemError
+from lmmem.paths import recorded_path_candidates
 
 COMMANDS = ("train", "evaluate", "prepare")
 # A run's config.json names the folder it was written into and whether it was a resumed run.
@@ -60,6 +63,9 @@ def read_config_file(path: str | Path, command: str) -> dict:
         raise LmmemError(f"--config {path} has no [{command}] section (it has: {', '.join(sections)})")
     values = dict(data[command])
     if command == "train" and "model" in data:  # a run's config.json
+        if isinstance(values.get("data"), str):  # written before paths were stored absolute: find it
+            tried = recorded_path_candidates(values["data"], path.parent, values.get("out"))
+            values["data"] = str(next((p for p in tried if p.is_dir()), values["data"]))
         for key in RUN_CONFIG_SKIPPED:
             values.pop(key, None)
     return values

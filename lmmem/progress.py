@@ -110,7 +110,7 @@ class Progress:
         return self.elapsed / done * max(self.total - self.n, 0)
 
     def line(self, final: bool = False) -> str:
-        units = f"{self.unit}s" if not self.unit.endswith("s") else self.unit
+        units = self.unit if self.unit.endswith("s") else self.unit + ("es" if self.unit.endswith(("ch", "sh", "x")) else "s")
         if self.total:
             where = f"{self.n:,}/{self.total:,} {units} ({100 * self.n / self.total:.0f}%)"
         else:

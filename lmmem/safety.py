@@ -10,6 +10,9 @@ Shared by ``train.py`` (a run folder) and ``data_prep`` (a prepared-corpus folde
 * :func:`swap_in_folder` — replace a folder by a complete staging folder; the old one is deleted
   only after the new one is in place (atomically with ``renameat2(RENAME_EXCHANGE)`` where the
   kernel has it; otherwise two renames and a recovery step on the next start).
+* :func:`create_temp_file` / :func:`create_temp_folder` — where an atomic write stages its output,
+  with the permissions of any other file the user writes (``tempfile.mkstemp``/``mkdtemp`` make
+  them 0600/0700, and the rename would carry that onto a checkpoint or an export meant to be shared).
 * :func:`describe_os_error` — "no space left on <path>", "<path> is read-only", ... for the CLIs.
 """
 
@@ -20,6 +23,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -193,6 +197,33 @@ def check_writable_folder(path: Path, flag: str = "--out") -> None:
             if not parent.is_dir():
                 raise LmmemError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
             break
+
+
+def create_temp_file(folder: str | Path, prefix: str, suffix: str = ".tmp") -> tuple[int, Path]:
+    """``(fd, path)`` of a new, uniquely named file ``folder/PREFIX<random>SUFFIX`` open for reading
+    and writing, created 0666 less the umask (as ``open()`` creates files), not mkstemp's 0600."""
+    folder = Path(folder)
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder / prefix))
+
+
+def create_temp_folder(parent: str | Path, prefix: str) -> Path:
+    """A new, uniquely named folder ``parent/PREFIX<random>``, created 0777 less the umask (as
+    ``mkdir`` creates folders), not mkdtemp's 0700."""
+    parent = Path(parent)
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(parent / prefix))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -42,10 +42,10 @@ def test_binding_end_to_end(small_corpus, tmp_path):
     text = page.read_text()
     assert "k=3–4" in text and "python -m lmmem.experiments.binding" in text
     # resumable: finished branches are read back, the trunk is not retrained
-    for f in work.glob("trunk-step*.pt"):
+    for f in (work / "trunk").glob("step*.pt"):
         f.unlink()
     assert binding.main(argv) == 0
-    assert not list(work.glob("trunk-step*.pt"))
+    assert not list((work / "trunk").glob("step*.pt"))
 
 
 def test_binding_needs_a_full_reference(small_corpus, tmp_path):

@@ -145,7 +145,7 @@ def test_python_m_lmmem_runs_the_three_commands_and_config_json_trains_the_same_
     assert cb["model"] == ca["model"]
     assert {k: v for k, v in cb["train"].items() if k not in ("out", "max_steps")} == \
            {k: v for k, v in ca["train"].items() if k not in ("out", "max_steps")}
-    assert cb["train"]["max_steps"] == 6 and cb["train"]["out"] == "runs/b"
+    assert cb["train"]["max_steps"] == 6 and cb["train"]["out"] == str(tmp_path / "runs/b")  # recorded absolute
     (tmp_path / "ev.toml").write_text('[evaluate]\nsplit = "valid"\nmax_tokens = 300\n')
     ev = run_in(tmp_path, "-m", "lmmem", "evaluate", "runs/b/best.pt", "--config", "ev.toml")
     assert ev.returncode == 0, ev.stderr

@@ -62,11 +62,11 @@ def test_cli_tiny(capsys):
     assert "kv_memory:" in capsys.readouterr().out
 
 
-def test_name_occurrences_and_recall():
+def test_recall_at_occurrences():
     is_name = np.array([False, False, True, True])
     doc = np.array([0, 2, 1, 3, 2, 0, 2, 3])
-    assert cur.name_occurrences(doc, is_name).tolist() == [0, 1, 0, 1, 2, 0, 3, 2]
-    oracle = cur.name_recall(lambda d: d[1:], [doc], is_name)
+    assert cur.occurrence_index(doc, is_name).tolist() == [0, 1, 0, 1, 2, 0, 3, 2]
+    oracle = cur.recall_at_occurrences(lambda d: d[1:], [doc], is_name)
     assert oracle["name@1"] == oracle["name@2"] == oracle["name@3"] == 1.0
     assert oracle["n@2"] == 2
 
@@ -74,8 +74,8 @@ def test_name_occurrences_and_recall():
 def test_text_name_recall_cache_beats_counts_on_repeats():
     train, test, words, is_name = cur.synthetic_documents(seed=0, train_tokens=8000, test_tokens=3000)
     assert is_name.any() and len(test) > 0
-    counts = cur.name_recall(cur.bigram_predictor(train, len(words)), test, is_name)
-    cache = cur.name_recall(cur.bigram_predictor(train, len(words), is_name), test, is_name)
+    counts = cur.recall_at_occurrences(cur.bigram_predictor(train, len(words)), test, is_name)
+    cache = cur.recall_at_occurrences(cur.bigram_predictor(train, len(words), is_name), test, is_name)
     assert cache["name@2"] > counts["name@2"]
 
 

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 
 from lmmem.data.corpus import PreparedCorpus
+from lmmem.data.encoding import TokenizerOptions, VocabOptions
+from lmmem.data.tokenization import WordTokenizer
 from lmmem.data.vocab import EOS, UNK, Vocabulary
+from lmmem.data.writer import prepare
 from lmmem.errors import DataError
 
 from data_prep.__main__ import main
-from data_prep.common import TokenizerOptions, VocabOptions, prepare
 from data_prep.gigaword import split_by_order
 from data_prep.gutenberg import assign_books, book_units
 from data_prep.reading import ReadOptions, iter_blocks
-from data_prep.tokenization import WordTokenizer
 from data_prep import wikitext
 from conftest import decoded, prep_cli as run_cli
 
@@ -536,11 +537,11 @@ def test_the_module_cli_exits_2_without_a_traceback(tmp_path):
 def test_peak_memory_does_not_grow_with_corpus_size(tmp_path, monkeypatch):
     import tracemalloc
 
-    from data_prep import common
+    from lmmem.data import id_files
 
     # Fixed-size pieces everywhere; shrink the id chunks (4M tokens by default) below both sizes
     # here so that the test shows the bound instead of the chunk filling up.
-    monkeypatch.setattr(common, "ARRAY_CHUNK", 1 << 16)
+    monkeypatch.setattr(id_files, "ARRAY_CHUNK", 1 << 16)
     rng = np.random.default_rng(0)
     words = np.array([f"w{i}" for i in range(2000)])
     line = lambda: " ".join(words[rng.integers(0, 2000, size=12)]) + " \n"  # noqa: E731

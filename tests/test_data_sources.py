@@ -119,7 +119,7 @@ def write_rows(path: Path, rows: list[str], column: str = "body") -> Path:
 
 
 def expected_words(rows: list[str]) -> list[str]:
-    from data_prep.tokenization import WordTokenizer
+    from lmmem.data.tokenization import WordTokenizer
 
     return WordTokenizer("regex")("".join(r + "\n" for r in rows))
 
@@ -229,7 +229,7 @@ def test_vocab_from_a_prepared_corpus_encodes_with_its_ids_and_counts_unknown_wo
     va, cb = PreparedCorpus.open(a), PreparedCorpus.open(b)
     assert cb.fingerprint == va.fingerprint and cb.vocab.counts == va.vocab.counts  # training counts kept for buckets
     assert cb.splits == ["test"]  # a single file becomes the test split with --vocab-from
-    from data_prep.tokenization import WordTokenizer
+    from lmmem.data.tokenization import WordTokenizer
 
     words = WordTokenizer("regex", lowercase=True)(other.read_text())  # the source's rule and case
     want = [va.vocab.ids.get("<eos>" if w == "\n" else w, va.vocab.unk_id) for w in words]

@@ -10,7 +10,7 @@ from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import DynamicConfig, FrequencyBuckets, evaluate_methods, score_test_time
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.models import ModelConfig, build_model
-from lmmem.training.checkpoint import save_checkpoint
+from lmmem.checkpoints import save_checkpoint
 
 
 def _checkpoint(corpus_dir, path, arch="lstm", softmax="full"):

@@ -329,7 +329,8 @@ def test_refusals_name_the_fix():
 def test_export_run_and_evaluate_it(small_corpus, tmp_path):
     from lmmem.evaluation import evaluate_checkpoint
     from lmmem.training import config_from_args, train
-    from lmmem.training.export import export_run, load_export
+    from lmmem.checkpoints import load_export
+    from lmmem.training.export import export_run
 
     run = tmp_path / "run"
     train(config_from_args({"data": str(small_corpus), "out": str(run), "preset": "tiny", "softmax": "hebbian", "max_steps": 6,

@@ -26,7 +26,7 @@ from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import DataError
 from lmmem.safety import FolderBusy, FolderLock, describe_os_error
 from lmmem.training import load_checkpoint
-from lmmem.training.checkpoint import save_checkpoint
+from lmmem.checkpoints import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -181,7 +181,8 @@ def test_prepare_refuses_a_different_corpus_and_keeps_it_on_failure(tmp_path, ca
     assert prep_cli(capsys, out)[0] == 0  # the same corpus again: allowed, byte-identical
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     rc, _, err = prep_cli(capsys, out, seed=1)
-    assert rc == 2 and "different prepared corpus" in one_line_error(err) and "--overwrite" in err
+    # the refusal names the option that differs (issue 23)
+    assert rc == 2 and "prepared with other options (--seed 1 here, 0 there)" in one_line_error(err) and "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert prep_cli(capsys, out, "--overwrite", seed=1)[0] == 0
     assert PreparedCorpus.open(out).meta["seed"] == 1
@@ -220,7 +221,7 @@ def test_an_interrupted_swap_is_recovered(tmp_path, capsys):
     os.rename(out, tmp_path / ".s.old")
     (tmp_path / ".s.staging").mkdir()  # the unfinished new one
     rc, _, err = prep_cli(capsys, out, seed=3)  # another corpus without --overwrite: refused, after recovery
-    assert rc == 2 and "different prepared corpus" in err
+    assert rc == 2 and "other options (--seed 3 here, 0 there)" in err
     assert PreparedCorpus.open(out).meta["seed"] == 0 and stray_files(tmp_path) == []
 
 
@@ -247,7 +248,7 @@ def test_out_that_is_a_symlink(tmp_path, capsys):
 def test_two_first_runs_share_the_embedded_corpus(tmp_path, monkeypatch):
     """Two first-ever train.py (no --data) race to write the synthetic corpus: one writes, the other waits."""
     from lmmem.data import synthetic
-    from lmmem.training import trainer
+    from lmmem.training import run as trainer_run
     from lmmem.training.config import TrainConfig
     from lmmem.training.distributed import DistContext
 
@@ -266,7 +267,7 @@ def test_two_first_runs_share_the_embedded_corpus(tmp_path, monkeypatch):
 
     def run():
         try:
-            results.append(trainer.ensure_data(TrainConfig(), ctx))
+            results.append(trainer_run.ensure_data(TrainConfig(), ctx))
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -407,7 +408,7 @@ class _FullDisk:
 def test_full_disk_during_a_checkpoint(corpus, tmp_path, capsys, monkeypatch):
     """ENOSPC injected into the checkpoint writes from the second one on: one line, exit 2, the first
     checkpoint intact and loadable, no temp file left."""
-    from lmmem.training import checkpoint as C
+    from lmmem import checkpoints as C
 
     out = tmp_path / "full"
     real_fdopen, saves = os.fdopen, []

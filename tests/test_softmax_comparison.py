@@ -88,7 +88,7 @@ def test_mbpa_sweep_runs_on_valid(tmp_path, one_thread):
     from lmmem.data.corpus import PreparedCorpus
     from lmmem.experiments import mbpa_sweep
     from lmmem.models import ModelConfig, build_model
-    from lmmem.training.checkpoint import save_checkpoint
+    from lmmem.checkpoints import save_checkpoint
 
     data = write_prepared_corpus(tmp_path / "d", vocab_size=60, tokens={"train": 500, "valid": 200, "test": 100})
     cfg = ModelConfig(vocab_size=60, embed_dim=8, hidden_dim=12, proj_dim=8, tie_weights=True)
@@ -124,7 +124,7 @@ def test_runner_continues_an_interrupted_run_from_last_pt(tmp_path, one_thread, 
     import torch
 
     from lmmem.training import trainer
-    from lmmem.training.checkpoint import load_checkpoint
+    from lmmem.checkpoints import load_checkpoint
 
     def argv(work):
         return ["synthetic", "--work", str(work), "--preset", "tiny", "--max-steps", "8", "--seeds", "1", "--variants", "full",

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, run_script, write_prepared_corpus
 from lmmem.errors import CheckpointError, DataError, LmmemError
 from lmmem.training import TrainConfig, config_from_args, load_checkpoint, resume_config, train
-from lmmem.training.checkpoint import save_checkpoint
+from lmmem.checkpoints import save_checkpoint
 
 TINY = dict(embed_dim=16, hidden_dim=32, proj_dim=16, batch_size=4, bptt=12, log_interval=2, eval_interval=4,
             checkpoint_interval=3, eval_batch_size=4, progress=False, warmup_steps=2)
@@ -172,3 +172,17 @@ def test_config_validation():
 
     layer = build_model(hebb).output
     assert (layer.gamma, layer.smoothing_limit, layer.rescale) == (0.1, 50, True)
+
+
+def test_step_hooks_run_after_every_optimizer_step(small_corpus, tmp_path):
+    """A hook sees each step once, after the update (and the output layer's post-step rule):
+    the weights it sees at the last step are the ones last.pt holds."""
+    seen = []
+
+    def hook(run, batch):
+        seen.append((run.progress.step, tuple(batch.targets.shape), run.model.output.weight.detach().clone()))
+
+    train(_cfg(small_corpus, tmp_path / "h", max_steps=5, softmax="hebbian", hebbian_start_step=0), hooks=[hook])
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5] and seen[0][1] == (4, 12)
+    assert torch.equal(seen[-1][2], load_checkpoint(tmp_path / "h" / "last.pt")["model"]["output.weight"])
+    assert not torch.equal(seen[0][2], seen[1][2])

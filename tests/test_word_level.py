@@ -98,7 +98,7 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
     from lmmem.evaluation import evaluate_checkpoint
     from lmmem.evaluation.words import word_starts
     from lmmem.models import ModelConfig, build_model
-    from lmmem.training.checkpoint import save_checkpoint
+    from lmmem.checkpoints import save_checkpoint
 
     src = write_text_source(tmp_path / "src", seed=0, test_lines=40, words_per_line=7)
     data = tmp_path / "spm"
@@ -119,7 +119,7 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
     piece_nll = res.report.loss * res.report.tokens
     # the per-piece NLLs in stream order (the same scoring pass, recorded per position)
     from lmmem.evaluation import score_stream
-    from lmmem.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from lmmem.checkpoints import load_checkpoint, model_from_checkpoint
 
     per_token = np.full(len(tokens), np.nan)
     score_stream(model_from_checkpoint(load_checkpoint(tmp_path / "m.pt")), tokens, bucket_of=np.zeros(len(corpus.vocab), dtype=np.int64),

@@ -19,6 +19,7 @@ about 0.1 s per 100M tokens), so a mixed-up folder fails here and not as an inde
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,26 @@ SPLITS = ("train", "valid", "test")
 _CHECK_CHUNK = 1 << 24  # ids per step of the range check (64 MiB of a memmap at a time)
 
 
+def _not_prepared(root: Path) -> str:
+    """What to run for a --data folder without meta.json: it is text to prepare (into another
+    folder: data_prep never writes into its source), or an empty folder to prepare into."""
+    files = [p for _, p in zip(range(1000), root.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        return (f"{root} has no meta.json: it is not a prepared corpus; prepare one into it with "
+                f"`python -m data_prep <corpus> --source TEXT --out {root}` (python -m data_prep --help lists the corpora)")
+    names = [p.name.lower() for p in files]
+    if any(n.startswith("wiki.") and n.endswith(".tokens") for n in names):
+        corpus, other = "wikitext-103", ""
+    elif any(n.endswith(".gz") for n in names):
+        corpus, other = "gigaword", ""
+    else:
+        corpus, other = "gutenberg", " (a folder of books; `text` for files named train/valid/test, `gigaword` for news)"
+    out = root.with_name(root.name + "-prepared")
+    return (f"{root} holds text, not a prepared corpus (no meta.json): prepare it first with "
+            f"`python -m data_prep {corpus} --source {shlex.quote(str(root))} --out {shlex.quote(str(out))}`{other} "
+            f"and pass --data {shlex.quote(str(out))}")
+
+
 @dataclass
 class PreparedCorpus:
     root: Path
@@ -48,10 +69,11 @@ class PreparedCorpus:
         if root.exists() and not root.is_dir():
             raise DataError(f"{root} is a file; --data takes a prepared-corpus folder (the one given to `python -m data_prep ... --out`)")
         if not root.is_dir():
-            raise DataError(f"prepared-data folder {root} does not exist; create it with `python -m data_prep <corpus> --out {root}`")
+            raise DataError(f"prepared-data folder {root} does not exist; create it with "
+                            f"`python -m data_prep <corpus> --source TEXT --out {root}` (python -m data_prep --help lists the corpora)")
         meta_path = root / "meta.json"
         if not meta_path.is_file():
-            raise DataError(f"{root} has no meta.json: it is not a prepared corpus; run `python -m data_prep <corpus> --out {root}`")
+            raise DataError(_not_prepared(root))
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

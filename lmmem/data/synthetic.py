@@ -1,8 +1,9 @@
 """The embedded synthetic corpus: English-like text with the rare-event structure lmmem is about.
 
 ``train.py`` with no ``--data`` trains on this, offline, on a fresh machine. It is generated from a
-seed (numpy ``Generator``), in about a second, and written through ``data_prep``'s writer, so it
-is an ordinary prepared-corpus folder (``vocab.txt``, ``{train,valid,test}.bin``, ``meta.json``).
+seed (numpy ``Generator``), in about a second, and written through the corpus writer
+(:mod:`lmmem.data.writer`, the one ``python -m data_prep`` uses), so it is an ordinary
+prepared-corpus folder (``vocab.txt``, ``{train,valid,test}.bin``, ``meta.json``).
 The same seed and sizes give byte-identical files.
 
 What a model can learn from it, and what only a memory can:
@@ -26,13 +27,16 @@ entry; so a memory can predict a name it has only seen earlier in the same test 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.common import ReadContext, TextSource, TokenizerOptions, VocabOptions, prepare
+from lmmem.data.encoding import TokenizerOptions, VocabOptions
+from lmmem.data.text_source import ReadContext, TextSource
+from lmmem.data.writer import prepare
 from lmmem.errors import DataError
 
 ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
@@ -173,12 +177,19 @@ def generate(cfg: SyntheticConfig, stats: dict | None = None) -> Iterator[tuple[
         }
 
 
+def default_dir() -> Path:
+    """Where ``train.py`` without ``--data`` keeps the embedded corpus: ``$LMMEM_CACHE/synthetic-default``
+    (default ``~/.cache/lmmem``)."""
+    cache = Path(os.environ.get("LMMEM_CACHE", Path.home() / ".cache" / "lmmem"))
+    return cache / "synthetic-default"
+
+
 def write_synthetic_corpus(out_dir: str | Path, seed: int = 0, train_tokens: int = 500_000, valid_tokens: int = 50_000,
                            test_tokens: int = 50_000, *, quiet: bool = True, overwrite: bool = False, locked: bool = False,
                            **overrides) -> Path:
-    """Generate the corpus and write it as a prepared folder (through ``data_prep``'s writer, the
+    """Generate the corpus and write it as a prepared folder (through the corpus writer, the
     same as for real corpora); returns ``out_dir``. ``overrides`` set other SyntheticConfig fields;
-    ``overwrite`` and ``locked`` are :func:`data_prep.common.prepare`'s."""
+    ``overwrite`` and ``locked`` are :func:`lmmem.data.writer.prepare`'s."""
     cfg = SyntheticConfig(seed=seed, train_tokens=train_tokens, valid_tokens=valid_tokens, test_tokens=test_tokens, **overrides)
     for name in ("train_tokens", "valid_tokens", "test_tokens"):
         if getattr(cfg, name) < 1:

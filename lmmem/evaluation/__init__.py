@@ -10,12 +10,14 @@ import numpy as np
 
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import LmmemError
-from lmmem.evaluation.perplexity import DEFAULT_BUCKET_EDGES, FrequencyBuckets, PerplexityReport, TokenLogProbs, score_stream
+from lmmem.evaluation.perplexity import (
+    DEFAULT_BUCKET_EDGES, FrequencyBuckets, PerplexityReport, TokenLogProbs, autocast_context, score_stream,
+)
 from lmmem.evaluation.report import format_table, plot_bucketed_perplexity, write_json
 from lmmem.evaluation.test_time import TestTimeScores, evaluate_methods, score_test_time
 from lmmem.evaluation.dynamic import DynamicConfig, score_dynamic
-from lmmem.training.checkpoint import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.training.distributed import resolve_device
+from lmmem.checkpoints import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.device import resolve_device
 
 
 @dataclass
@@ -134,6 +136,6 @@ def evaluate_checkpoint(
 
 __all__ = [
     "DEFAULT_BUCKET_EDGES", "DynamicConfig", "EvalResult", "FrequencyBuckets", "PerplexityReport", "TokenLogProbs", "evaluate_checkpoint",
-    "TestTimeScores", "evaluate_methods", "format_table", "plot_bucketed_perplexity", "score_dynamic", "score_stream",
+    "TestTimeScores", "autocast_context", "evaluate_methods", "format_table", "plot_bucketed_perplexity", "score_dynamic", "score_stream",
     "score_test_time", "write_json",
 ]

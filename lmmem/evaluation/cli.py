@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lmmem.checkpoints import DEFAULT_RUN
 from lmmem.cli import ArgumentParser, HelpFormatter
 from lmmem.config_file import add_config_argument, argv_with_config
 from lmmem.errors import LmmemError
@@ -29,14 +30,13 @@ from lmmem.evaluation import (
     DynamicConfig, FrequencyBuckets, evaluate_checkpoint, evaluate_methods, format_table, plot_bucketed_perplexity, write_json,
 )
 from lmmem.memories import CacheConfig, MbPAConfig
-from lmmem.training.config import TrainConfig
 from lmmem.validation import check_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help=f"best.pt / last.pt written by train.py, its run folder (default: {TrainConfig.out}, train.py's default), or a folder written by python -m lmmem.training.export")
+                   help=f"best.pt / last.pt written by train.py, its run folder (default: {DEFAULT_RUN}, train.py's default), or a folder written by python -m lmmem.training.export")
     p.add_argument("--data", help="prepared corpus folder (default: the one the model was trained on)")
     p.add_argument("--split", default="test", help="train | valid | test")
     p.add_argument("--json", help="write the results here as JSON")
@@ -121,7 +121,7 @@ def _methods(args, buckets) -> int:
     return 0
 
 
-def default_checkpoint(run: str | Path = TrainConfig.out) -> str:
+def default_checkpoint(run: str | Path = DEFAULT_RUN) -> str:
     """The best checkpoint (else the last) of train.py's default run folder; a one-line error naming
     ``python train.py`` when there is none."""
     run = Path(run)

@@ -271,8 +271,8 @@ def evaluate_methods(
 
     from lmmem.data.corpus import PreparedCorpus
     from lmmem.evaluation.dynamic import score_dynamic, tune_dynamic
-    from lmmem.training.checkpoint import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
-    from lmmem.training.distributed import resolve_device
+    from lmmem.checkpoints import check_vocab_matches, data_dir_for, load_checkpoint, model_from_checkpoint
+    from lmmem.device import resolve_device
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)

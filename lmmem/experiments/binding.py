@@ -6,17 +6,19 @@ One command::
     python -m lmmem.experiments.binding --data /tmp/data/gutenberg --work runs/binding-gutenberg \\
         --page docs/results/binding-gutenberg.md
 
-1. **Trunk.** A model with a full softmax is trained on the training stream (constant learning rate
-   after the warm-up, so that branch points differ only in how far training got) and saved at every
-   branch point (``trunk-step{P}.pt``; the run resumes from the last one saved).
-2. **Branches.** From each trunk checkpoint, one branch per variant (full softmax, the paper's rule,
-   the centred rule, …: a variant is ``LABEL:key=value,...`` of :class:`~lmmem.training.TrainConfig`
-   fields) continues training on *identical* batches with an identical dropout stream and the
-   trunk's optimizer state. A Hebbian branch starts with ``counts`` set to each word's real number of
-   sightings so far (so ``λ`` is what it would be had the rule run from the start).
+1. **Trunk.** A ``train.py`` run with a full softmax (``WORK/trunk``; constant learning rate after
+   the warm-up, so that branch points differ only in how far training got). A step hook keeps its
+   checkpoint at every branch point (``WORK/trunk/step{P}.pt``, train.py's format); an interrupted
+   trunk is continued as ``train.py --resume`` would.
+2. **Branches.** From each trunk checkpoint, one ``train.py`` run per variant (``WORK/branch-step{P}-LABEL``;
+   full softmax, the paper's rule, the centred rule, …: a variant is ``LABEL:key=value,...`` of
+   :class:`~lmmem.training.TrainConfig` fields) continues training on *identical* batches with an
+   identical dropout stream and the trunk's optimizer state, in train.py's loop
+   (:func:`lmmem.training.trainer.fit`). A Hebbian branch starts with ``counts`` set to each word's
+   real number of sightings so far (so ``λ`` is what it would be had the rule run from the start).
 3. **Endpoint.** During a branch, after a settle-in window of ``--settle`` steps, every training
-   token's NLL (the forward before that step's update) is filed by its word's training frequency and
-   by ``k``, the word's sightings in *earlier batches* of the stream (trunk included). Primary:
+   token's NLL (the forward before that step's update, seen by a forward hook on the output layer)
+   is filed by its word's training frequency and by ``k``, the word's sightings in *earlier batches* of the stream (trunk included). Primary:
    rare words (fewer than ``--rare-below`` training occurrences) at k = 1, 2, 3–4, 5–9: mean over
    word types of each type's mean NLL, with bootstrap 95% intervals over types, and the paired
    difference to the full-softmax branch (same types, same positions). Guards: k = 0 (never seen:
@@ -26,12 +28,12 @@ One command::
    perplexity at the end of each branch.
 
 Results go to ``WORK/binding.json`` (each branch also to its own JSON, so an interrupted run resumes
-where it stopped) and, with ``--page``, a markdown page with the commands.
+where it stopped; each branch's last model is its run folder's ``last.pt``) and, with ``--page``, a
+markdown page with the commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -44,17 +46,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmmem.cli import ArgumentParser
-from lmmem.data.batching import StreamBatcher
-from lmmem.data.corpus import PreparedCorpus
+from lmmem.checkpoints import RESUME_KEYS, load_checkpoint
+from lmmem.cli import ArgumentParser, run_cli
+from lmmem.data.batching import Batch, StreamBatcher
+from lmmem.data.synthetic import write_synthetic_corpus
 from lmmem.errors import LmmemError
-from lmmem.evaluation.perplexity import FrequencyBuckets, PerplexityReport, score_stream
-from lmmem.experiments.softmax_comparison import _coerce, parse_variant
-from lmmem.models import build_model
-from lmmem.training import TrainConfig
-from lmmem.training.checkpoint import load_checkpoint, save_checkpoint
-from lmmem.training.config import config_from_args
-from lmmem.training.trainer import lr_multiplier, make_optimizer
+from lmmem.evaluation import FrequencyBuckets, PerplexityReport, score_stream
+from lmmem.experiments.variants import parse_train_args, parse_variant
+from lmmem.training import Run, TrainConfig, config_from_args, train
+from lmmem.training.config import config_value
+from lmmem.training.run import restore, save
+from lmmem.training.run_folder import run_state
+from lmmem.training.trainer import fit, open_run
 from lmmem.validation import check_flags
 
 K_BUCKETS = ((0, 0), (1, 1), (2, 2), (3, 4), (5, 9))  # inclusive ranges of earlier sightings
@@ -85,76 +88,37 @@ class BindingConfig:
     eval_batch_size: int = 16
 
 
-def _train_config(bc: BindingConfig, overrides: dict) -> TrainConfig:
-    flags = {"data": bc.data, "out": str(Path(bc.work) / "unused"), "lr_schedule": "constant", **bc.train_args, **overrides}
-    flags.setdefault("max_steps", max(bc.branch_points) + bc.branch_steps)
-    return config_from_args({k: _coerce(k, v) for k, v in flags.items()})
-
-
-def _step(model, optimizer, cfg: TrainConfig, step: int, x, y, state, measure=None):
-    """One training step (as the trainer's, at the learning rate of ``step``); returns per-token
-    NLL (detached, ``(N,)``) and the carried state. ``measure(h)``, if given, sees the final
-    activations (detached) while the model is still the one that made them."""
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_multiplier(cfg, step)
-    h, state = model.hidden_states(x, state)
-    h = h.reshape(-1, h.shape[-1])
-    nll = model.output.loss(h, y.reshape(-1), reduction="none")
-    if measure is not None:
-        with torch.no_grad():
-            measure(h.detach())
-    optimizer.zero_grad(set_to_none=True)
-    nll.mean().backward()
-    if cfg.clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-    optimizer.step()
-    model.output.on_optimizer_step()
-    return nll.detach(), model.detach_state(state)
+def _train_config(bc: BindingConfig, out: Path, overrides: dict) -> TrainConfig:
+    flags = {"data": bc.data, "out": str(out), "lr_schedule": "constant", "eval_interval": 0, "progress": False,
+             **bc.train_args, **overrides}
+    return config_from_args({k: config_value(k, v) for k, v in flags.items()})
 
 
 def train_trunk(bc: BindingConfig, log=print) -> None:
-    """Full-softmax trunk, saved at every branch point; resumes from the last one saved."""
-    work = Path(bc.work)
-    cfg = _train_config(bc, {"softmax": "full"})
-    corpus = PreparedCorpus.open(cfg.data)
+    """The full-softmax trunk: a train.py run in WORK/trunk whose checkpoint at every branch point
+    a step hook keeps as ``step{P}.pt``; continued as ``--resume`` would when interrupted."""
+    out = Path(bc.work) / "trunk"
     points = sorted(bc.branch_points)
-    todo = [p for p in points if not (work / f"trunk-step{p}.pt").is_file()]
-    if not todo:
+    if all((out / f"step{p}.pt").is_file() for p in points):
         return
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model_config(len(corpus.vocab)))
-    optimizer = make_optimizer(cfg, model)
-    batcher = StreamBatcher(corpus.tokens("train"), cfg.batch_size, cfg.bptt)
-    done = [p for p in points if p not in todo]
-    start, state = 0, None
-    if done:
-        ckpt = load_checkpoint(work / f"trunk-step{done[-1]}.pt", require=TRUNK_KEYS)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start, state = done[-1], ckpt["carried_state"]
-    model.train()
-    t0 = time.monotonic()
-    for step in range(start, todo[-1]):
-        b = batcher.batch(step % len(batcher))
-        if step % len(batcher) == 0:
-            state = None
-        if state is None:
-            state = model.init_state(len(batcher.rows))
-        nll, state = _step(model, optimizer, cfg, step, b.inputs, b.targets, state)
-        if (step + 1) % 50 == 0:
-            log(f"trunk step {step + 1}: loss {float(nll[b.targets.reshape(-1) >= 0].mean()):.3f} ({time.monotonic() - t0:.0f} s)")
-        if step + 1 in todo:
-            save_checkpoint({"model_config": cfg.model_config(len(corpus.vocab)).to_dict(), "train_config": cfg.to_dict(),
-                             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                             "rng": torch.get_rng_state(), "carried_state": state}, work / f"trunk-step{step + 1}.pt")
+    cfg = _train_config(bc, out, {"softmax": "full", "max_steps": points[-1]})
+    state = run_state(out, cfg)
+    if state != "resumable":  # new settings (or a finished trunk missing a snapshot): train it again
+        for old in out.glob("step*.pt"):
+            old.unlink()
+    cfg.resume, cfg.overwrite = state == "resumable", state != "resumable"
+
+    def keep_branch_points(run: Run, batch: Batch) -> None:
+        if run.progress.step in points:
+            save(run, out / f"step{run.progress.step}.pt")
+
+    log(f"trunk: {'continuing ' if cfg.resume else ''}train.py run in {out} to step {points[-1]}")
+    if train(cfg, hooks=[keep_branch_points]).stopped_by == "interrupt":
+        raise KeyboardInterrupt
 
 
-# The experiment's own trunk snapshots (not train.py runs): what a branch needs to start from.
-TRUNK_KEYS = ("model_config", "train_config", "model", "optimizer", "step")
-
-
-def _sightings_before(batcher: StreamBatcher, steps: int, vocab: int) -> np.ndarray:
+def sightings_before(batcher: StreamBatcher, steps: int, vocab: int) -> np.ndarray:
+    """How often each word was a target in the first ``steps`` batches of the training stream."""
     seen = np.zeros(vocab, dtype=np.int64)
     for step in range(steps):
         t = batcher.batch(step % len(batcher)).targets.reshape(-1).numpy()
@@ -162,91 +126,105 @@ def _sightings_before(batcher: StreamBatcher, steps: int, vocab: int) -> np.ndar
     return seen
 
 
-def run_branch(bc: BindingConfig, point: int, label: str, overrides: dict) -> dict:
-    """One branch from ``trunk-step{point}.pt``: per-type NLL sums by k bucket, guards, valid buckets."""
-    work = Path(bc.work)
-    cfg = _train_config(bc, overrides)
-    corpus = PreparedCorpus.open(cfg.data)
-    V = len(corpus.vocab)
-    train_counts = corpus.train_counts()
-    ckpt = load_checkpoint(work / f"trunk-step{point}.pt", require=TRUNK_KEYS)
-    model = build_model(cfg.model_config(V))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    rule_state = {"output.counts", "output.activation_mean", "output.running_row_norm", "output.updates"}
-    if unexpected or not set(missing) <= rule_state:
-        raise LmmemError(f"variant {label!r} builds a different model than the trunk (missing {missing}, unexpected {unexpected})")
-    optimizer = make_optimizer(cfg, model)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    batcher = StreamBatcher(corpus.tokens("train"), cfg.batch_size, cfg.bptt)
-    seen = _sightings_before(batcher, point, V)
-    if hasattr(model.output, "counts"):
-        model.output.counts.copy_(torch.from_numpy(seen))
-    # the same dropout stream in every branch of this point
-    torch.manual_seed(cfg.seed * 100_003 + point)
-    state = ckpt["carried_state"]
-    rare = train_counts < bc.rare_below
-    frequent = train_counts >= bc.frequent_from
-    rare_ids = torch.from_numpy(np.flatnonzero(rare))
-    sums = np.zeros((len(K_BUCKETS), V))  # rare words: NLL sum by k bucket and type
-    cnts = np.zeros((len(K_BUCKETS), V), dtype=np.int64)
-    freq_sum, freq_cnt = np.zeros(V), np.zeros(V, dtype=np.int64)
-    mass, mass_n, rare_tokens, window_tokens = 0.0, 0, 0, 0
-    model.train()
-    t0 = time.monotonic()
-    for i in range(bc.branch_steps):
-        step = point + i
-        b = batcher.batch(step % len(batcher))
-        if step % len(batcher) == 0:
-            state = None
-        if state is None:
-            state = model.init_state(len(batcher.rows))
-        t = b.targets.reshape(-1).numpy()
-        keep = t >= 0
-        masses: list[float] = []
-        if i >= bc.settle and (i - bc.settle) % bc.mass_every == 0:
-            keep_t = torch.from_numpy(keep)
+class BranchRecorder:
+    """What a branch measures, as hooks on train.py's loop: a forward hook on the output layer sees
+    each training batch's activations before the update (per-token NLL; every ``mass_every`` steps
+    the probability mass on all rare words), and the step hook files the NLLs by each word's earlier
+    sightings ``k`` and counts this batch's words as seen."""
 
-            def measure(h):  # before the step: the mass the model that predicted these tokens gave rare words
-                lp = model.output.log_probs(h[keep_t])
-                masses.append(float(torch.logsumexp(lp[:, rare_ids], dim=1).exp().sum()))
-        else:
-            measure = None
-        nll, state = _step(model, optimizer, cfg, step, b.inputs, b.targets, state, measure)
-        if masses:
-            mass += masses[0]
-            mass_n += int(keep.sum())
-        if i >= bc.settle:
-            tk, nk = t[keep], nll.numpy()[keep]
-            k = seen[tk]
-            r = rare[tk]
+    def __init__(self, bc: BindingConfig, run: Run, point: int, seen: np.ndarray, train_counts: np.ndarray):
+        V = len(train_counts)
+        self.bc, self.run, self.point, self.seen = bc, run, point, seen
+        self.rare = train_counts < bc.rare_below
+        self.frequent = train_counts >= bc.frequent_from
+        self.rare_ids = torch.from_numpy(np.flatnonzero(self.rare))
+        self.sums = np.zeros((len(K_BUCKETS), V))  # rare words: NLL sum by k bucket and type
+        self.cnts = np.zeros((len(K_BUCKETS), V), dtype=np.int64)
+        self.freq_sum, self.freq_cnt = np.zeros(V), np.zeros(V, dtype=np.int64)
+        self.mass, self.mass_n, self.rare_tokens, self.window_tokens = 0.0, 0, 0, 0
+        self.nll: np.ndarray | None = None
+        self.masses: list[float] = []
+
+    def on_forward(self, layer, args, loss) -> None:
+        """Forward hook of the output layer: ``args`` are the activations and targets it scores."""
+        if not layer.training:
+            return
+        h, y = args[0].detach(), args[1]
+        i = self.run.progress.step - self.point  # this branch's step, not yet taken
+        with torch.no_grad():
+            self.nll = (-layer.target_log_probs(h, y)).numpy()
+            if i >= self.bc.settle and (i - self.bc.settle) % self.bc.mass_every == 0:
+                # the mass the model that predicted these tokens gave rare words, before the update
+                lp = layer.log_probs(h[y >= 0])
+                self.masses.append(float(torch.logsumexp(lp[:, self.rare_ids], dim=1).exp().sum()))
+
+    def after_step(self, run: Run, batch: Batch) -> None:
+        t = batch.targets.reshape(-1).numpy()
+        keep = t >= 0
+        if self.masses:
+            self.mass += self.masses.pop()
+            self.mass_n += int(keep.sum())
+        if run.progress.step - 1 - self.point >= self.bc.settle:
+            tk, nk = t[keep], self.nll[keep]
+            k, r = self.seen[tk], self.rare[tk]
             for j, (lo, hi) in enumerate(K_BUCKETS):
                 m = r & (k >= lo) & (k <= hi)
-                np.add.at(sums[j], tk[m], nk[m])
-                np.add.at(cnts[j], tk[m], 1)
-            f = frequent[tk]
-            np.add.at(freq_sum, tk[f], nk[f])
-            np.add.at(freq_cnt, tk[f], 1)
-            rare_tokens += int(r.sum())
-            window_tokens += int(keep.sum())
-        seen += np.bincount(t[keep], minlength=V)
-    minutes = (time.monotonic() - t0) / 60
-    buckets = FrequencyBuckets()
-    nll_b, cnt_b = score_stream(model, corpus.tokens("valid"), bucket_of=buckets.assign(train_counts), num_buckets=len(buckets.names),
-                                batch_size=bc.eval_batch_size, bptt=cfg.bptt, max_tokens=bc.eval_tokens)
-    valid = PerplexityReport.from_sums(nll_b, cnt_b, buckets).to_dict()
-    by_k = {}
-    for j, name in enumerate(K_NAMES):
-        ids = np.flatnonzero(cnts[j])
-        by_k[name] = {"types": ids.tolist(), "mean_nll": (sums[j, ids] / cnts[j, ids]).tolist(), "tokens": int(cnts[j].sum())}
-    fids = np.flatnonzero(freq_cnt)
-    return {
-        "label": label, "point": point, "overrides": overrides, "train_minutes": round(minutes, 2),
-        "rare_by_k": by_k,
-        "frequent": {"types": fids.tolist(), "mean_nll": (freq_sum[fids] / freq_cnt[fids]).tolist(), "tokens": int(freq_cnt.sum()),
-                     "token_mean_nll": float(freq_sum.sum() / max(freq_cnt.sum(), 1))},
-        "rare_mass": mass / max(mass_n, 1), "rare_share": rare_tokens / max(window_tokens, 1),
-        "valid": valid,
-    }
+                np.add.at(self.sums[j], tk[m], nk[m])
+                np.add.at(self.cnts[j], tk[m], 1)
+            f = self.frequent[tk]
+            np.add.at(self.freq_sum, tk[f], nk[f])
+            np.add.at(self.freq_cnt, tk[f], 1)
+            self.rare_tokens += int(r.sum())
+            self.window_tokens += int(keep.sum())
+        self.seen += np.bincount(t[keep], minlength=len(self.seen))
+
+    def results(self) -> dict:
+        by_k = {}
+        for j, name in enumerate(K_NAMES):
+            ids = np.flatnonzero(self.cnts[j])
+            by_k[name] = {"types": ids.tolist(), "mean_nll": (self.sums[j, ids] / self.cnts[j, ids]).tolist(),
+                          "tokens": int(self.cnts[j].sum())}
+        fids = np.flatnonzero(self.freq_cnt)
+        return {
+            "rare_by_k": by_k,
+            "frequent": {"types": fids.tolist(), "mean_nll": (self.freq_sum[fids] / self.freq_cnt[fids]).tolist(),
+                         "tokens": int(self.freq_cnt.sum()), "token_mean_nll": float(self.freq_sum.sum() / max(self.freq_cnt.sum(), 1))},
+            "rare_mass": self.mass / max(self.mass_n, 1), "rare_share": self.rare_tokens / max(self.window_tokens, 1),
+        }
+
+
+def run_branch(bc: BindingConfig, point: int, label: str, overrides: dict) -> dict:
+    """One branch from the trunk's ``step{point}.pt``, a train.py run of its own: per-type NLL sums
+    by k bucket, guards, valid buckets."""
+    work = Path(bc.work)
+    cfg = _train_config(bc, work / f"branch-step{point}-{label}", {**overrides, "max_steps": point + bc.branch_steps})
+    cfg.overwrite = True  # a branch without its results JSON is redone whole
+    trunk = load_checkpoint(work / "trunk" / f"step{point}.pt", require=RESUME_KEYS)
+    with open_run(cfg) as run:
+        rule_state = {f"output.{name}" for name, _ in run.model.output.named_buffers()}  # a Hebbian layer's own state
+        try:
+            restore(run, trunk, rng=False, missing_ok=rule_state)
+        except LmmemError as e:
+            raise LmmemError(f"variant {label!r} builds a different model than the trunk: {e}") from None
+        train_counts = run.corpus.train_counts()
+        seen = sightings_before(run.batcher, point, len(train_counts))
+        if hasattr(run.model.output, "counts"):
+            run.model.output.counts.copy_(torch.from_numpy(seen))
+        torch.manual_seed(cfg.seed * 100_003 + point)  # the same dropout stream in every branch of this point
+        recorder = BranchRecorder(bc, run, point, seen.copy(), train_counts)
+        handle = run.model.output.register_forward_hook(recorder.on_forward)
+        t0 = time.monotonic()
+        try:
+            fit(run, hooks=[recorder.after_step])
+        finally:
+            handle.remove()
+        minutes = (time.monotonic() - t0) / 60
+        save(run, run.last_path)
+        buckets = FrequencyBuckets()
+        nll_b, cnt_b = score_stream(run.model, run.valid_tokens, bucket_of=buckets.assign(train_counts), num_buckets=len(buckets.names),
+                                    batch_size=bc.eval_batch_size, bptt=cfg.bptt, max_tokens=bc.eval_tokens)
+    return {"label": label, "point": point, "overrides": overrides, "train_minutes": round(minutes, 2), **recorder.results(),
+            "valid": PerplexityReport.from_sums(nll_b, cnt_b, buckets).to_dict()}
 
 
 def bootstrap_mean(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -376,14 +354,12 @@ def main(argv=None) -> int:
         raise LmmemError("--variants must include 'full' (the reference of the paired differences)")
     data = args.data
     if data is None:
-        from lmmem.data.synthetic import write_synthetic_corpus
-
         data = str(Path(args.work) / "data")
         if not (Path(data) / "meta.json").is_file():
             write_synthetic_corpus(data, train_tokens=60_000, valid_tokens=6_000, test_tokens=6_000)
     bc = BindingConfig(data=data, work=args.work, branch_points=tuple(args.branch_points), branch_steps=args.branch_steps,
                        settle=args.settle, rare_below=args.rare_below, frequent_from=args.frequent_from, variants=args.variants,
-                       train_args=dict(kv.split("=", 1) for kv in args.train_args.split()), bootstrap=args.bootstrap,
+                       train_args=parse_train_args(args.train_args), bootstrap=args.bootstrap,
                        eval_tokens=args.eval_tokens)
     command = "python -m lmmem.experiments.binding " + shlex.join(argv if argv is not None else sys.argv[1:])
     results = run(bc, args.name or "", command)
@@ -398,6 +374,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lmmem.cli import run_cli
-
     sys.exit(run_cli(main))

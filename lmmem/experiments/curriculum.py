@@ -27,7 +27,7 @@ since the class was last seen. Methods, all with the same convnet, steps and bat
 * ``pixel_nn``    — a reference without learning: the label of the most similar (cosine, mean-removed
   pixels) of all training images seen so far (an unbounded memory on raw pixels).
 
-A text counterpart, :func:`name_recall`, measures top-1 accuracy at the 2nd/3rd occurrence of a name
+A text counterpart, :func:`recall_at_occurrences`, measures top-1 accuracy at the 2nd/3rd occurrence of a name
 within a document of the embedded synthetic corpus (:mod:`lmmem.data.synthetic`).
 
     python -m lmmem.experiments.curriculum [--classes 300] [--presentations 5] [--omniglot PATH]
@@ -35,7 +35,6 @@ within a document of the embedded synthetic corpus (:mod:`lmmem.data.synthetic`)
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -49,7 +48,9 @@ from torch import nn
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.glyphs import GlyphConfig, load_omniglot, make_glyphs
+from lmmem.data.synthetic import SyntheticConfig, generate
 from lmmem.errors import LmmemError
+from lmmem.experiments.name_recall import occurrence_index
 from lmmem.memories.kv_memory import KeyValueMemory, KVMemoryConfig
 from lmmem.memories.synthetic_gradients import FastSlowConfig, FastSlowMemoryLearner, SyntheticGradient
 from lmmem.output_layers.full_softmax import FullSoftmax
@@ -376,19 +377,7 @@ def plot(rows: list[dict], presentations: int, path) -> None:
 
 # -- text: names on their 2nd / 3rd occurrence in a document ---------------------------------------
 
-def name_occurrences(doc: np.ndarray, is_name: np.ndarray) -> np.ndarray:
-    """For each position of ``doc`` (token ids), the occurrence number of its token within the doc if
-    it is a name (1 = first), else 0."""
-    out = np.zeros(len(doc), dtype=np.int64)
-    seen: dict[int, int] = {}
-    for i, t in enumerate(doc.tolist()):
-        if is_name[t]:
-            seen[t] = seen.get(t, 0) + 1
-            out[i] = seen[t]
-    return out
-
-
-def name_recall(predict_next: Callable[[np.ndarray], np.ndarray], docs: list[np.ndarray], is_name: np.ndarray,
+def recall_at_occurrences(predict_next: Callable[[np.ndarray], np.ndarray], docs: list[np.ndarray], is_name: np.ndarray,
                 occurrences: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
     """Top-1 accuracy of ``predict_next`` at positions whose target is a name on its k-th occurrence
     in the document. ``predict_next(doc)`` returns, for a doc of T tokens, the (T−1,) predicted ids of
@@ -398,7 +387,7 @@ def name_recall(predict_next: Callable[[np.ndarray], np.ndarray], docs: list[np.
         if len(doc) < 2:
             continue
         pred = np.asarray(predict_next(doc))
-        occ = name_occurrences(doc, is_name)[1:]
+        occ = occurrence_index(doc, is_name)[1:]
         tgt = doc[1:]
         for k in occurrences:
             m = occ == k
@@ -411,8 +400,6 @@ def name_recall(predict_next: Callable[[np.ndarray], np.ndarray], docs: list[np.
 def synthetic_documents(seed: int = 0, train_tokens: int = 60_000, test_tokens: int = 10_000):
     """(train docs, test docs, vocabulary list, is_name) from :mod:`lmmem.data.synthetic`, tokenised on
     whitespace (names are the capitalised tokens)."""
-    from lmmem.data.synthetic import SyntheticConfig, generate
-
     cfg = SyntheticConfig(seed=seed, train_tokens=train_tokens, valid_tokens=0, test_tokens=test_tokens)
     vocab: dict[str, int] = {}
     docs: dict[str, list[np.ndarray]] = {"train": [], "test": []}
@@ -461,7 +448,7 @@ def text_name_recall(seed: int = 0, train_tokens: int = 100_000, test_tokens: in
     train, test, words, is_name = synthetic_documents(seed, train_tokens, test_tokens)
     rows = []
     for label, cache in (("bigram counts", None), ("bigram + document name cache", is_name)):
-        rows.append({"model": label, **name_recall(bigram_predictor(train, len(words), cache), test, is_name)})
+        rows.append({"model": label, **recall_at_occurrences(bigram_predictor(train, len(words), cache), test, is_name)})
     return rows
 
 
@@ -480,7 +467,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--omniglot", help="hub name or local folder/parquet of Omniglot (instead of procedural glyphs)")
     ap.add_argument("--no-text", action="store_true", help="skip the synthetic-text name-recall table")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: these convs are tiny, and on a shared machine more threads were ~10× slower)")
+                    help="torch threads (default 1: these convolutions are tiny, and on a shared machine more threads made them slower)")
     args = ap.parse_args(argv)
     check_flags(vars(args))
     torch.set_num_threads(args.threads)

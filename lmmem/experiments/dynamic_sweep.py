@@ -11,7 +11,6 @@ is recorded as ``null``. Valid split by default: choosing settings on test would
 
 from __future__ import annotations
 
-import argparse
 import math
 import shlex
 import sys
@@ -23,8 +22,8 @@ from lmmem.cli import ArgumentParser, HelpFormatter, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import score_stream, write_json
 from lmmem.evaluation.dynamic import DynamicConfig, gradient_statistics, score_dynamic
-from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.training.distributed import resolve_device
+from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.device import resolve_device
 from lmmem.validation import check_flags
 
 

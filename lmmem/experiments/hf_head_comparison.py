@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from lmmem.cli import ArgumentParser
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 
 
@@ -63,6 +63,7 @@ def validation_loss(model, tokens: np.ndarray, context: int, batch_size: int, ma
 
 
 def run(corpus: PreparedCorpus, head: str, seed: int, args, hebbian_options: dict) -> dict:
+    # here, not at the top: lmmem.hf needs the optional transformers package
     from lmmem.hf import apply_fused_softmax, apply_hebbian_softmax, attach_to_optimizer
 
     model = gpt2(len(corpus.vocab), args.context, seed, args.n_embd, args.n_layer, args.n_head, tie=not args.untie)
@@ -170,6 +171,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lmmem.cli import run_cli
-
     sys.exit(run_cli(main))

@@ -14,7 +14,6 @@ combination. Valid split only by default: choosing settings on test would be tun
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import shlex
 import sys
@@ -24,8 +23,8 @@ from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import FrequencyBuckets, score_test_time, write_json
 from lmmem.memories import CacheConfig, MbPAConfig
-from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.training.distributed import resolve_device
+from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.device import resolve_device
 from lmmem.validation import check_flags
 
 

@@ -13,7 +13,6 @@ the generator, so this is close to the per-document count.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,12 +22,13 @@ import torch
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.jsonio import write_json
-from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
+from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.validation import check_flags
 
 
 def occurrence_index(targets: np.ndarray, is_name: np.ndarray) -> np.ndarray:
-    """k for a target that is the k-th occurrence of a name in the stream; 0 for non-names."""
+    """k for a token of ``targets`` that is the k-th occurrence of a name in it (1 = first); 0 for
+    non-names. (Also the per-document count of lmmem.experiments.curriculum's text counterpart.)"""
     occ = np.zeros(len(targets), dtype=np.int64)
     seen: dict[int, int] = {}
     for t in np.flatnonzero(is_name[targets]):

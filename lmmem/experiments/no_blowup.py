@@ -24,7 +24,6 @@ is read).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -35,12 +34,14 @@ from pathlib import Path
 
 import torch
 
-from lmmem.cli import ArgumentParser
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.errors import LmmemError, TrainingDiverged
-from lmmem.experiments.softmax_comparison import _coerce, parse_variant, run_state
+from lmmem.experiments.variants import parse_train_args, parse_variant
 from lmmem.jsonio import dumps
 from lmmem.safety import write_text_atomic
 from lmmem.training import config_from_args, train
+from lmmem.training.config import config_value
+from lmmem.training.run_folder import run_state
 from lmmem.validation import check_flags
 
 DEFAULT_VARIANTS = ["full", "hebbian", "hebbian-paper:softmax=hebbian,hebbian_rule=paper"]
@@ -133,7 +134,7 @@ def run(work: Path, corpora: list[str], archs: list[str], variants: list[str], s
                     flags = {"out": str(out), "preset": preset, "arch": arch, "softmax": label, "seed": seed,
                              "max_steps": max_steps, "log_interval": log_interval, "eval_interval": 0,
                              "eval_tokens": eval_tokens, **({"data": data} if data else {}), **extra, **overrides}
-                    cfg = config_from_args({k: _coerce(k, v) for k, v in flags.items()})
+                    cfg = config_from_args({k: config_value(k, v) for k, v in flags.items()})
                     commands.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
                     curves.setdefault(label, {})[seed] = train_or_reuse(cfg, out, log)
             reference = curves["full"]
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--page", help="write the results page here (markdown; its JSON beside it)")
     args = p.parse_args(argv)
     check_flags(vars(args))
-    extra = dict(kv.split("=", 1) for kv in args.train_args.split())
+    extra = parse_train_args(args.train_args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = run(work, args.corpora, args.archs, args.variants, args.seeds, preset=args.preset, max_steps=args.max_steps,
@@ -241,6 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lmmem.cli import run_cli
-
     sys.exit(run_cli(main))

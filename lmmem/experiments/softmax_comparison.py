@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from lmmem.cli import ArgumentParser, run_cli
+from lmmem.data.synthetic import write_synthetic_corpus
 from lmmem.errors import LmmemError
 from lmmem.evaluation import (
     FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
@@ -43,7 +44,10 @@ from lmmem.evaluation import (
 from lmmem.evaluation.report import format_count, format_perplexity, plot_bucket_panels
 from lmmem.evaluation.perplexity import BucketResult
 from lmmem.memories import CacheConfig, MbPAConfig
+from lmmem.experiments.variants import parse_train_args, parse_variant
 from lmmem.training import config_from_args, load_checkpoint, train
+from lmmem.training.config import config_value
+from lmmem.training.run_folder import run_state
 from lmmem.validation import check_flags
 
 METHODS = ("plain", "+cache", "+mbpa", "+cache+mbpa")
@@ -273,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mbpa-alpha", type=float, default=MbPAConfig.alpha)
     t.add_argument("--mbpa-eps", type=float, default=MbPAConfig.eps)
     t.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab,
-                   help="restricted MbPA over this many candidate rows (0: exact MbPA, ~20× slower on CPU)")
+                   help="restricted MbPA over this many candidate rows (0: exact MbPA, much slower on CPU; timings in docs/results/test-time-memory.md)")
     t.add_argument("--thetas", type=float, nargs="+", default=[0.1, 0.3, 1.0])
     t.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--page", help="also write the results page here (e.g. docs/results/reproduction-gutenberg.md), "
@@ -328,16 +332,14 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
                          else args.corpus)
     steps_run: list[str] = []
     if args.corpus == "synthetic":
-        from lmmem.data.synthetic import write_synthetic_corpus
-
         if not (data_dir / "meta.json").is_file():
             write_synthetic_corpus(data_dir)
         steps_run.append(f"# synthetic corpus written to {data_dir}")
     else:
         if not args.source:
-            p.error("--source is required for real corpora")
+            raise LmmemError(f"--source is required for the {args.corpus} corpus: the folder (or hub:NAME) to prepare it from")
         steps_run.append(shlex.join(prepare(args.corpus, args.source, data_dir, shlex.split(args.prep_args))))
-    extra = dict(kv.split("=", 1) for kv in args.train_args.split())
+    extra = parse_train_args(args.train_args)
     buckets = FrequencyBuckets()
     cache_cfg = CacheConfig(window=args.cache_window)
     mbpa_cfg = MbPAConfig(k=args.mbpa_k, steps=args.mbpa_steps, lr=args.mbpa_lr, alpha=args.mbpa_alpha, eps=args.mbpa_eps,
@@ -369,7 +371,7 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
             out = work / f"{sm}-seed{seed}"
             flags = {"data": str(data_dir), "out": str(out), "preset": args.preset, "softmax": sm, "seed": seed,
                      "max_steps": args.max_steps, **extra, **overrides}
-            cfg = config_from_args({k: _coerce(k, v) for k, v in flags.items()})
+            cfg = config_from_args({k: config_value(k, v) for k, v in flags.items()})
             if cfg.softmax == "hebbian":  # the page names the rule: "hebbian" meant the paper's rule before issue 12
                 hebbian_rules[sm] = cfg.hebbian_rule
             steps_run.append("python train.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()))
@@ -473,31 +475,6 @@ def render_main(argv: list[str]) -> int:
     return 0
 
 
-def run_state(out: Path, cfg) -> str:
-    """``finished``: OUT holds a run completed with exactly these settings (reused);
-    ``resumable``: its last.pt was saved with these settings before ``max_steps`` (an interrupted
-    run, continued from there as ``train.py --resume`` would); ``new``: nothing usable (no
-    last.pt, or one trained with other settings: trained again from scratch)."""
-    last = out / "last.pt"
-    if not last.is_file():
-        return "new"
-    from dataclasses import fields
-
-    from lmmem.training import TrainConfig
-
-    ckpt = load_checkpoint(last)
-    known = {f.name for f in fields(TrainConfig)}
-    ignore = ("resume", "overwrite", "progress", "out")
-    # fill options added since the run was made with their defaults
-    saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
-    wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
-    if saved != wanted:
-        return "new"
-    if ckpt["progress"]["step"] >= cfg.max_steps and (out / "best.pt").is_file():
-        return "finished"
-    return "resumable"
-
-
 def train_minutes(out: Path) -> float | None:
     """Training wall time of OUT's run in minutes, summed over resumes, from its last.pt (None for
     checkpoints written before the trainer recorded it)."""
@@ -515,35 +492,6 @@ def _variant_seeds(overrides: dict, seeds: list[int]) -> list[int]:
     if missing:
         raise SystemExit(f"variant seeds {missing} are not among --seeds {seeds}")
     return chosen
-
-
-def parse_variant(spec: str) -> tuple[str, dict]:
-    """'hebbian' → ('hebbian', {'softmax': 'hebbian'}); 'h-T100:softmax=hebbian,hebbian_T=100' →
-    ('h-T100', {'softmax': 'hebbian', 'hebbian_T': '100'}); a ``seeds=1+2`` entry limits the variant
-    to those seeds."""
-    label, _, rest = spec.partition(":")
-    overrides = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
-    overrides.setdefault("softmax", label)
-    return label, overrides
-
-
-def _coerce(key: str, value):
-    """KEY=VALUE strings from --train-args to the TrainConfig field's type."""
-    from dataclasses import fields
-
-    from lmmem.training import TrainConfig
-
-    if not isinstance(value, str):
-        return value
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    kind = str(kinds.get(key, "str"))
-    if "bool" in kind:
-        return value.lower() in ("1", "true", "yes")
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        return float(value)
-    return value
 
 
 if __name__ == "__main__":

@@ -79,5 +79,7 @@ class LSTMLanguageModel(nn.Module):
         """Training entry point: the loss of ``targets`` (``(B, T)``, IGNORE_INDEX to skip) and the
         new state. The loss is computed inside forward so that DDP sees every parameter used."""
         h, state = self.hidden_states(inputs, state)
-        loss = self.output.loss(h.reshape(-1, h.shape[-1]), targets.reshape(-1), reduction=reduction, ignore_index=IGNORE_INDEX)
+        # through the module call (its forward is loss), so that forward hooks on the output layer see
+        # the activations it scores (lmmem.experiments.binding measures with one)
+        loss = self.output(h.reshape(-1, h.shape[-1]), targets.reshape(-1), reduction=reduction, ignore_index=IGNORE_INDEX)
         return loss, state

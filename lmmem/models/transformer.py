@@ -123,5 +123,7 @@ class TransformerLanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         """The loss of ``targets`` (``(B, T)``, IGNORE_INDEX to skip); ``state`` is ignored (None)."""
         h, _ = self.hidden_states(inputs)
-        loss = self.output.loss(h.reshape(-1, h.shape[-1]), targets.reshape(-1), reduction=reduction, ignore_index=IGNORE_INDEX)
+        # through the module call (its forward is loss), so that forward hooks on the output layer see
+        # the activations it scores (lmmem.experiments.binding measures with one)
+        loss = self.output(h.reshape(-1, h.shape[-1]), targets.reshape(-1), reduction=reduction, ignore_index=IGNORE_INDEX)
         return loss, None

@@ -1,10 +1,15 @@
-"""Training: configuration, the loop, checkpoints and torch.distributed set-up."""
+"""Training: configuration, the loop (with step hooks), run folders and torch.distributed set-up.
 
-from lmmem.training.checkpoint import load_checkpoint, save_checkpoint
+Checkpoints are read and written by :mod:`lmmem.checkpoints` (re-exported here for convenience)."""
+
+from lmmem.checkpoints import load_checkpoint, save_checkpoint
+from lmmem.errors import TrainingDiverged
 from lmmem.training.config import PRESETS, TrainConfig, build_parser, config_from_args
-from lmmem.training.trainer import TrainingDiverged, TrainResult, resume_config, train
+from lmmem.training.run import Run
+from lmmem.training.run_folder import resume_config
+from lmmem.training.trainer import StepHook, TrainResult, train
 
 __all__ = [
-    "PRESETS", "TrainConfig", "TrainResult", "TrainingDiverged", "build_parser", "config_from_args",
+    "PRESETS", "Run", "StepHook", "TrainConfig", "TrainResult", "TrainingDiverged", "build_parser", "config_from_args",
     "load_checkpoint", "resume_config", "save_checkpoint", "train",
 ]

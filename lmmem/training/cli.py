@@ -18,7 +18,8 @@ from pathlib import Path
 
 from lmmem.config_file import add_config_argument, argv_with_config
 from lmmem.training.config import TrainConfig, build_parser, config_from_args
-from lmmem.training.trainer import TrainResult, resume_config, train
+from lmmem.training.run_folder import resume_config
+from lmmem.training.trainer import TrainResult, train
 
 
 def next_steps(result: TrainResult, evaluate: str = "python evaluate.py") -> str:
@@ -26,15 +27,24 @@ def next_steps(result: TrainResult, evaluate: str = "python evaluate.py") -> str
     out = Path(result.out)
     best = out / "best.pt"
     lines = [f"run folder:      {out}"]
-    if best.is_file():
-        p = result.progress
-        score = f" (step {p.best_step}, valid ppl {math.exp(min(p.best_val_loss, 700)):.2f})" if math.isfinite(p.best_val_loss) else ""
-        lines.append(f"best checkpoint: {best}{score}")
-        default = Path(TrainConfig.out)
-        target = "" if out == default else f" {best}"
-        lines.append(f"next:            {evaluate}{target}    # test perplexity by word frequency; add --cache --tune for the neural cache")
-    else:
+    if not best.is_file():
         lines.append(f"no best.pt yet (validation has not run); continue with --resume --out {out}")
+        return "\n".join(lines)
+    p = result.progress
+    if "valid" not in result.splits:
+        score = " (the last model: the corpus has no valid split to choose on)"
+    elif math.isfinite(p.best_val_loss):
+        score = f" (step {p.best_step}, valid ppl {math.exp(min(p.best_val_loss, 700)):.2f})"
+    else:
+        score = ""
+    lines.append(f"best checkpoint: {best}{score}")
+    target = "" if out == Path(TrainConfig.out) else f" {best}"
+    if "test" in result.splits:
+        lines.append(f"next:            {evaluate}{target}    # test perplexity by word frequency; add --cache --tune for the neural cache")
+    else:  # evaluate.py scores the test split unless told otherwise
+        split = "valid" if "valid" in result.splits else result.splits[0]
+        lines.append(f"next:            {evaluate}{target} --split {split}    # the corpus has no test split; "
+                     f"--split can score {', '.join(result.splits)}")
     return "\n".join(lines)
 
 

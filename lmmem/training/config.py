@@ -11,30 +11,55 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from lmmem.checkpoints import DEFAULT_RUN
 from lmmem.cli import ArgumentParser, add_dataclass_arguments
 from lmmem.errors import LmmemError
+from lmmem.kernels.hebbian_rule import HEBBIAN_RULES, WRITE_NORMS
+from lmmem.models import ARCHITECTURES
 from lmmem.models.config import ModelConfig
+from lmmem.output_layers import OUTPUT_LAYERS
+from lmmem.output_layers.base import BACKENDS
 from lmmem.validation import check_flags
+
+
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+AMP_MODES = ("auto", "bf16", "none")  # auto: bf16 autocast on CUDA, none elsewhere
+
+# Presets override TrainConfig defaults. Model shapes of `wt103-paper` are the paper's WikiText-103
+# LSTM (Rae et al. 2018): one layer of 2048 units, a 512 projection, tied 512-d embeddings, full
+# softmax, dropout 0.2 before the softmax. Its optimisation settings are ours (the paper does not
+# give them all); N = 64 rows x 128 steps = 8,192 tokens a step.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=128, hidden_dim=256, proj_dim=128, num_layers=1, tie_weights=True, dropout=0.1,
+                 output_dropout=0.1, batch_size=32, bptt=35, lr=3e-3, max_steps=2000, warmup_steps=50),
+    "small": dict(embed_dim=256, hidden_dim=1024, proj_dim=256, num_layers=1, tie_weights=True, dropout=0.2,
+                  output_dropout=0.2, batch_size=32, bptt=70, lr=2e-3, max_steps=5000, warmup_steps=100),
+    "wt103-paper": dict(embed_dim=512, hidden_dim=2048, proj_dim=512, num_layers=1, tie_weights=True, dropout=0.1,
+                        output_dropout=0.2, batch_size=64, bptt=128, lr=1e-3, clip=0.1, max_steps=100_000,
+                        warmup_steps=1000, eval_interval=2000, checkpoint_interval=1000, eval_batch_size=32,
+                        log_interval=100),
+}
 
 
 @dataclass
 class TrainConfig:
     # data and run
     data: str | None = field(default=None, metadata={"help": "prepared corpus folder (python -m data_prep); default: the embedded synthetic corpus"})
-    out: str = field(default="runs/default", metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
-    preset: str = field(default="tiny", metadata={"help": "model+optimisation preset (see PRESETS)", "choices": ("tiny", "small", "wt103-paper")})
+    out: str = field(default=DEFAULT_RUN, metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
+    preset: str = field(default="tiny", metadata={"help": "model+optimisation preset (see PRESETS)", "choices": tuple(PRESETS)})
     seed: int = field(default=1234, metadata={"help": "random seed (weights, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt exactly where it stopped (reads and writes OUT)"})
     overwrite: bool = field(default=False, metadata={
         "help": "start a new run in an OUT that already holds one, deleting its checkpoints and metrics (without it, train.py refuses)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    amp: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA) | bf16 | none"})
+    amp: str = field(default="auto", metadata={"help": "mixed precision: auto is bf16 autocast on CUDA, none elsewhere", "choices": AMP_MODES})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     # model
-    arch: str = field(default="lstm", metadata={"help": "lstm | transformer"})
-    softmax: str = field(default="full", metadata={"help": "output layer: full | hebbian"})
+    arch: str = field(default="lstm", metadata={"help": "model architecture", "choices": tuple(ARCHITECTURES)})
+    softmax: str = field(default="full", metadata={"help": "output layer", "choices": tuple(OUTPUT_LAYERS)})
     softmax_backend: str = field(default="auto", metadata={
-        "help": "softmax loss implementation: auto (fused Triton kernel on CUDA, PyTorch elsewhere) | torch | triton"})
+        "help": "softmax loss implementation: auto is the fused Triton kernel on CUDA and PyTorch elsewhere", "choices": BACKENDS})
     embed_dim: int = field(default=128, metadata={"help": "embedding size"})
     hidden_dim: int = field(default=256, metadata={"help": "LSTM units (transformer: feed-forward width)"})
     num_layers: int = field(default=1, metadata={"help": "layers"})
@@ -47,10 +72,11 @@ class TrainConfig:
     hebbian_T: int = field(default=500, metadata={"help": "Hebbian softmax: smoothing limit T (occurrences after which only gradients train a row)"})
     hebbian_rescale: bool = field(default=False, metadata={"help": "Hebbian softmax, --hebbian-rule paper only: scale the mean activation to the row's norm before mixing"})
     hebbian_rule: str = field(default="centred", metadata={
-        "help": "Hebbian softmax update rule: centred (default: write h̄ minus the running mean of the activations, orthogonally to it, "
-                "keeping the row's own component along it) | paper (Rae et al. 2018 exactly: mix h̄ itself)"})
+        "help": "Hebbian softmax update rule: centred (the default) writes h̄ minus the running mean of the activations, orthogonally "
+                "to it, keeping the row's own component along it; paper is Rae et al. 2018 exactly: mix h̄ itself", "choices": HEBBIAN_RULES})
     hebbian_write_norm: str = field(default="running", metadata={
-        "help": "Hebbian softmax, centred rule: norm of the written part: running (a running token-weighted mean of the rows' norms) | row (the row's own) | none"})
+        "help": "Hebbian softmax, centred rule: norm of the written part: running is a running token-weighted mean of the rows' norms, "
+                "row the row's own, none leaves it", "choices": WRITE_NORMS})
     hebbian_mean_decay: float = field(default=0.99, metadata={"help": "Hebbian softmax, centred rule: decay of the running mean of the activations"})
     hebbian_start_step: int = field(default=-1, metadata={
         "help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance); "
@@ -58,11 +84,11 @@ class TrainConfig:
     # optimisation
     batch_size: int = field(default=32, metadata={"help": "global batch (rows of text), split across processes"})
     bptt: int = field(default=35, metadata={"help": "truncated-BPTT length (tokens per row per step)"})
-    optimizer: str = field(default="adam", metadata={"help": "adam | rmsprop | sgd"})
+    optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": OPTIMIZERS})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     momentum: float = field(default=0.0, metadata={"help": "SGD/RMSProp momentum"})
-    lr_schedule: str = field(default="cosine", metadata={"help": "constant | cosine | linear (decay to --min-lr-ratio at the last step)"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "after the warm-up: constant, or cosine / linear decay to --min-lr-ratio at --max-steps", "choices": LR_SCHEDULES})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr for cosine and linear"})
     clip: float = field(default=0.25, metadata={"help": "gradient-norm clipping, 0 for none"})
@@ -107,22 +133,6 @@ class TrainConfig:
         return asdict(self)
 
 
-# Presets override TrainConfig defaults. Model shapes of `wt103-paper` are the paper's WikiText-103
-# LSTM (Rae et al. 2018): one layer of 2048 units, a 512 projection, tied 512-d embeddings, full
-# softmax, dropout 0.2 before the softmax. Its optimisation settings are ours (the paper does not
-# give them all); N = 64 rows x 128 steps = 8,192 tokens a step.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(embed_dim=128, hidden_dim=256, proj_dim=128, num_layers=1, tie_weights=True, dropout=0.1,
-                 output_dropout=0.1, batch_size=32, bptt=35, lr=3e-3, max_steps=2000, warmup_steps=50),
-    "small": dict(embed_dim=256, hidden_dim=1024, proj_dim=256, num_layers=1, tie_weights=True, dropout=0.2,
-                  output_dropout=0.2, batch_size=32, bptt=70, lr=2e-3, max_steps=5000, warmup_steps=100),
-    "wt103-paper": dict(embed_dim=512, hidden_dim=2048, proj_dim=512, num_layers=1, tie_weights=True, dropout=0.1,
-                        output_dropout=0.2, batch_size=64, bptt=128, lr=1e-3, clip=0.1, max_steps=100_000,
-                        warmup_steps=1000, eval_interval=2000, checkpoint_interval=1000, eval_batch_size=32,
-                        log_interval=100),
-}
-
-
 def build_parser(description: str = "Train a word-level language model.") -> argparse.ArgumentParser:
     parser = ArgumentParser(description=description)
     # every flag defaults to None = "not given": the preset (or the dataclass default) decides
@@ -146,16 +156,16 @@ def config_from_args(args: argparse.Namespace | dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
+    """One line naming the fix for a value no run can use: a choice outside its field's choices
+    (the same constants the flags offer), a contradiction, or a number outside its rule."""
+    for f in fields(TrainConfig):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices is not None and value not in choices:
+            names = [str(c) for c in choices]
+            raise LmmemError(f"--{f.name.replace('_', '-')} must be {', '.join(names[:-1])} or {names[-1]}, not {value!r}")
     checks = [
-        (cfg.optimizer in ("adam", "rmsprop", "sgd"), f"--optimizer must be adam, rmsprop or sgd, not {cfg.optimizer!r}"),
-        (cfg.lr_schedule in ("constant", "cosine", "linear"), f"--lr-schedule must be constant, cosine or linear, not {cfg.lr_schedule!r}"),
-        (cfg.amp in ("auto", "bf16", "none"), f"--amp must be auto, bf16 or none, not {cfg.amp!r}"),
-        (cfg.softmax_backend in ("auto", "torch", "triton"),
-         f"--softmax-backend must be auto, torch or triton, not {cfg.softmax_backend!r}"),
         (not (cfg.resume and cfg.overwrite), "--resume continues the run in --out and --overwrite replaces it: give one of them"),
-        (cfg.hebbian_rule in ("centred", "paper"), f"--hebbian-rule must be centred or paper, not {cfg.hebbian_rule!r}"),
-        (cfg.hebbian_write_norm in ("row", "running", "none"),
-         f"--hebbian-write-norm must be row, running or none, not {cfg.hebbian_write_norm!r}"),
         (not (cfg.hebbian_rescale and cfg.hebbian_rule != "paper"),
          "--hebbian-rescale applies to --hebbian-rule paper only; the centred rule sets the written norm with --hebbian-write-norm"),
     ]
@@ -163,3 +173,19 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise LmmemError(message)
     check_flags(cfg.to_dict())  # every numeric flag, with its reason (lmmem.validation)
+
+
+def config_value(key: str, value):
+    """A TrainConfig field's value from the text of a ``KEY=VALUE`` pair (the experiment runners'
+    ``--train-args`` and variants): ``bool`` (1/true/yes), ``int``, ``float``, or the text itself.
+    Values that are not text, and unknown keys, pass through (config_from_args refuses those)."""
+    if not isinstance(value, str):
+        return value
+    kind = str({f.name: f.type for f in fields(TrainConfig)}.get(key, "str"))
+    if "bool" in kind:
+        return value.lower() in ("1", "true", "yes")
+    if kind == "int":
+        return int(value)
+    if kind == "float":
+        return float(value)
+    return value

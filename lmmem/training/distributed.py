@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lmmem.errors import LmmemError
+from lmmem.device import resolve_device
 
 
 @dataclass
@@ -29,19 +29,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
-    if flag == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise LmmemError(f"--device {flag} asked for CUDA but no GPU is visible; use --device cpu")
-    if flag == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    try:
-        return torch.device(flag)
-    except RuntimeError:
-        raise LmmemError(f"--device must be auto, cpu, cuda or cuda:N, not {flag!r}") from None
 
 
 def setup(device_flag: str) -> DistContext:

@@ -1,4 +1,4 @@
-"""``--tokenizer sentencepiece``: a subword vocabulary trained with the ``sentencepiece`` library.
+"""The ``sentencepiece`` encoder: a subword vocabulary trained with the ``sentencepiece`` library.
 
 Two passes over the text:
 
@@ -11,21 +11,27 @@ Two passes over the text:
 The model is saved as ``DIR/spm.model``. Piece ids are the model's: ``<eos>`` is 0 and ``<unk>``
 is 1 (as for word vocabularies), no BOS/PAD. ``vocab.txt`` lists the pieces **in SentencePiece id
 order** (not sorted by count, since the ids must match the model) with each piece's count in the
-vocabulary splits.
+vocabulary splits. ``sentencepiece`` is imported when this encoder runs, not before.
 """
 
 from __future__ import annotations
 
+import shutil
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
 from lmmem.data.corpus import TOKEN_DTYPE
+from lmmem.data.encoding import EncodedSplits, TokenizerOptions, VocabOptions, check_nonempty
+from lmmem.data.id_files import bincount_file, tmp_path
+from lmmem.data.text_source import ReadContext, TextSource, make_progress
 from lmmem.data.vocab import EOS, UNK, Vocabulary
+from lmmem.data.word_encoding import batched
 from lmmem.errors import DataError
 
-from data_prep.common import ReadContext, TextSource, TokenizerOptions, _bincount_file, _check_nonempty, batched, make_progress
+MODEL_TMP = ".spm.tmp.model"  # in the staging folder; SentencePiece also writes .spm.tmp.vocab beside it
+TEMP_FILES = (MODEL_TMP, ".spm.tmp.vocab")
 
 
 def _units(text: str, lowercase: bool) -> list[str]:
@@ -89,27 +95,54 @@ def train_model(source: TextSource, opts: TokenizerOptions, model_prefix: Path, 
     return spm.SentencePieceProcessor(model_file=str(model_prefix) + ".model")
 
 
-def encode_with_sentencepiece(out: Path, source: TextSource, opts: TokenizerOptions, vocab_splits, spm_tmp: Path,
-                              tmp_files: dict, workers: int, quiet: bool, fixed=None):
-    """Train (or, with ``fixed``, a ``--vocab-from`` VocabSource, reuse) a model and encode every split."""
-    prefix = spm_tmp.with_name(".spm.tmp")  # SentencePiece appends .model / .vocab
+def encode_sentencepiece(out: Path, source: TextSource, opts: TokenizerOptions, vocab_opts: VocabOptions,
+                         vocab_splits: tuple[str, ...], workers: int, quiet: bool) -> EncodedSplits:
+    """Train (or, with ``vocab_opts.fixed``, a ``--vocab-from`` VocabSource, reuse) a model and
+    encode every split into its temp file; the ids are final."""
+    import sentencepiece as spm
+
+    if vocab_opts.min_count != 1 or vocab_opts.max_vocab is not None:
+        raise DataError("--min-count and --max-vocab apply to word vocabularies; with SentencePiece set --vocab-size")
+    fixed = vocab_opts.fixed
+    model_tmp = out / MODEL_TMP
     if fixed is not None:
-        import shutil
-
-        import sentencepiece as spm
-
-        shutil.copyfile(fixed.spm_model, spm_tmp)
-        sp = spm.SentencePieceProcessor(model_file=str(spm_tmp))
+        shutil.copyfile(fixed.spm_model, model_tmp)
+        sp = spm.SentencePieceProcessor(model_file=str(model_tmp))
     else:
-        sp = train_model(source, opts, prefix, workers, quiet)
+        sp = train_model(source, opts, model_tmp.with_suffix(""), workers, quiet)  # SentencePiece appends .model / .vocab
+    ctx = ReadContext(wanted=frozenset(source.splits))
+    n_tokens = _encode_splits(out, source, sp, opts.lowercase, ctx, workers, quiet)
+    if fixed is not None:
+        if [sp.id_to_piece(i) for i in range(sp.get_piece_size())] != fixed.vocab.tokens:
+            raise DataError(f"{fixed.spm_model} does not match {fixed.corpus}/vocab.txt; prepare that corpus again")
+        return EncodedSplits(n_tokens, fixed.vocab, None, ctx, dict(fixed.tokenizer), {"spm.model": model_tmp})
+    size = sp.get_piece_size()
+    counts = np.zeros(size, dtype=np.int64)
+    for split in vocab_splits:
+        counts += bincount_file(tmp_path(out, split), n_tokens[split], size)
+    pieces = [sp.id_to_piece(i) for i in range(size)]
+    if any("\n" in p for p in pieces):
+        raise DataError("a SentencePiece piece contains a line break; prepare the text without control characters")
+    meta = {
+        "type": "sentencepiece",
+        "model": "spm.model",
+        "model_type": opts.spm_model_type,
+        "vocab_size": size,
+        "lowercase": opts.lowercase,
+        "input_sentence_size": opts.spm_sentences,
+        "vocab_order": "sentencepiece ids (not sorted by count)",
+    }
+    return EncodedSplits(n_tokens, Vocabulary(pieces, counts.tolist()), None, ctx, meta, {"spm.model": model_tmp})
+
+
+def _encode_splits(out: Path, source: TextSource, sp, lowercase: bool, ctx: ReadContext, workers: int, quiet: bool) -> dict[str, int]:
     eos = sp.piece_to_id(EOS)
     n_tokens = {s: 0 for s in source.splits}
-    ctx = ReadContext(wanted=frozenset(source.splits))
     ctx.progress = make_progress(source.total_bytes, f"{source.corpus}: encode", quiet)
-    files = {s: open(tmp_files[s], "wb") for s in source.splits}
+    files = {s: open(tmp_path(out, s), "wb") for s in source.splits}
     try:
         for split, text in batched(source.read(ctx)):
-            pieces = sp.encode(_units(text, opts.lowercase), num_threads=max(1, workers))
+            pieces = sp.encode(_units(text, lowercase), num_threads=max(1, workers))
             lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
             flat = np.fromiter(chain.from_iterable(pieces), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
             ids = np.insert(flat, np.cumsum(lengths), eos)  # an <eos> after every unit
@@ -120,26 +153,6 @@ def encode_with_sentencepiece(out: Path, source: TextSource, opts: TokenizerOpti
             f.close()
         if ctx.progress is not None:
             ctx.progress.close()
-    _check_nonempty(source, n_tokens)
-    if fixed is not None:
-        if [sp.id_to_piece(i) for i in range(sp.get_piece_size())] != fixed.vocab.tokens:
-            raise DataError(f"{fixed.spm_model} does not match {fixed.corpus}/vocab.txt; prepare that corpus again")
-        return n_tokens, fixed.vocab, ctx, dict(fixed.tokenizer)
-    size = sp.get_piece_size()
-    counts = np.zeros(size, dtype=np.int64)
-    for split in vocab_splits:
-        counts += _bincount_file(tmp_files[split], n_tokens[split], size)
-    pieces = [sp.id_to_piece(i) for i in range(size)]
-    if any("\n" in p for p in pieces):
-        raise DataError("a SentencePiece piece contains a line break; prepare the text without control characters")
-    vocab = Vocabulary(pieces, counts.tolist())
-    meta = {
-        "type": "sentencepiece",
-        "model": "spm.model",
-        "model_type": opts.spm_model_type,
-        "vocab_size": size,
-        "lowercase": opts.lowercase,
-        "input_sentence_size": opts.spm_sentences,
-        "vocab_order": "sentencepiece ids (not sorted by count)",
-    }
-    return n_tokens, vocab, ctx, meta
+    check_nonempty(source, n_tokens)
+    return n_tokens
+

@@ -1,4 +1,4 @@
-"""Word tokenisers for the word-vocabulary pipeline.
+"""Word tokenisers for the word-vocabulary pipeline (the corpus writer, lmmem.data.writer).
 
 A corpus reader hands the writer *normalised text*: one unit (a WikiText line, a Gutenberg
 paragraph, a news sentence, a GigaWord ``<P>``) per line. A tokeniser turns such text into a flat
