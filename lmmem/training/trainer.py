@@ -26,6 +26,7 @@ What the loop guarantees:
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import sys
@@ -77,12 +78,20 @@ def open_run(cfg: TrainConfig, summary_writer=None) -> Iterator[Run]:
     """The run ``cfg`` describes, built (or restored) in its locked run folder, for the time of the
     ``with`` block (torch.distributed set up around it)."""
     ctx = D.setup(cfg.device)
-    lock = None
+    lock = run = None
     try:
         if ctx.is_main:
             lock = prepare_run_folder(cfg, Path(cfg.out))
-        yield start_run(cfg, ctx, summary_writer)
+        run = start_run(cfg, ctx, summary_writer)
+        yield run
     finally:
+        if run is not None:
+            # Free the DDP wrapper while the process group is still registered. Freed after
+            # destroy_process_group, its reducer drops the group's last reference on the main
+            # thread, holding the GIL, and joins gloo's worker, which may need the GIL to free the
+            # last all_gather's tensors: a deadlock at the end of the run.
+            run.net = run.model
+            gc.collect()
         if lock is not None:
             lock.release()
         D.teardown(ctx)
