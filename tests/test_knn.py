@@ -183,6 +183,7 @@ def test_knn_target_log_probs_equal_a_per_row_reference(temperature):
     values[5:8, 15:] = -1
     targets = values[torch.arange(n), torch.randint(0, 15, (n,))]
     targets[::7] = 99  # absent from every neighbour list
+    targets[6] = -1  # the padding's value is no token
     for k in (1, 7, kmax):  # a sweep from one retrieval
         got = knn_target_log_probs(dists, values, targets, k=k, temperature=temperature)
         ref = per_row_reference(dists, values, targets, k, temperature)
@@ -191,7 +192,8 @@ def test_knn_target_log_probs_equal_a_per_row_reference(temperature):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
         assert (got[::7] == -math.inf).all()
         full = knn_log_probs(dists, values, k=k, temperature=temperature, vocab_size=100)
-        torch.testing.assert_close(full.gather(1, targets[:, None]).squeeze(1), ref, rtol=1e-12, atol=1e-12)
+        real = targets >= 0
+        torch.testing.assert_close(full[real].gather(1, targets[real, None]).squeeze(1), ref[real], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(torch.logsumexp(full, 1), torch.zeros(n, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
@@ -213,8 +215,8 @@ def test_interpolation_and_config():
     assert torch.equal(knn_interpolate(lm, kn, 0.0), lm)  # λ = 0: the base exactly
     mixed = knn_interpolate(lm, kn, 0.25)
     torch.testing.assert_close(mixed.exp(), 0.25 * kn.exp() + 0.75 * lm.exp(), rtol=1e-12, atol=0)
-    assert KNNConfig() == KNNConfig(k=1024, temperature=1.0, lam=0.25, distances="auto", nprobe=32)
-    for bad in ({"k": 0}, {"temperature": 0.0}, {"lam": 1.5}, {"distances": "pq"}, {"nprobe": 0}):
+    assert KNNConfig() == KNNConfig(k=1024, temperature=1.0, lam=0.25, distances="auto", nprobe=None, rerank=None)
+    for bad in ({"k": 0}, {"temperature": 0.0}, {"lam": 1.5}, {"distances": "pq"}, {"nprobe": 0}, {"rerank": 0}):
         with pytest.raises(ValueError):
             KNNConfig(**bad)
     with pytest.raises(ValueError, match="between 1 and"):
@@ -243,7 +245,7 @@ def test_leakage_the_evaluated_states_themselves_give_p_knn_one(tmp_path):
 def test_resume_after_an_interruption_is_byte_identical(tmp_path):
     keys = clustered(12_000, 16, seed=6)
     values = torch.randint(0, 300, (len(keys),))
-    opts = {"index": "ivfpq", "chunk": 700, "expected_rows": len(keys), "m": 1, "nlist": 64}
+    opts = {"index": "ivfpq", "chunk": 700, "expected_rows": len(keys), "m": 1, "nlist": 64, "recall_ks": (8, 64)}
     build(tmp_path / "ref", keys, values, **opts)
 
     out = tmp_path / "ds"
@@ -262,7 +264,7 @@ def test_resume_after_an_interruption_is_byte_identical(tmp_path):
     assert w.rows_done == 4200  # the committed rows; the caller continues from there
     for s in range(w.rows_done, len(keys), 700):
         w.append(keys[s:s + 700], values[s:s + 700])
-    w.finish("ivfpq", m=1, nlist=64)
+    w.finish("ivfpq", m=1, nlist=64, recall_ks=(8, 64))
     assert datastore_bytes(out) == datastore_bytes(tmp_path / "ref")
     manifest = Datastore.open(out).manifest
     assert manifest["writer"]["sessions"] == 2 and manifest["count"] == len(keys)
@@ -425,3 +427,17 @@ def test_kill_9_of_a_build_never_leaves_a_datastore_that_opens_half_built(tmp_pa
         assert datastore_bytes(out) == reference[version], trial
         assert not (tmp_path / ".ds.staging").exists()
     assert killed >= 10, killed  # most kills landed inside a build
+
+
+def test_search_routing_by_device(tmp_path, monkeypatch):
+    """Which search serves which device (the GPU paths themselves need a GPU and FAISS's GPU build)."""
+    ds = Datastore.open(build(tmp_path / "ds", torch.randn(50, 4), torch.randint(0, 5, (50,))))
+    assert ds.search_plan("cpu") == "faiss"
+    monkeypatch.setattr(ds, "_fits_on", lambda device: True)
+    assert ds.search_plan("cuda:0") == "torch"  # CUDA queries, no FAISS GPU build: exact torch on the GPU
+    monkeypatch.setattr(ds, "_fits_on", lambda device: False)
+    assert ds.search_plan("cuda:0") == "faiss"  # keys too large for the GPU: FAISS on the CPU
+    monkeypatch.setattr(ds._faiss, "get_num_gpus", lambda: 1)
+    assert ds.search_plan("cuda:0") == "faiss-gpu"
+    assert Datastore.open(tmp_path / "ds", backend="torch").search_plan("cpu") == "torch"
+    assert "Flat over 50 keys, exact distances" in ds.describe_search("cpu")

@@ -8,7 +8,9 @@ For a query ``q`` (the hidden state the output layer reads) with retrieved neigh
     p(w)     = λ · p_kNN(w) + (1 − λ) · p_LM(w)
 
 The paper's WikiText-103 setting: k = 1,024, T = 1, λ = 0.25, IVFPQ with 4,096 lists, 64-byte
-codes and 32 probes. Everything here is in log space (``logsumexp``) and float64, so a temperature
+codes and 32 probes. Here an IVFPQ datastore's probes and exact re-ranking depth are instead
+calibrated when it is built, to find ≥ 90% of the exact neighbours (see ``knn_index.calibrate``);
+``KNNConfig(nprobe=32, rerank=1, distances="index")`` is the paper's search. Everything here is in log space (``logsumexp``) and float64, so a temperature
 sweep with tiny T or a far neighbour never under- or overflows; a target no neighbour holds gets
 ``log p_kNN = −inf`` exactly (its mixture is then ``log(1 − λ) + log p_LM``).
 
@@ -43,7 +45,12 @@ class KNNConfig:
     distances: str = field(default="auto", metadata={
         "help": "exact: recomputed from the stored fp16 keys; index: the index's own (PQ-approximate for IVFPQ); "
                 "auto: exact while the keys fit in memory", "choices": DISTANCES})
-    nprobe: int = field(default=32, metadata={"help": "IVF lists probed per query (IVFPQ datastores)"})
+    nprobe: int | None = field(default=None, metadata={
+        "help": "IVF lists probed per query (IVFPQ datastores; default: the setting calibrated at build time for "
+                "recall ≥ 0.9 at this k; the paper used 32)"})
+    rerank: int | None = field(default=None, metadata={
+        "help": "IVFPQ with exact distances: fetch rerank·max(k, 64) candidates (rerank ≥ 2), keep the k nearest by exact "
+                "distance (default: the calibrated setting; 1: no re-ranking, the paper's)"})
 
     def __post_init__(self):
         if self.k < 1:
@@ -54,8 +61,10 @@ class KNNConfig:
             raise ValueError(f"the kNN λ must be in [0, 1], got {self.lam}")
         if self.distances not in DISTANCES:
             raise ValueError(f"unknown kNN distances {self.distances!r}; choose {', '.join(DISTANCES)}")
-        if self.nprobe < 1:
+        if self.nprobe is not None and self.nprobe < 1:
             raise ValueError(f"the kNN nprobe must be at least 1, got {self.nprobe}")
+        if self.rerank is not None and self.rerank < 1:
+            raise ValueError(f"the kNN rerank must be at least 1, got {self.rerank}")
 
 
 def _neighbour_logits(dists: torch.Tensor, values: torch.Tensor, k: int, temperature: float):

@@ -119,8 +119,10 @@ class Datastore:
         dev = queries.device
         if queries.shape[0] == 0:
             return torch.empty((0, k), device=dev), torch.empty((0, k), dtype=torch.int64, device=dev)
-        exact = self.exact_distances(distances)
+        exact = self.uses_exact_distances(distances)
         where = self.search_plan(dev)
+        if where == "faiss-gpu" and k > GPU_MAX_K:
+            where = "faiss"  # beyond what FAISS's GPU search returns: its CPU index
         if where == "torch":
             dists, ids = knn_index.torch_exact_search(self._keys_for(dev), queries, k)
         else:
@@ -143,7 +145,7 @@ class Datastore:
             values = self._device_values.setdefault(str(ids.device), self._values.to(ids.device))
         return torch.where(ids >= 0, values[ids.clamp_min(0)], -1)
 
-    def exact_distances(self, distances: str = "auto") -> bool:
+    def uses_exact_distances(self, distances: str = "auto") -> bool:
         """Whether ``distances`` means recomputing them from the keys (see the module docstring)."""
         if distances != "auto":
             return distances == "exact"
@@ -165,7 +167,7 @@ class Datastore:
                         nprobe: int | None = None) -> str:
         """One line for results files: what a search on ``device`` does."""
         plan = self.search_plan(device)
-        exact = "exact distances" if self.exact_distances(distances) else "index distances"
+        exact = "exact distances" if self.uses_exact_distances(distances) else "index distances"
         if plan == "torch":
             return f"torch exact search over {self.size:,} keys on {torch.device(device).type}, {exact}"
         idx = self.manifest["index"]
@@ -186,9 +188,9 @@ class Datastore:
             return self.keys
         if str(device) not in self._device_keys and self._fits_on(device):
             copy = torch.empty((self.size, self.dim), dtype=torch.float16, device=device)
-            for start in range(0, self.size, knn_index.ADD_CHUNK_ROWS):
+            for start in range(0, self.size, knn_index.ADD_CHUNK_ROWS):  # bounded host memory
                 copy[start:start + knn_index.ADD_CHUNK_ROWS] = torch.from_numpy(
-                    np.asarray(self.keys[start:start + knn_index.ADD_CHUNK_ROWS]))
+                    np.array(self.keys[start:start + knn_index.ADD_CHUNK_ROWS]))
             self._device_keys[str(device)] = copy
         return self._device_keys.get(str(device), self.keys)
 
