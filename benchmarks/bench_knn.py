@@ -78,7 +78,8 @@ def build_datastore(args, out: Path, mix: Mixture) -> dict:
         writer.append(keys, values)
         append_s += time.perf_counter() - t0
     t0 = time.perf_counter()
-    writer.finish("ivfpq", train_rows=args.train_rows, nprobe=32, seed=args.seed)
+    writer.finish("ivfpq", train_rows=args.train_rows, recall_ks=tuple(args.ks), target_recall=args.target_recall,
+                  seed=args.seed)
     ds = Datastore.open(out)
     idx = ds.manifest["index"]
     rows = args.entries
@@ -105,11 +106,12 @@ def timed(fn, *a, **kw):
 
 
 def sweep(ds: Datastore, queries: torch.Tensor, truth: torch.Tensor, args) -> list:
-    """recall@k and throughput of the exact-distance search for each k, rerank depth and nprobe,
-    nprobe doubling until recall reaches the target."""
+    """recall@k and throughput of the exact-distance search for each k and re-ranking depth, nprobe
+    doubling until recall reaches the target or stops rising (by < 0.005 per doubling)."""
     rows = []
     for k in args.ks:
-        for rerank in (1, 2, 4):
+        for rerank in knn_index.RERANK_CHOICES:
+            previous = -1.0
             for nprobe in args.nprobes:
                 (_, ids), wall, cpu = timed(ds.search_ids, queries, k, distances="exact", nprobe=nprobe, rerank=rerank)
                 r = recall(ids, truth[:, :k])
@@ -117,20 +119,21 @@ def sweep(ds: Datastore, queries: torch.Tensor, truth: torch.Tensor, args) -> li
                              "queries_per_s": len(queries) / wall, "queries_per_cpu_s": len(queries) / cpu})
                 print(f"  k {k:5d} rerank {rerank} nprobe {nprobe:4d}: recall {r:.3f}, {len(queries) / wall:,.0f} "
                       f"queries/s ({len(queries) / cpu:,.0f} per CPU-s)", flush=True)
-                if r >= args.target_recall:
+                if r >= args.target_recall or r < previous + knn_index.SATURATED:
                     break
+                previous = r
     return rows
 
 
-def throughput(ds: Datastore, mix: Mixture, args) -> list:
-    """Queries/s at evaluation batch sizes, at the calibrated (nprobe, rerank) the datastore
-    defaults to and at the paper's nprobe 32 without re-ranking; index vs exact distances, and the
-    exact recompute alone (``knn_index.exact_distances`` over the k neighbours)."""
+def throughput(ds: Datastore, mix: Mixture, args, calibration: dict) -> list:
+    """Queries/s at evaluation batch sizes, at the calibrated (nprobe, rerank) for each k and at the
+    paper's nprobe 32 without re-ranking; index vs exact distances, and the exact recompute alone
+    (``knn_index.exact_distances`` over the k neighbours)."""
     g = torch.Generator().manual_seed(args.seed + 3)
-    idx = ds.manifest["index"]
     rows = []
     for k in args.ks:
-        for label, nprobe, rerank in (("calibrated", idx["nprobe"], idx["rerank"]), ("paper nprobe 32", 32, 1)):
+        tuned = calibration["by_k"][str(k)]
+        for label, nprobe, rerank in (("calibrated", tuned["nprobe"], tuned["rerank"]), ("paper nprobe 32", 32, 1)):
             for batch in args.batch_sizes:
                 queries = mix.sample(batch, g)
                 (_, ids), w_index, c_index = timed(ds.search_ids, queries, k, distances="index", nprobe=nprobe)
@@ -176,7 +179,12 @@ def main(argv=None) -> int:
     else:
         build = build_datastore(args, out, mix)
     ds = Datastore.open(out, expect={"model_fingerprint": f"mixture-{args.seed}", "dim": args.dim})
-    print(f"datastore: {ds.describe_search()}", flush=True)
+    calibration = ds.manifest["index"]["calibration"]
+    if build.get("reused"):  # calibrated again with this code's rules (the index itself is the same)
+        (calibration, wall, _) = timed(ds.calibrate, target=args.target_recall, ks=args.ks, seed=args.seed)
+        calibration["seconds"] = round(wall, 3)
+        build["peak_rss_mib_reused"] = peak_rss_mib()
+    print(f"datastore: {ds.describe_search()}\ncalibration: {calibration}", flush=True)
 
     queries = mix.sample(args.queries, torch.Generator().manual_seed(args.seed + 2))
     (_, truth), wall, cpu = timed(knn_index.torch_exact_search, ds.keys, queries, max(args.ks))
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
                    "queries_per_cpu_s": args.queries / cpu}
     print(f"torch exact search (the ground truth; the no-faiss path): {torch_exact}", flush=True)
     sweep_rows = sweep(ds, queries, truth, args)
-    rows = throughput(ds, mix, args)
+    rows = throughput(ds, mix, args, calibration)
     peak = peak_rss_mib()
     crossing = {}
     for r in sweep_rows:
@@ -198,7 +206,7 @@ def main(argv=None) -> int:
     print(f"\nbuild: {build}\ncrossing recall {args.target_recall}: {crossing}\npeak RSS {peak:,.0f} MiB")
     payload = {"shapes": {"entries": args.entries, "dim": args.dim, "queries": args.queries, "ks": args.ks},
                "faiss": knn_index.faiss_version(), "threads": args.threads, "build": build,
-               "index": ds.manifest["index"], "torch_exact": torch_exact, "sweep": sweep_rows,
+               "index": ds.manifest["index"], "calibration": calibration, "torch_exact": torch_exact, "sweep": sweep_rows,
                "crossing": crossing, "throughput": rows, "peak_rss_mib": peak, "target_recall": args.target_recall,
                # no paths of this machine in the committed JSON
                "command": " ".join(["python benchmarks/bench_knn.py", *(a if a not in (args.root, args.out) else "PATH"

@@ -441,3 +441,18 @@ def test_search_routing_by_device(tmp_path, monkeypatch):
     assert ds.search_plan("cuda:0") == "faiss-gpu"
     assert Datastore.open(tmp_path / "ds", backend="torch").search_plan("cpu") == "torch"
     assert "Flat over 50 keys, exact distances" in ds.describe_search("cpu")
+
+
+def test_calibration_of_an_index_that_cannot_reach_the_target(tmp_path):
+    """A 2-bit code of 32 unclustered dimensions cannot find 90% of the exact top-256: the build
+    warns, and the default is the cheapest setting near the best recall seen, not a scan of every list."""
+    keys = torch.randn(6000, 32, generator=torch.Generator().manual_seed(8))
+    values = torch.randint(0, 50, (len(keys),))
+    with pytest.warns(knn_index.RecallWarning, match="at most"):
+        path = build(tmp_path / "ds", keys, values, index="ivfpq", nlist=64, m=1, nbits=2, recall_ks=(256,))
+    ds = Datastore.open(path)
+    cal = ds.manifest["index"]["calibration"]
+    assert not cal["met"] and cal["by_k"]["256"]["nprobe"] < 64
+    assert ds.calibrate(target=0.5, ks=(8,))["by_k"]["8"]["met"]
+    with pytest.raises(LmmemError, match="Flat search is exact"):
+        Datastore.open(build(tmp_path / "flat", keys[:100], values[:100])).calibrate()

@@ -138,6 +138,16 @@ class Datastore:
             return knn_index.rerank_exact(self._keys_for(dev), queries, ids, k)
         return dists, ids
 
+    def calibrate(self, *, target: float = 0.9, ks=knn_index.CALIBRATION_KS, queries: int = knn_index.CALIBRATION_QUERIES,
+                  seed: int = 0) -> dict:
+        """The (nprobe, rerank) per k that reach ``target`` recall on this IVFPQ datastore
+        (:func:`knn_index.calibrate`; the build did this for its own target and ks): for another
+        k or target without rebuilding. Pass the result's settings to :meth:`search`."""
+        if self.index_type != "ivfpq" or self._faiss is None:
+            raise LmmemError(f"{self.path}: calibration is for IVFPQ datastores searched with faiss (this one: "
+                             f"{self.index_type}, {'faiss' if self._faiss else 'no faiss'}); Flat search is exact")
+        return knn_index.calibrate(self._faiss_index(None), self.keys, target=target, ks=ks, queries=queries, seed=seed)
+
     def values_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The stored token of each row id (int64, on ``ids``' device); -1 for -1."""
         values = self._device_values.get(str(ids.device))

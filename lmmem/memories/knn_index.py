@@ -315,7 +315,9 @@ def rerank_exact(keys, queries: torch.Tensor, ids: torch.Tensor, k: int) -> tupl
 
 CALIBRATION_KS = (8, 64, 1024)  # the k a recall target must hold for (1,024: the paper's and KNNConfig's default)
 CALIBRATION_QUERIES = 256
-RERANK_CHOICES = (1, 2, 4)  # candidates fetched per neighbour kept, re-ranked by exact distance
+RERANK_CHOICES = (1, 2, 4, 8)  # candidates fetched per neighbour kept, re-ranked by exact distance
+SATURATED = 0.005  # a recall that rises less than this when nprobe doubles has stopped rising
+RECALL_SLACK = 0.02  # an unmet target: the cheapest setting within this of the best recall seen
 RERANK_MIN = 64  # a re-ranking search fetches at least rerank · 64 candidates (cheap, and small k needs them most)
 
 
@@ -336,8 +338,9 @@ def calibrate(index, keys: np.ndarray, *, target: float = 0.9, ks=CALIBRATION_KS
     ``(k, rerank)`` (fetch :func:`candidates`, keep the ``k`` nearest) as prefixes of that one list.
     Cost, a model of the bytes a query touches (deterministic, so a rebuild chooses the same): the
     codes scanned, ``nprobe/nlist · count · m``, plus the keys re-read, ``candidates · 6 · dim``
-    (fp16 row and its fp32 copy). Where nothing reaches the target for a k, its last setting
-    (every list, rerank 4) is kept with ``met = False``."""
+    (fp16 row and its fp32 copy). A k whose recall stops rising (by less than ``SATURATED`` over a
+    doubling of nprobe) without reaching the target gets the cheapest setting within
+    ``RECALL_SLACK`` of the best recall seen, with ``met = False`` (not a scan of every list)."""
     count, dim = keys.shape
     ks = sorted({max(1, min(k, count - 1)) for k in ks})
     rows = torch.from_numpy(sample_rows(count, min(queries, count), seed + 1))
@@ -346,26 +349,37 @@ def calibrate(index, keys: np.ndarray, *, target: float = 0.9, ks=CALIBRATION_KS
     truth = _drop_own(torch_exact_search(keys, q, ks[-1] + 1)[1], own)
     fetch = min(candidates(ks[-1], RERANK_CHOICES[-1]) + 1, count)
     nprobes = sorted({min(2**i, index.nlist) for i in range(2, max(3, int(math.log2(index.nlist)) + 2))})
-    best: dict[int, tuple] = {}  # k → (cost, nprobe, rerank, recall), the cheapest meeting the target
-    last: dict[int, tuple] = {}
+    best: dict[int, tuple] = {}  # k → (cost, nprobe, rerank, recall): the cheapest meeting the target
+    tried: dict[int, list] = {k: [] for k in ks}
+    saturated: set[int] = set()
     for nprobe in nprobes:
         scan = nprobe / index.nlist * count * index.pq.M
-        if len(best) == len(ks) and all(scan >= b[0] for b in best.values()):
-            break  # more lists cost more than every k's best setting already found
+        if all(k in saturated or (k in best and scan >= best[k][0]) for k in ks):
+            break  # more lists cost more than each k's best setting, or no longer help
         cand = _drop_own(faiss_search(index, q, fetch, nprobe)[1], own)
         exact = exact_distances(keys, q, cand)
         for k in ks:
+            if k in saturated:
+                continue
+            before = max((t[3] for t in tried[k]), default=-1.0)
             for rerank in RERANK_CHOICES:
                 n = min(candidates(k, rerank), cand.shape[1])
                 order = torch.sort(exact[:, :n], dim=1, stable=True).indices[:, :k]
                 recall = _recall(torch.gather(cand[:, :n], 1, order), truth[:, :k], count)
-                setting = (scan + candidates(k, rerank) * 6 * dim, nprobe, rerank, recall)
-                last[k] = setting
+                tried[k].append((scan + candidates(k, rerank) * 6 * dim, nprobe, rerank, recall))
                 if recall >= target:
-                    best[k] = min(best.get(k, setting), setting)
+                    best[k] = min(best.get(k, tried[k][-1]), tried[k][-1])
                     break  # a deeper re-ranking at this nprobe only costs more
-    by_k = {str(k): {"nprobe": c[1], "rerank": c[2], "recall": round(c[3], 4), "met": k in best}
-            for k, c in ((k, best.get(k, last[k])) for k in ks)}
+            if k not in best and max(t[3] for t in tried[k]) < before + SATURATED:
+                saturated.add(k)
+    by_k = {}
+    for k in ks:
+        if k in best:
+            chosen = best[k]
+        else:
+            reachable = max(t[3] for t in tried[k])
+            chosen = min(t for t in tried[k] if t[3] >= reachable - RECALL_SLACK)
+        by_k[str(k)] = {"nprobe": chosen[1], "rerank": chosen[2], "recall": round(chosen[3], 4), "met": k in best}
     top = by_k[str(ks[-1])]
     return {"nprobe": top["nprobe"], "rerank": top["rerank"], "target": target, "met": all(v["met"] for v in by_k.values()),
             "queries": len(rows), "by_k": by_k}

@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -291,15 +292,18 @@ class DatastoreWriter:
         built, record = knn_index.build_ivfpq(keys, params, progress=self._progress.enabled)
         record["rerank"] = 1
         if target_recall is not None:
+            if self._progress.enabled:
+                print(f"datastore: calibrating nprobe and re-ranking for recall ≥ {target_recall} at k "
+                      f"{', '.join(map(str, recall_ks))} against exact search", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             calibration = knn_index.calibrate(built, keys, target=target_recall, ks=recall_ks, seed=params.seed)
             calibration["seconds"] = round(time.perf_counter() - t0, 3)
             record.update(nprobe=calibration["nprobe"], rerank=calibration["rerank"], calibration=calibration)
             short = {k: v["recall"] for k, v in calibration["by_k"].items() if not v["met"]}
             if short:
-                warnings.warn(f"the datastore's IVFPQ index finds only {min(short.values()):.2f} of the exact "
-                              f"neighbours (k {', '.join(short)}) even probing every list (target {target_recall}); "
-                              "consider index='flat'", knn_index.RecallWarning, stacklevel=3)
+                warnings.warn(f"the datastore's IVFPQ index finds at most {min(short.values()):.2f} of the exact "
+                              f"neighbours at k {', '.join(short)} (target {target_recall}) at any nprobe and re-ranking "
+                              "depth; consider index='flat' or a smaller k", knn_index.RecallWarning, stacklevel=3)
         del keys
         knn_index.faiss_or_none().write_index(built, str(self.staging / INDEX_FILE))
         record["file"] = INDEX_FILE
