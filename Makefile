@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch (or a package that pulls it) downloads gigabytes of CUDA.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,plot,tensorboard,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,plot,tensorboard,hf,knn]"
 	touch $@
 
 setup: $(VENV)/.installed
