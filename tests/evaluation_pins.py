@@ -95,10 +95,15 @@ def float64_checkpoints():
         return original(ckpt, device).double()
 
     patched = [(ck, "model_from_checkpoint")]
-    import lmmem.evaluation as ev
+    import importlib
 
-    if hasattr(ev, "model_from_checkpoint"):
-        patched.append((ev, "model_from_checkpoint"))
+    for name in ("lmmem.evaluation", "lmmem.evaluation.sources"):  # before / after the rewrite
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "model_from_checkpoint"):
+            patched.append((module, "model_from_checkpoint"))
     saved = [(m, n, getattr(m, n)) for m, n in patched]
     for m, n in patched:
         setattr(m, n, as_double)
