@@ -126,6 +126,13 @@ RULES: dict[str, Rule] = {
     "dynamic_lr": non_negative("the dynamic-evaluation step size"),
     "dynamic_decay": non_negative("the decay towards the trained weights"),
     "dynamic_segment": at_least_one("at least one token per update"),
+    "dynamic_eps": positive("ε keeps the RMS normaliser away from 0"),
+    "dynamic_stat_batches": at_least_one("the RMS rule needs gradient statistics from at least one batch"),
+    "mbpa_max_elements": non_negative("0 means chosen by device"),
+    "knn_k": at_least_one("at least one neighbour"),
+    "knn_temperature": positive("p_kNN ∝ exp(−d / T): a temperature of 0 or less is not a distribution"),
+    "knn_lambda": unit_interval("an interpolation weight"),
+    "knn_nprobe": at_least_one("at least one inverted list is probed"),
     # python -m data_prep (its argparse types parse "1,000,000"; the rules here are the same bounds)
     "min_count": at_least_one("a word seen 0 times is not in the text"),
     "max_vocab": at_least_one("the vocabulary holds at least the special tokens"),

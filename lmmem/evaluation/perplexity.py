@@ -68,6 +68,6 @@ def score_stream(
                           shard=(rank, world_size) if world_size > 1 else None)
     groups = windows.groups()
     sums = GridSums(1, num_buckets, device=torch.device(device), bucket_of_vocab=bucket_of)
-    with Progress(sum(g.steps for g in groups), desc, unit="batch", enabled=progress) as bar:
+    with Progress(sum(g.steps for g in groups), desc, unit="batches", enabled=progress) as bar:
         run_pass(adapter, groups, MemorySet([]), sums, progress=bar, amp_dtype=amp_dtype, on_scores=on_scores)
     return sums.arrays(0)

@@ -75,7 +75,8 @@ class EvaluationResult:
         return self.reports["plain"].report
 
     def to_dict(self) -> dict:
-        return {**self.meta, **self.plain.to_dict(), "methods": {m: r.to_dict() for m, r in self.reports.items()}}
+        plain = {k: v for k, v in self.reports["plain"].to_dict().items() if k != "params"}
+        return {**self.meta, **plain, "methods": {m: r.to_dict() for m, r in self.reports.items()}}
 
     def named(self, base: str | None = None, attr: str = "report") -> dict[str, PerplexityReport]:
         base = base or self.name

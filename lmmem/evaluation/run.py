@@ -187,7 +187,7 @@ class Evaluation:
         sums = GridSums(memories.grid.size, len(self.buckets.names), device=self.adapter.device,
                         bucket_of_vocab=data.bucket_of_vocab, bucket_of_position=data.bucket_of_position)
         cols = TokenColumns(len(data.tokens), columns) if columns else None
-        with Progress(total_steps(groups), desc, unit="batch", enabled=self.progress) as bar:
+        with Progress(total_steps(groups), desc, unit="batches", enabled=self.progress) as bar:
             result = run_pass(self.adapter, groups, memories, sums, columns=cols, dynamic=dynamic, progress=bar, on_note=self.log)
         return result
 

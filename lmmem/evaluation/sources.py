@@ -9,6 +9,7 @@ validation, so nothing else here may).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def _load_hf(path: Path, device: torch.device, tokenizer=None) -> LoadedModel:
     except ImportError:  # pragma: no cover - depends on the environment
         raise LmmemError("evaluating a Hugging Face model needs the optional extra: pip install 'lmmem[hf]'") from None
     try:
-        net = from_pretrained(str(path)).to(device).eval()
+        with _quiet_loading():
+            net = from_pretrained(str(path)).to(device).eval()
     except (OSError, ValueError) as e:
         raise LmmemError(f"cannot load {path} as a Hugging Face causal LM ({str(e).splitlines()[0][:160]}); give a folder "
                          "written by save_pretrained (config.json, weights)") from None
@@ -82,6 +84,21 @@ def _load_hf(path: Path, device: torch.device, tokenizer=None) -> LoadedModel:
             tokenizer = None  # refused later, where text has to be encoded, with the fix
     adapter = adapter_for(net, tokenizer)
     return LoadedModel(adapter, str(path), {"model_path": str(path), **adapter.describe()}, tokenizer, path=str(path))
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading weights" bar from transformers: the evaluation's own output stays readable, and a
+    refusal right after loading stays one line."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def open_data(loaded: LoadedModel, data, buckets: FrequencyBuckets, *, text_column: str = "text", hub_config=None):

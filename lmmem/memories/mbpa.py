@@ -70,7 +70,7 @@ neighbour at all is scored by the unadapted model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,24 +79,24 @@ from lmmem.memories.neural_cache import StreamMemory
 
 @dataclass
 class MbPAConfig:
-    k: int = 32
-    steps: int = 5
-    # η, α, ε: chosen on the validation splits of three corpora for MbPA on top of the neural cache
-    # (the paper's combination); docs/results/test-time-memory.md
-    lr: float = 0.1
-    alpha: float = 0.1
-    eps: float = 3.0
-    memory: int = 2000
-    lam: float = 0.1
-    # N > 0: adapt only the rows of the query's top-N words and the neighbours' words (normalisers
-    # over the whole vocabulary); 0: every row (exact MbPA). N = 128 scored the same valid perplexity
-    # as exact MbPA (114.29, ABC news) at 1/18 of its time (docs/results/test-time-memory.md)
-    vocab: int = 128
-    train_pairs: int = 0  # prefill every stream's memory with the last N (activation, next word) pairs of the train split
-    # bound on q·K·V (q·K·|C| restricted) of one batched adaptation; 0: 2M elements on CPU, where
-    # groups whose working set stays in the last-level cache ran 3.7× faster than 16M-element
-    # groups, 64M on GPU, where bigger groups mean fewer kernel launches
-    max_elements: int = 0
+    # K = 32 and 5 steps follow the issue and Rae et al. 2018; η, α and ε were chosen on the validation
+    # splits of three corpora for MbPA on top of the neural cache (docs/results/test-time-memory.md)
+    k: int = field(default=32, metadata={"help": "neighbours K"})
+    steps: int = field(default=5, metadata={"help": "adaptation steps"})
+    lr: float = field(default=0.1, metadata={"help": "adaptation learning rate η"})
+    alpha: float = field(default=0.1, metadata={"help": "pull α towards the trained softmax"})
+    eps: float = field(default=3.0, metadata={"help": "ε of the kernel 1/(ε + d²)"})
+    memory: int = field(default=2000, metadata={"help": "memory size (pairs per stream)"})
+    lam: float = field(default=0.1, metadata={"flag": "lambda", "help": "MbPA interpolation λ"})
+    vocab: int = field(default=128, metadata={
+        "help": "N: adapt only the output rows of the query's N likeliest words and of the neighbours' next words "
+                "(normalisers over the whole vocabulary); 0: every row (exact MbPA). Speed and accuracy of both: "
+                "docs/results/test-time-memory.md"})
+    train_pairs: int = field(default=0, metadata={
+        "help": "prefill each stream's memory with the last N (activation, next word) pairs of the train split"})
+    # bound on q·K·V (q·K·|C| restricted) of one batched adaptation; 0: by device (2M elements on CPU,
+    # where a working set that stays in the last-level cache runs fastest; 64M on GPU)
+    max_elements: int = field(default=0, metadata={"help": "elements of one batched adaptation (0: chosen by device)"})
 
     def __post_init__(self):
         if self.k <= 0 or self.steps < 0 or self.memory <= 0:

@@ -28,7 +28,7 @@ windows help on WikiText-103). Tune them on the validation split with ``evaluate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,9 +37,9 @@ from lmmem.output_layers.base import IGNORE_INDEX
 
 @dataclass
 class CacheConfig:
-    window: int = 2000
-    theta: float = 0.3
-    lam: float = 0.1
+    window: int = field(default=2000, metadata={"help": "cache size W (pairs per stream)"})
+    theta: float = field(default=0.3, metadata={"help": "cache flatness θ"})
+    lam: float = field(default=0.1, metadata={"flag": "lambda", "help": "cache interpolation λ"})
 
     def __post_init__(self):
         if self.window <= 0:
