@@ -31,6 +31,7 @@ from lmmem.evaluation.windows import Group
 from lmmem.output_layers.base import IGNORE_INDEX
 
 HINT_STEPS = 10  # dynamic evaluation compared with the static model on this many first batches
+HINT_MARGIN = 1e-3  # ... and said to be worse when its loss there is this much higher (relative)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class _Hint:
         self.dynamic += float(-lp_dynamic.detach().double()[valid].sum())
         self.static += float(-lp.double()[valid].sum())
         self.seen += 1
-        if self.seen == self.steps and self.dynamic > self.static:
+        if self.seen == self.steps and self.dynamic > self.static * (1 + HINT_MARGIN):
             n = int(valid.sum()) * self.steps
             self.note = (f"dynamic evaluation at --dynamic-lr {lr:g} is worse than the plain model on the first {self.steps} "
                          f"batches (~{n:,} tokens: loss {self.dynamic / max(n, 1):.3f} vs {self.static / max(n, 1):.3f}); "
@@ -129,7 +130,7 @@ def run_pass(
     model.eval()
     dyn = _Dynamic(adapter, dynamic) if dynamic is not None else None
     runner = dyn.adapter if dyn is not None else adapter
-    hint = _Hint(adapter) if dynamic is not None and dynamic.hint else None
+    hint = _Hint(adapter, min(HINT_STEPS, sum(g.steps for g in groups))) if dynamic is not None and dynamic.hint else None
     if memories.needs_hidden:
         problem = runner.hidden_problem()
         if problem:
@@ -150,9 +151,10 @@ def run_pass(
                                              hint, new_group=step == 0)
                     if progress is not None:
                         progress.update(1)
-                    if hint is not None and hint.note and on_note is not None:
-                        on_note(hint.note)
+                    if hint is not None and hint.note:
                         result.notes.append(hint.note)
+                        if on_note is not None:
+                            on_note(hint.note)
                         hint = None
                     if not ok:
                         result.diverged = True

@@ -103,9 +103,7 @@ class EvaluationResult:
                            f"words, {format_count(e['bytes'])} bytes, {e['documents']:,} documents)")
             elif r.bytes is not None:
                 out.append(f"{m}: {r.bytes['bits_per_byte']:.4f} bits per byte ({format_count(r.bytes['bytes'])} bytes of text)")
-        for note in self.meta.get("notes") or []:
-            out.append(f"note: {note}")
-        return out
+        return out  # (notes were said as they came: lmmem.evaluation.run's ``log``)
 
     def chart_title(self, base: str | None = None) -> str:
         """The model (checkpoint or folder), the split and the number of tokens scored."""
