@@ -149,9 +149,10 @@ class KNNMemory:
 
     name = "knn"
 
-    def __init__(self, datastore, variants: KNNVariants, lambdas, *, distances: str = "auto", nprobe: int | None = None):
+    def __init__(self, datastore, variants: KNNVariants, lambdas, *, distances: str = "auto", nprobe: int | None = None,
+                 rerank: int | None = None):
         self.datastore, self.variants, self.lambdas = datastore, variants, lambda_grid(lambdas)
-        self.distances, self.nprobe = distances, nprobe
+        self.distances, self.nprobe, self.rerank = distances, nprobe, rerank
 
     def axes(self) -> list[Axis]:
         return [Axis("knn", self.variants.pairs, "knn", False), Axis("knn_lambda", self.lambdas, "knn", True)]
@@ -167,7 +168,7 @@ class KNNMemory:
         out = view.lp.expand(len(self.variants.pairs), -1).clone()
         if len(live):
             dists, values = self.datastore.search(flat_h[live], max(self.variants.ks), distances=self.distances,
-                                                  nprobe=self.nprobe)
+                                                  nprobe=self.nprobe, rerank=self.rerank)
             dists, values = dists.to(out.device), values.to(out.device)
             for i, (k, t) in enumerate(self.variants.pairs):
                 out[i, live] = knn_target_log_probs(dists, values, flat_y[live], k=k, temperature=t).to(out.dtype)

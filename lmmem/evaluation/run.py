@@ -26,6 +26,7 @@ from lmmem.evaluation.config import EvalConfig, KNNSpec, Methods, TuneGrid
 from lmmem.evaluation.dynamic import gradient_statistics
 from lmmem.evaluation.engine import DynamicRun, run_pass, training_pairs
 from lmmem.evaluation.hf_adapter import prefix_token_id
+from lmmem.evaluation.knn import open_datastore
 from lmmem.evaluation.methods import CacheMemory, KNNMemory, KNNVariants, MbPAMemory, MemorySet
 from lmmem.evaluation.results import EvaluationResult, MethodReport, Row, assemble, row_name
 from lmmem.evaluation.sinks import GridSums, TokenColumns
@@ -109,8 +110,10 @@ class Evaluation:
         grid = tune or (TuneGrid() if self.config.tune else None)
         if grid is not None and not methods.any:
             raise LmmemError("--tune needs --cache, --mbpa, --knn and/or --dynamic")
-        tuned, rows = (choose(self, methods, knn, grid) if grid is not None else (None, untuned_rows(methods)))
+        tuned, rows = (choose(self, methods, knn, grid) if grid is not None else (None, untuned_rows(methods, knn)))
         reports, meta = self._score(methods, knn, rows, tuned, word_probs)
+        if knn is not None:
+            meta["datastore"] = {"path": str(knn.datastore.path), "count": knn.datastore.size, "index": knn.datastore.index_type}
         meta["seconds"] = round(time.monotonic() - t0, 3)
         return EvaluationResult(reports, meta, name=self._display_name())
 
@@ -125,8 +128,6 @@ class Evaluation:
             raise LmmemError(self.adapter.hidden_problem())
 
     def _open_datastore(self, spec: KNNSpec):
-        from lmmem.evaluation.knn import open_datastore
-
         return open_datastore(self, spec)
 
     def _display_name(self) -> str:
@@ -167,7 +168,7 @@ class Evaluation:
         if knn is not None:
             cfg = knn.config
             mems.append(KNNMemory(knn.datastore, knn_variants or KNNVariants([cfg.k], [cfg.temperature]), knn_lambdas,
-                                  distances=cfg.distances, nprobe=cfg.nprobe))
+                                  distances=cfg.distances, nprobe=cfg.nprobe, rerank=getattr(cfg, "rerank", None)))
         return MemorySet(mems)
 
     def _prefill(self, cfg):
@@ -214,7 +215,7 @@ class Evaluation:
                                  "smaller one, or --tune to choose it on the valid split")
             for r in part:
                 reports[r.name] = MethodReport(result.sums.report(self.buckets, points[r.name]),
-                                               params=_params(methods, r, run.cfg if run else None))
+                                               params=_params(methods, knn, r, run.cfg if run else None))
                 if result.columns is not None:
                     columns[r.name] = result.columns.columns[r.name]
             meta.setdefault("memory_bytes", {}).update(result.memory_bytes)
@@ -231,7 +232,7 @@ class Evaluation:
                                mbpa_lambdas=vals("mbpa_lambda"), knn_variants=variants, knn_lambdas=vals("knn_lambda"))
 
 
-def _params(methods: Methods, row: Row, dynamic_cfg) -> dict:
+def _params(methods: Methods, knn, row: Row, dynamic_cfg) -> dict:
     """The settings behind one row of the table (the grid values it was scored with)."""
     p = row.point
     out: dict = {}
@@ -241,7 +242,7 @@ def _params(methods: Methods, row: Row, dynamic_cfg) -> dict:
         out["mbpa"] = {**asdict(methods.mbpa), "lam": p["mbpa_lambda"]}
     if p.get("knn_lambda"):
         k, t = p["knn"]
-        out["knn"] = {**asdict(methods.knn.config), "k": k, "temperature": t, "lam": p["knn_lambda"]}
+        out["knn"] = {**asdict(knn.config), "k": k, "temperature": t, "lam": p["knn_lambda"]}
     if row.dynamic:
         out["dynamic"] = asdict(dynamic_cfg)
     return out

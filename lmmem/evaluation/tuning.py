@@ -32,7 +32,7 @@ def _round(x: float) -> float:
     return float(f"{x:.12g}")
 
 
-def untuned_rows(methods: Methods) -> list:
+def untuned_rows(methods: Methods, knn=None) -> list:
     """The rows of the table with the configured values: plain, each memory alone, all of them
     together (two or more), then dynamic evaluation alone and with all the memories."""
     points = {}
@@ -40,8 +40,8 @@ def untuned_rows(methods: Methods) -> list:
         points["cache"] = {"theta": methods.cache.theta, "cache_lambda": methods.cache.lam}
     if methods.mbpa is not None:
         points["mbpa"] = {"mbpa_lambda": methods.mbpa.lam}
-    if methods.knn is not None:
-        cfg = methods.knn.config
+    if knn is not None:
+        cfg = knn.config
         points["knn"] = {"knn": (cfg.k, cfg.temperature), "knn_lambda": cfg.lam}
     mems = methods.memories
     union = {k: v for m in mems for k, v in points[m].items()}
