@@ -133,6 +133,7 @@ RULES: dict[str, Rule] = {
     "knn_temperature": positive("p_kNN ∝ exp(−d / T): a temperature of 0 or less is not a distribution"),
     "knn_lambda": unit_interval("an interpolation weight"),
     "knn_nprobe": at_least_one("at least one inverted list is probed"),
+    "knn_rerank": at_least_one("1 means no re-ranking"),
     # python -m data_prep (its argparse types parse "1,000,000"; the rules here are the same bounds)
     "min_count": at_least_one("a word seen 0 times is not in the text"),
     "max_vocab": at_least_one("the vocabulary holds at least the special tokens"),

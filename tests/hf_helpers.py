@@ -25,8 +25,9 @@ def write_text_folder(root: Path, *, seed: int = 0, lines: dict | None = None, l
     return root
 
 
-def train_tokenizer(files: list[Path], vocab_size: int = 120):
-    """A byte-level BPE tokenizer (GPT-2's scheme) with ``<|endoftext|>`` as BOS/EOS, as a fast HF tokenizer."""
+def train_tokenizer(files: list[Path], vocab_size: int = 120, special: str = "<|endoftext|>"):
+    """A byte-level BPE tokenizer (GPT-2's scheme) with ``special`` as BOS/EOS, as a fast HF tokenizer
+    (``vocab_size`` up to 257: the 256 bytes and the special token, no merges; above: merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,10 +35,10 @@ def train_tokenizer(files: list[Path], vocab_size: int = 120):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train([str(f) for f in files], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=special, eos_token=special)
 
 
 def tiny_model(kind: str, vocab_size: int, positions: int = 64, seed: int = 0):
