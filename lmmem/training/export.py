@@ -120,7 +120,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> tuple[t
 
 def export_as_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """An export seen as a checkpoint dict (model weights, configs, step; no optimizer), so that
-    :func:`lmmem.evaluation.evaluate_checkpoint` and evaluate.py take an export folder."""
+    :func:`lmmem.evaluation.evaluate` and evaluate.py take an export folder."""
     model, _, config = load_export(path, map_location)
     return {
         "kind": CHECKPOINT_KIND,
