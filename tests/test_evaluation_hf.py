@@ -279,3 +279,38 @@ def test_cli_on_an_hf_folder_with_an_lmmem_head(tmp_path):
             (tmp_path / "capped" / name).write_bytes((folder / name).read_bytes())
     bad = run_script("evaluate.py", str(tmp_path / "capped"), "--data", str(text), "--cache", "--max-tokens", "50")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "soft-capping" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("window", ["bptt", "sliding", "lm-eval"])
+def test_every_method_with_every_sink_and_window(window, text_and_tokenizer, tmp_path):
+    """Cache, MbPA and dynamic evaluation, alone and together, under each window convention: every
+    per-token column written by --word-probs sums to its method's reported perplexity, and the
+    per-word and per-byte (or lm-eval) numbers come with every method."""
+    from lmmem.evaluation import DynamicConfig
+
+    text, tok = text_and_tokenizer
+    model = tiny_model("gpt2", len(tok))
+    methods = Methods(cache=CacheConfig(window=40), mbpa=MbPAConfig(k=4, steps=2, memory=40),
+                      dynamic=DynamicConfig(method="sgd", lr=1e-3))
+    ev = Evaluation(model, tokenizer=tok, data=str(text), config=EvalConfig(window=window, bptt=24, context=8 if window == "sliding" else 0,
+                                                                         batch_size=2, max_tokens=150), progress=False)
+    res, cols = columns(ev, methods, tmp_path)
+    assert list(res.reports) == ["plain", "+cache", "+mbpa", "+cache+mbpa", "+dynamic", "+dynamic+cache+mbpa"]
+    for m, r in res.reports.items():
+        lp = cols[m][~np.isnan(cols[m])]
+        assert len(lp) == r.report.tokens and math.exp(-lp.mean()) == pytest.approx(r.report.perplexity, rel=1e-9), m
+        assert r.words is not None and r.words.tokens > 0
+        assert (r.lm_eval if window == "lm-eval" else r.bytes) is not None
+    assert res.meta["window"]["convention"] == window
+
+
+def test_conventions_a_model_cannot_take_are_refused(small_corpus, tmp_path):
+    from test_evaluate_methods import _checkpoint
+
+    lstm = _checkpoint(small_corpus, tmp_path / "l.pt")
+    for window in ("sliding", "lm-eval"):
+        with pytest.raises(LmmemError, match="LSTM carries its state"):
+            evaluate(lstm, window=window, progress=False)
+    transformer = _checkpoint(small_corpus, tmp_path / "t.pt", arch="transformer")
+    with pytest.raises(LmmemError, match="lm-eval scores documents of text encoded by the model's tokenizer"):
+        evaluate(transformer, window="lm-eval", progress=False)
