@@ -1,5 +1,7 @@
-"""Evaluate a language model: perplexity overall, by the target word's training frequency, per word
-and per byte, with test-time memories side by side.
+"""Evaluate a language model: perplexity by frequency bucket, per word and per byte, with test-time memories.
+
+Perplexity overall, by the target word's training frequency, per word and per byte, with the
+test-time memories side by side:
 
     python evaluate.py runs/demo/best.pt --split test --json runs/demo/eval.json
     python evaluate.py                     # the best checkpoint of runs/default, where `python train.py` writes

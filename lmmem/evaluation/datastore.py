@@ -33,12 +33,20 @@ INDEX_KINDS = ("auto", "flat", "ivfpq")
 
 @dataclass
 class DatastoreConfig:
-    out: str = field(default="", metadata={"help": "the datastore folder to write (staged beside it, swapped in complete)"})
+    out: str | None = field(default=None, metadata={"help": "the datastore folder to write (staged beside it, swapped in complete)"})
     index: str = field(default="auto", metadata={
         "help": "flat (exact search), ivfpq (FAISS inverted lists of product-quantised codes) or auto (flat up to a size)",
         "choices": INDEX_KINDS})
     overwrite: bool = field(default=False, metadata={"help": "replace a complete datastore already at --out"})
     resume: bool = field(default=True, metadata={"help": "continue an interrupted build of the same command (--no-resume: start over)"})
+
+
+@dataclass
+class DatastoreTextConfig(EvalConfig):
+    """What the datastore is built from: the evaluation's text settings, the train split by default."""
+
+    split: str = field(default="train", metadata={"help": "the split whose (hidden state, next token) pairs are stored",
+                                                   "choices": EvalConfig.__dataclass_fields__["split"].metadata["choices"]})
 
 
 def build_datastore(ev: Evaluation, cfg: DatastoreConfig, *, command: str | None = None):
@@ -99,8 +107,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", help="prepared corpus folder (default for lmmem models: their own), or a text source: "
                                   ".txt/.jsonl/.parquet file, folder by split, hub:NAME")
     dests = {"ds": add_dataclass_arguments(p, DatastoreConfig),
-             "eval": add_dataclass_arguments(p, EvalConfig, skip=("tune", "buckets"))}
-    p.set_defaults(_dests=dests, split="train")
+             "eval": add_dataclass_arguments(p, DatastoreTextConfig, skip=("tune", "buckets"))}
+    p.set_defaults(_dests=dests)
     return p
 
 
@@ -111,7 +119,7 @@ def main(argv=None) -> int:
     cfg = dataclass_from_args(DatastoreConfig, args, args._dests["ds"])
     if not cfg.out:
         raise LmmemError("give --out DS, the datastore folder to write")
-    config = dataclass_from_args(EvalConfig, args, args._dests["eval"])
+    config = dataclass_from_args(DatastoreTextConfig, args, args._dests["eval"])
     ev = Evaluation(args.model, data=args.data, config=config, progress=True)
     print(f"datastore of {ev.header()}", flush=True)
     out = build_datastore(ev, cfg, command=shlex.join(["lmmem", "datastore", *argv]))

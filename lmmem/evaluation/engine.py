@@ -144,7 +144,8 @@ def run_pass(
         with torch.set_grad_enabled(dyn is not None):
             for gi, g in enumerate(groups):
                 state = runner.init_state(g.rows)  # stateful (LSTM) models come in bptt rows: one row a stream
-                memories.start_group(g.rows, runner.dim, device=device, dtype=runner.dtype)
+                # the memories keep fp32 keys at least (a bf16 model's cache scores would lose their digits)
+                memories.start_group(g.rows, runner.dim, device=device, dtype=torch.promote_types(runner.dtype, torch.float32))
                 for step in range(g.steps):
                     batch = g.batch(step)
                     ok, state = _score_batch(runner, batch, state, memories, head, sums, columns, dyn, amp_dtype, on_scores,
