@@ -1,18 +1,24 @@
-"""Cost of the test-time memories against the plain evaluation, measured in one run.
+"""Cost of the test-time methods against the plain evaluation, measured in one run, through the
+evaluation engine (lmmem.evaluation.engine.run_pass).
 
-Model: the ``tiny`` preset LSTM (embed 128, hidden 256 projected to 128, tied), untrained weights,
-vocabulary ``--vocab`` (30,000), a Zipf-distributed token stream of ``--tokens`` positions, batch
-``--batch-size`` × the preset's bptt (35). Methods, each timed on the same stream (median of
-``--repeats``): plain (``score_stream``), the same loop through ``score_test_time`` with no memory,
-+cache (W = 2000, one θ), +mbpa (K = 32, 5 steps, memory 2000; exact, every output row adapted),
-+mbpa-restricted (the same with only the ``--mbpa-vocab`` candidate rows adapted, see
-lmmem/memories/mbpa.py), and the combinations with the cache. Reports wall and CPU seconds,
-tokens/s and the ratio to plain (of CPU time on CPU, where other jobs' load moves the wall clock; of
-wall time on GPU), the bytes of the per-stream memories, and writes
-``benchmarks/results/bench_test_time_<device>.json``.
+Models (random weights serve for timing):
 
-    python benchmarks/bench_test_time.py                          # CPU, V = 30K
-    python benchmarks/bench_test_time.py --device cuda --vocab 267735 --tokens 245000 --dim 512   # WT103 scale
+* ``tiny``: the ``tiny`` preset LSTM (embed 128, hidden 256 projected to 128, tied), vocabulary
+  ``--vocab`` (30,000), batch ``--batch-size`` × bptt 35 (lmmem's bptt windows).
+* ``gpt2-small``: a GPT-2-small-sized Hugging Face model (d = 768, 12 layers, 12 heads,
+  V = 50,257), windows of ``--window`` tokens, ``--batch-size`` at a time.
+* ``gpt2-tiny``: GPT-2 with d = 64, 2 layers, V = 50,257 (the size of the real-text experiments).
+
+Methods (``--methods``): ``plain``; ``cache`` (W = 2000); ``mbpa`` (restricted, the default
+N = 128; K = 32, 5 steps, memory 2000); ``cache+mbpa``; ``mbpa-exact`` (every output row adapted,
+on ``--exact-tokens``); ``knn@K`` (kNN-LM with k = K over ``--datastore``, exact distances by
+default, ``--knn-distances``). The stream is Zipf-distributed token ids. Each method is timed on the
+same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
+time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
+
+    python benchmarks/bench_test_time.py                                   # tiny LSTM, CPU
+    python benchmarks/bench_test_time.py --model gpt2-small --methods plain,knn@64,knn@1024 \\
+        --datastore DS_1M_768 --tokens 2048 --window 256
 """
 
 from __future__ import annotations
@@ -30,107 +36,130 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import markdown_table, write_results  # noqa: E402
-from lmmem.evaluation import score_stream, score_test_time  # noqa: E402
+from lmmem.evaluation.sources import adapter_for  # noqa: E402
+from lmmem.evaluation.engine import run_pass  # noqa: E402
+from lmmem.evaluation.methods import CacheMemory, KNNMemory, KNNVariants, MbPAMemory, MemorySet  # noqa: E402
+from lmmem.evaluation.sinks import GridSums  # noqa: E402
+from lmmem.evaluation.windows import BpttWindows  # noqa: E402
 from lmmem.memories import CacheConfig, MbPAConfig  # noqa: E402
-from lmmem.models import ModelConfig, build_model  # noqa: E402
-from lmmem.training import PRESETS  # noqa: E402
+
+
+def build_model(name: str, vocab: int):
+    torch.manual_seed(0)
+    if name == "tiny":
+        from lmmem.models import ModelConfig, build_model as build
+        from lmmem.training import PRESETS
+
+        pre = PRESETS["tiny"]
+        cfg = ModelConfig(arch="lstm", vocab_size=vocab, embed_dim=pre["proj_dim"], hidden_dim=pre["hidden_dim"],
+                          proj_dim=pre["proj_dim"], num_layers=pre["num_layers"], tie_weights=True)
+        return build(cfg).eval(), pre["bptt"]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    size = {"gpt2-small": dict(n_embd=768, n_layer=12, n_head=12), "gpt2-tiny": dict(n_embd=64, n_layer=2, n_head=2)}[name]
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=1024, **size)).eval(), None
+
+
+def memories(method: str, args, datastore) -> MemorySet:
+    cache = CacheMemory(CacheConfig(window=2000), [0.3], [0.1])
+    mbpa = MbPAMemory(MbPAConfig(vocab=args.mbpa_vocab), [0.1])
+    if method == "plain":
+        return MemorySet([])
+    if method == "cache":
+        return MemorySet([cache])
+    if method == "mbpa":
+        return MemorySet([mbpa])
+    if method == "cache+mbpa":
+        return MemorySet([cache, mbpa])
+    if method == "mbpa-exact":
+        return MemorySet([MbPAMemory(MbPAConfig(vocab=0), [0.1])])
+    if method.startswith("knn@"):
+        k = int(method[4:])
+        return MemorySet([KNNMemory(datastore, KNNVariants([k], [1.0]), [0.25], distances=args.knn_distances,
+                                    nprobe=args.knn_nprobe)])
+    raise SystemExit(f"unknown method {method}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", choices=["tiny", "gpt2-small", "gpt2-tiny"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--vocab", type=int, default=30_000)
-    p.add_argument("--tokens", type=int, default=40_000, help="stream length (16 rows × 2,500: the 2,000-pair memories fill)")
-    p.add_argument("--exact-tokens", type=int, default=5_600,
-                   help="stream length for exact MbPA (every output row adapted; ~75× plain on CPU), timed with its own plain baseline")
-    p.add_argument("--dim", type=int, default=0, help="softmax input width (0: the tiny preset's 128)")
+    p.add_argument("--vocab", type=int, default=0, help="0: 30,000 (tiny) or 50,257 (GPT-2)")
+    p.add_argument("--tokens", type=int, default=20_000)
+    p.add_argument("--exact-tokens", type=int, default=2_800, help="stream length for mbpa-exact (timed with its own plain)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--window", type=int, default=2000)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--memory", type=int, default=2000)
-    p.add_argument("--mbpa-vocab", type=int, default=128, help="candidate rows of the restricted MbPA (top-N + neighbours' words)")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--methods", default="plain,plain-loop,cache,mbpa-restricted,cache+mbpa-restricted")
-    p.add_argument("--exact-methods", default="plain,mbpa", help="methods timed on --exact-tokens ('' to skip)")
+    p.add_argument("--window", type=int, default=256, help="GPT-2: tokens per window")
+    p.add_argument("--mbpa-vocab", type=int, default=MbPAConfig.vocab)
+    p.add_argument("--methods", default="plain,cache,mbpa,cache+mbpa")
+    p.add_argument("--exact-methods", default="", help="methods timed on --exact-tokens, e.g. plain,mbpa-exact")
+    p.add_argument("--datastore", default=None, help="a datastore of the model's width, for knn@K")
+    p.add_argument("--knn-distances", default="exact", choices=["exact", "index", "auto"])
+    p.add_argument("--knn-nprobe", type=int, default=None, help="IVF lists probed (default: the datastore's calibrated setting for k)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    pre = PRESETS["tiny"]
-    dim = args.dim or pre["proj_dim"]
-    torch.manual_seed(0)
-    cfg = ModelConfig(arch="lstm", vocab_size=args.vocab, embed_dim=dim, hidden_dim=max(pre["hidden_dim"], 2 * dim),
-                      proj_dim=dim, num_layers=pre["num_layers"], tie_weights=True, dropout=pre["dropout"],
-                      output_dropout=pre["output_dropout"])
-    model = build_model(cfg).to(dev).eval()
-    bptt = pre["bptt"]
-    rng = np.random.default_rng(0)
-    ranks = np.arange(1, args.vocab + 1)
-    prob = 1.0 / ranks**1.1
-    stream = rng.choice(args.vocab, size=max(args.tokens, args.exact_tokens) + 1, p=prob / prob.sum()).astype("<u4")
-    bucket_of = np.zeros(args.vocab, dtype=np.int64)
-    cache = CacheConfig(window=args.window)
-    mbpa = MbPAConfig(k=args.k, steps=args.steps, memory=args.memory, vocab=0)
-    mbpa_r = MbPAConfig(k=args.k, steps=args.steps, memory=args.memory, vocab=args.mbpa_vocab)
-    common = dict(bucket_of=bucket_of, num_buckets=1, batch_size=args.batch_size, bptt=bptt, device=dev)
-    runs = {
-        "plain": lambda t: score_stream(model, t, **common),
-        "plain-loop": lambda t: score_test_time(model, t, **common),
-        "cache": lambda t: score_test_time(model, t, cache=cache, **common),
-        "mbpa": lambda t: score_test_time(model, t, mbpa=mbpa, **common),
-        "cache+mbpa": lambda t: score_test_time(model, t, cache=cache, mbpa=mbpa, **common),
-        "mbpa-restricted": lambda t: score_test_time(model, t, mbpa=mbpa_r, **common),
-        "cache+mbpa-restricted": lambda t: score_test_time(model, t, cache=cache, mbpa=mbpa_r, **common),
-    }
+    vocab = args.vocab or (30_000 if args.model == "tiny" else 50_257)
+    model, bptt = build_model(args.model, vocab)
+    model = model.to(dev)
+    adapter = adapter_for(model)
+    bptt = bptt or args.window
+    datastore = None
+    if args.datastore:
+        from lmmem.memories.knn import Datastore
 
-    def timed(fn, t):
+        datastore = Datastore.open(args.datastore, expect={"dim": adapter.dim})
+    rng = np.random.default_rng(0)
+    prob = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    stream = rng.choice(vocab, size=max(args.tokens, args.exact_tokens) + 1, p=prob / prob.sum()).astype("<u4")
+
+    def timed(method: str, tokens: np.ndarray):
+        mem = memories(method, args, datastore)
+        groups = BpttWindows(tokens, batch_size=args.batch_size, bptt=bptt).groups()
+        sums = GridSums(mem.grid.size, 1, device=dev, bucket_of_vocab=np.zeros(vocab, dtype=np.int64))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0, c0 = time.perf_counter(), time.process_time()
-        res = fn(t)
+        res = run_pass(adapter, groups, mem, sums)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        # on CPU the ratio uses this process's CPU time: the wall clock of a shared machine swings
-        # with other jobs' load; on GPU the wall clock
         return (time.perf_counter() - t0, time.process_time() - c0), res
 
-    timed(runs["plain"], stream[: 20 * bptt * args.batch_size])  # warm-up
+    timed("plain", stream[: bptt * args.batch_size * 2 + 1])  # warm-up
     rows, times = [], {}
-    for n_tokens, methods in ((args.tokens, args.methods), (args.exact_tokens, args.exact_methods)):
-        names = [m for m in methods.split(",") if m]
+    for n_tokens, names in ((args.tokens, args.methods), (args.exact_tokens, args.exact_methods)):
+        names = [m for m in names.split(",") if m]
         if not names:
             continue
         tokens = stream[: n_tokens + 1]
-        ts: dict[str, list[float]] = {m: [] for m in names}
+        ts: dict[str, list] = {m: [] for m in names}
         results = {}
         for _ in range(args.repeats):
             for m in names:  # interleaved, so background load hits every method alike
-                t, results[m] = timed(runs[m], tokens)
+                t, results[m] = timed(m, tokens)
                 ts[m].append(t)
         key = 0 if dev.type == "cuda" else 1
-
-        def med(m, i):
-            return statistics.median(x[i] for x in ts[m])
-
-        base = med("plain", key) if "plain" in ts else None
+        base = statistics.median(x[key] for x in ts["plain"]) if "plain" in ts else None
         for m in names:
-            t = med(m, key)
-            res = results[m]
-            row = {"method": m, "tokens": n_tokens, "seconds": round(med(m, 0), 3), "cpu seconds": round(med(m, 1), 3),
-                   "tokens/s": round(n_tokens / med(m, 0), 1)}
+            wall, cpu = (statistics.median(x[i] for x in ts[m]) for i in (0, 1))
+            row = {"method": m, "tokens": n_tokens, "seconds": round(wall, 3), "cpu seconds": round(cpu, 3),
+                   "tokens/s": round(n_tokens / wall, 1), "tokens per CPU-s": round(n_tokens / cpu, 1)}
             if base:
-                row["× plain"] = round(t / base, 2)
-            if hasattr(res, "memory_bytes"):
-                row["memory MiB"] = round(sum(res.memory_bytes.values()) / 2**20, 2)
+                row["× plain"] = round((wall if key == 0 else cpu) / base, 2)
+            row["memory MiB"] = round(sum(results[m].memory_bytes.values()) / 2**20, 2)
             rows.append(row)
             times[f"{m}@{n_tokens}"] = ts[m]
-    cols = ["method", "tokens", "seconds", "cpu seconds", "tokens/s", "× plain", "memory MiB"]
-    print(f"V={args.vocab:,} D={dim} batch={args.batch_size} bptt={bptt} device={dev} threads={torch.get_num_threads()} "
-          f"W={args.window} K={args.k} steps={args.steps} M={args.memory} restricted vocab={args.mbpa_vocab}")
+    cols = ["method", "tokens", "seconds", "cpu seconds", "tokens/s", "tokens per CPU-s", "× plain", "memory MiB"]
+    print(f"model={args.model} V={vocab:,} D={adapter.dim} batch={args.batch_size} window={bptt} device={dev} "
+          f"threads={torch.get_num_threads()} datastore={datastore.size if datastore else None}")
     print(markdown_table(rows, cols))
-    path = write_results(f"bench_test_time_{dev.type}", {
-        "config": {**vars(args), "dim": dim, "bptt": bptt, "cache": vars(cache), "mbpa": vars(mbpa), "mbpa_restricted": vars(mbpa_r)},
-        "rows": rows, "times": times}, args.out)
+    config = {**vars(args), "datastore": Path(args.datastore).name if args.datastore else None, "vocab": vocab, "dim": adapter.dim, "window": bptt,
+              "datastore_index": ({"count": datastore.size, "dim": datastore.dim, "index": datastore.manifest["index"]}
+                                  if datastore else None)}
+    path = write_results(f"bench_test_time_{args.model}_{dev.type}", {"config": config, "rows": rows, "times": times}, args.out)
     print(f"wrote {path}")
     return 0
 

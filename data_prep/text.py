@@ -28,24 +28,20 @@ count-based from train, ``--min-count`` (default 3) and/or ``--max-vocab`` -- or
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from lmmem.data.corpus import SPLITS
+from lmmem.data.text_reading import (  # noqa: F401  (units, row_text, split_of: used by the other readers too)
+    iterate_rows as _iterate, kind_of as _kind, load_streamed as _load, open_hub, row_text, split_files, split_of, text_of,
+    units,
+)
 from lmmem.data.text_source import ReadContext, TextSource
-from lmmem.errors import DataError
 
 from data_prep import options as O
 from data_prep.reading import ReadOptions, iter_blocks
 
 NAME = "text"
-HUB_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
-DATASETS_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-# a split name as a whole word of a file name: train.jsonl, valid-00000.parquet, wiki.test.txt
-SPLIT_IN_NAME_RE = re.compile(r"(?:^|[-_.])(train|validation|valid|dev|test)(?=[-_.]|$)", re.IGNORECASE)
-BLANK_LINE_RE = re.compile(r"^[^\S\n]*\n", re.MULTILINE)
-TEXT_SUFFIXES = {".txt", ".text", ".tokens", ".raw", ""}
 
 
 def add_arguments(p) -> None:
@@ -79,26 +75,6 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def units(text: str, unit: str) -> str:
-    """A row's text as units, one per line, ending with a line break ("" when it has none)."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if unit == "row":
-        text = " ".join(text.split())
-        return text + "\n" if text else ""
-    text = BLANK_LINE_RE.sub("", text if text.endswith("\n") else text + "\n")
-    return text
-
-
-def row_text(row: dict, column: str, where: str, fix: str = "pass --text-column with one of them"):
-    """``row[column]``, or a DataError naming the columns there are (not a KeyError)."""
-    try:
-        return row[column]
-    except KeyError:
-        have = ", ".join(map(str, row)) or "none"
-        raise DataError(f"{where} has no column {column!r} (its columns: {have}); {fix}") from None
-
-
 def hub_column_fix(dataset: str) -> str:
     """What to do when a corpus subcommand's hub dataset lacks the column it reads."""
     return f"for another dataset use `python -m data_prep text --source hub:{dataset} --text-column COLUMN`"
@@ -106,78 +82,19 @@ def hub_column_fix(dataset: str) -> str:
 
 def _rows_text(rows, column: str, where: str, unit: str, ctx: ReadContext, split: str) -> Iterator[tuple[str, str]]:
     for row in rows:
-        value = row_text(row, column, where)
+        value = text_of(row, column, where)
         if value is None:
             continue
-        if not isinstance(value, str):
-            raise DataError(f"{where}: column {column!r} holds {type(value).__name__}, not text; pass --text-column with a text column")
         ctx.documents[split] += 1
         out = units(value, unit)
         if out:
             yield split, out
 
 
-def _load(builder: str, data_files: dict, where: str):
-    try:
-        from datasets import load_dataset
-
-        return load_dataset(builder, data_files=data_files, streaming=True)
-    except Exception as e:  # the datasets library raises many kinds; all mean "cannot read it"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot read {where} as {builder} ({first}); check the file") from None
-
-
-def _iterate(dataset, where: str):
-    """Rows of a streamed dataset; a file that turns out unreadable mid-way becomes a DataError."""
-    try:
-        yield from dataset
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - pyarrow / json errors of a malformed file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot read {where} ({first}); check the file") from None
-
-
-def split_of(path: Path) -> str | None:
-    """The split a file name names (``valid`` for validation/dev), or None."""
-    m = None
-    for m in SPLIT_IN_NAME_RE.finditer(path.name):
-        pass
-    if m is None:
-        return None
-    name = m.group(1).lower()
-    return "valid" if name in ("validation", "dev") else name
-
-
-def _kind(path: Path) -> str:
-    return DATASETS_BUILDERS.get(path.suffix.lower(), "text")
-
-
 def local_source(source, read_opts: ReadOptions, *, text_column="text", unit="line", as_split="train",
                  allow_missing_splits=False) -> TextSource:
     path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"{path} does not exist; pass a .txt/.jsonl/.parquet file or a folder of them with --source")
-    if path.is_file():
-        files = {as_split: [path]}
-    else:
-        candidates = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        files: dict[str, list[Path]] = {}
-        for p in candidates:
-            s = split_of(p.relative_to(path))
-            if s is not None and (p.suffix.lower() in DATASETS_BUILDERS or p.suffix.lower() in TEXT_SUFFIXES):
-                files.setdefault(s, []).append(p)
-        if not files:
-            raise DataError(f"{path} holds no file named by a split (train.*, valid.* or validation.*, test.*); "
-                            "name the files so, or pass one file as --source")
-        missing = [s for s in SPLITS if s not in files]
-        if missing and not allow_missing_splits:
-            raise DataError(f"{path} has no {', '.join(missing)} file(s); add them, or pass --allow-missing-splits to "
-                            f"write only {', '.join(s for s in SPLITS if s in files)}")
-    for split, paths in files.items():
-        kinds = {_kind(p) for p in paths}
-        if len(kinds) > 1:
-            raise DataError(f"the {split} files of {path} mix formats ({', '.join(sorted(kinds))}); use one format per split")
+    files = split_files(path, as_split=as_split, allow_missing_splits=allow_missing_splits)
     splits = tuple(s for s in SPLITS if s in files)
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
@@ -207,26 +124,7 @@ def local_source(source, read_opts: ReadOptions, *, text_column="text", unit="li
 
 def hub_source(dataset: str, config: str | None, text_column: str = "text", *, unit="line",
                allow_missing_splits=False) -> TextSource:
-    where = f"{dataset}{'/' + config if config else ''}"
-    try:
-        from datasets import load_dataset
-
-        splits_found = load_dataset(dataset, config, streaming=True) if config else load_dataset(dataset, streaming=True)
-    except Exception as e:  # the datasets library raises many kinds; all mean "cannot open it"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot open {where} on the Hugging Face hub ({first}); check the name and --hub-config, "
-                        "or download the files and pass them with --source") from None
-    names = {}
-    for split, candidates in HUB_SPLIT_NAMES.items():
-        name = next((c for c in candidates if c in splits_found), None)
-        if name is not None:
-            names[split] = name
-    if not names:
-        raise DataError(f"{where} has none of the splits train, validation, test (it has: {', '.join(splits_found)})")
-    missing = [s for s in SPLITS if s not in names]
-    if missing and not allow_missing_splits:
-        raise DataError(f"{where} has no {', '.join(missing)} split (it has: {', '.join(splits_found)}); pass "
-                        f"--allow-missing-splits to write only {', '.join(names)}")
+    splits_found, names, where = open_hub(dataset, config, allow_missing_splits=allow_missing_splits)
 
     def read(ctx: ReadContext) -> Iterator[tuple[str, str]]:
         for split, name in names.items():

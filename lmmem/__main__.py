@@ -1,4 +1,4 @@
-"""``lmmem train|evaluate|prepare ...`` (installed console script) and ``python -m lmmem ...``.
+"""``lmmem train|evaluate|datastore|prepare ...`` (installed console script) and ``python -m lmmem ...``.
 
 The same commands as ``python train.py``, ``python evaluate.py`` and ``python -m data_prep`` in a
 checkout; each subcommand's ``--help`` lists its options.
@@ -10,10 +10,11 @@ import sys
 
 from lmmem.cli import run_cli
 
-USAGE = """usage: lmmem {train,evaluate,prepare} ...
+USAGE = """usage: lmmem {train,evaluate,datastore,prepare} ...
 
   lmmem train ...      train a language model          (lmmem train --help)
-  lmmem evaluate ...   perplexity of a checkpoint       (lmmem evaluate --help)
+  lmmem evaluate ...   perplexity of a model            (lmmem evaluate --help)
+  lmmem datastore ...  kNN-LM datastore of a model      (lmmem datastore --help)
   lmmem prepare ...    prepare a corpus                 (lmmem prepare --help)
 """
 
@@ -34,12 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         from lmmem.evaluation.cli import main as evaluate_main
 
         return run_cli(lambda a: evaluate_main(a, prog="lmmem evaluate"), rest)
+    if command == "datastore":
+        from lmmem.evaluation.datastore import main as datastore_main
+
+        return run_cli(datastore_main, rest)
     if command == "prepare":
         from data_prep.__main__ import main as prepare_main
 
         return prepare_main(rest, prog="lmmem prepare")
     print(USAGE, end="", file=sys.stderr)
-    print(f"lmmem: error: unknown command {command!r}; choose train, evaluate or prepare", file=sys.stderr)
+    print(f"lmmem: error: unknown command {command!r}; choose train, evaluate, datastore or prepare", file=sys.stderr)
     return 2
 
 

@@ -82,7 +82,8 @@ def add_dataclass_arguments(parser, cls, *, prefix: str = "", skip: tuple[str, .
     """One flag per field of the dataclass ``cls`` (``batch_size`` → ``--PREFIXbatch-size``), so a
     command line and the config it fills cannot drift apart. Per field, ``metadata`` may hold
     ``help`` (stated once; the default is appended unless the help states it), ``choices`` (the
-    constant that defines them, shown in the usage line) and ``cli=False`` (no flag). ``bool``
+    constant that defines them, shown in the usage line), ``flag`` (the flag's name when it is not
+    the field's, e.g. ``lam`` → ``lambda``) and ``cli=False`` (no flag). ``bool``
     fields become ``--x/--no-x``. With ``defaults_from_class=False`` every flag defaults to None
     ("not given"), for configs where a preset decides what an absent flag means.
     Returns ``{dest: field name}`` for :func:`dataclass_from_args`."""
@@ -97,8 +98,9 @@ def add_dataclass_arguments(parser, cls, *, prefix: str = "", skip: tuple[str, .
         help_text = f.metadata.get("help", "")
         if "default" not in help_text and default is not None and default is not False:
             help_text += f" (default: {default})"
-        flag = "--" + prefix + f.name.replace("_", "-")
-        dest = (prefix.replace("-", "_") + f.name)
+        name = f.metadata.get("flag", f.name)  # e.g. the field `lam` as --cache-lambda
+        flag = "--" + prefix + name.replace("_", "-")
+        dest = (prefix.replace("-", "_") + name)
         kind = hints[f.name]
         arg_default = default if defaults_from_class else None
         if kind is bool:

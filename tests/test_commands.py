@@ -151,7 +151,7 @@ def test_python_m_lmmem_runs_the_three_commands_and_config_json_trains_the_same_
     assert ev.returncode == 0, ev.stderr
     assert "[valid], 300 tokens" in ev.stdout
     usage = run_in(tmp_path, "-m", "lmmem")
-    assert usage.returncode == 2 and "lmmem {train,evaluate,prepare}" in usage.stderr
+    assert usage.returncode == 2 and "lmmem {train,evaluate,datastore,prepare}" in usage.stderr
 
 
 def test_prepare_reads_its_options_from_a_config_file(tmp_path, capsys):

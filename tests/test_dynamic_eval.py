@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from lmmem.evaluation import DynamicConfig, score_dynamic, score_stream
+from engine_helpers import score
+from lmmem.evaluation import DynamicConfig, score_stream
 from lmmem.models import ModelConfig, build_model
+
+
+def score_dynamic(model, tokens, *, bucket_of, num_buckets, cfg, batch_size=16, bptt=128, train_tokens=None):
+    s = score(model, tokens, bucket_of=bucket_of, num_buckets=num_buckets, batch_size=batch_size, bptt=bptt, dynamic=cfg,
+              train_tokens=train_tokens)
+    return s.at(), s.count
 
 
 def _model(arch="lstm", softmax="full"):
@@ -127,25 +134,32 @@ def test_update_rules_match_the_float64_reference(method, lr, decay):
     assert abs(nll[0] - plain[0]) > 0.05  # the updates did change the scores (by more than the tolerance above)
 
 
-def test_tune_picks_the_best_learning_rate_of_the_grid():
-    from lmmem.evaluation.dynamic import tune_dynamic
+def test_tune_picks_the_best_learning_rate_of_the_grid(tmp_path):
+    from conftest import write_prepared_corpus
+    from lmmem.evaluation import Methods, TuneGrid, evaluate
 
+    data = write_prepared_corpus(tmp_path / "c", vocab_size=30, tokens={"train": 400, "valid": 160, "test": 60})
     model = _model()
-    rng = np.random.default_rng(6)
-    valid, train = np.tile(rng.integers(0, 30, size=20), 8).astype("<u4"), rng.integers(0, 30, size=300).astype("<u4")
+    factors = (0.1, 1.0, 10.0, 1e6)
     cfg = DynamicConfig(method="rms", lr=1e-3, stat_batches=3)
-    chosen, info = tune_dynamic(model, valid, cfg, factors=(0.1, 1.0, 10.0, 1e6), batch_size=2, bptt=8, device="cpu",
-                                train_tokens=train)
+    res = evaluate(model, data=data, methods=Methods(dynamic=cfg), tune=TuneGrid(lr_factors=factors), batch_size=2, bptt=8,
+                   progress=False)
+    info = res.meta["tuned"]
+    from lmmem.data.corpus import PreparedCorpus
+
+    corpus = PreparedCorpus.open(data)
     ppl = {}
-    for f in (0.1, 1.0, 10.0, 1e6):
-        nll, cnt = score_dynamic(model, valid, bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1,
-                                 cfg=DynamicConfig(method="rms", lr=1e-3 * f, stat_batches=3), batch_size=2, bptt=8, train_tokens=train)
+    for f in factors:
+        nll, cnt = score_dynamic(model, corpus.tokens("valid"), bucket_of=np.zeros(30, dtype=np.int64), num_buckets=1,
+                                 cfg=DynamicConfig(method="rms", lr=1e-3 * f, stat_batches=3), batch_size=2, bptt=8,
+                                 train_tokens=corpus.tokens("train"))
         loss = nll.sum() / cnt.sum()
         ppl[1e-3 * f] = float(np.exp(loss)) if loss < 700 else None  # inf or NaN: diverged
-    assert ppl[1e-3 * 1e6] is None and info["valid_perplexity"][str(1e-3 * 1e6)] is None  # diverged: recorded as None, not inf
+    assert ppl[1e-3 * 1e6] is None and info["dynamic_lr_grid"]["1000"] is None  # diverged: recorded as None, not inf
     best = min((lr for lr in ppl if ppl[lr] is not None), key=ppl.get)
-    assert chosen.lr == info["lr"] == best
-    assert info["valid_perplexity"][str(best)] == pytest.approx(ppl[best], rel=1e-9)
+    assert info["choice"]["+dynamic"]["lr"] == pytest.approx(best, rel=1e-12)
+    assert info["valid_perplexity"]["+dynamic"] == pytest.approx(ppl[best], rel=1e-9)
+    assert "tuned on valid: +dynamic: lr " + f"{best:.4g}" in "\n".join(res.lines())
 
 
 def test_json_refuses_non_finite_numbers(tmp_path):
@@ -171,7 +185,8 @@ def test_cli_dynamic_divergence_is_an_error_and_writes_no_json(small_corpus, tmp
                           "--batch-size", "2", "--json", str(out)])
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "diverged" in err and "--dynamic-lr" in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "diverged" in errors[0] and "--dynamic-lr" in errors[0] and err.endswith(errors[0] + "\n")
 
 
 @pytest.mark.slow
@@ -185,5 +200,5 @@ def test_cli_rms_dynamic_evaluation_and_tune(small_corpus, tmp_path):
     proc = run_script("evaluate.py", str(ckpt), "--dynamic", "--dynamic-method", "rms", "--tune", "--max-tokens", "200", "--batch-size", "2",
                       "--json", str(tmp_path / "e.json"), check=True)
     result = json.loads((tmp_path / "e.json").read_text())  # strict JSON: no Infinity/NaN
-    assert "+dynamic" in result["tuned"]["choice"] and "tuned on valid: +dynamic: {'lr':" in proc.stdout
+    assert "+dynamic" in result["tuned"]["choice"] and "tuned on valid: +dynamic: lr " in proc.stdout
     assert np.isfinite(result["methods"]["+dynamic"]["perplexity"])

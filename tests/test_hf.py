@@ -327,7 +327,7 @@ def test_refusals_name_the_fix():
 
 # -- exports of train.py runs ----------------------------------------------------------------------
 def test_export_run_and_evaluate_it(small_corpus, tmp_path):
-    from lmmem.evaluation import evaluate_checkpoint
+    from lmmem.evaluation import evaluate
     from lmmem.training import config_from_args, train
     from lmmem.checkpoints import load_export
     from lmmem.training.export import export_run
@@ -341,9 +341,9 @@ def test_export_run_and_evaluate_it(small_corpus, tmp_path):
     model, vocab, config = load_export(out)
     assert len(vocab) == config["vocab_size"] == 200 and model.output.counts.sum() > 0
     assert model.output.weight is model.embedding.weight  # tied weights come back tied
-    a = evaluate_checkpoint(run / "last.pt", split="valid", max_tokens=300)
-    b = evaluate_checkpoint(out, split="valid", max_tokens=300)
-    assert b.report.loss == a.report.loss and b.meta["step"] == a.meta["step"] == 6
+    a = evaluate(run / "last.pt", split="valid", max_tokens=300, progress=False)
+    b = evaluate(out, split="valid", max_tokens=300, progress=False)
+    assert b.plain.loss == a.plain.loss and b.meta["step"] == a.meta["step"] == 6
     with pytest.raises(LmmemError, match="never overwrites"):
         export_run(run / "last.pt", out)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lmmem.evaluation import FrequencyBuckets, score_stream
-from lmmem.evaluation.test_time import score_test_time
+from engine_helpers import score
 from lmmem.memories import MbPA, MbPAConfig, mbpa_reference
 from lmmem.output_layers import build_output_layer
 
@@ -79,10 +79,10 @@ def test_mbpa_steps_zero_in_the_scoring_loop_equals_plain():
     tokens = np.random.default_rng(0).integers(0, 30, size=150).astype("<u4")
     bucket_of = FrequencyBuckets((1000, 100)).assign(np.random.default_rng(1).integers(0, 3000, size=30))
     plain, _ = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=2, bptt=11)
-    s = score_test_time(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=2, bptt=11,
-                        mbpa=MbPAConfig(k=4, steps=0, memory=20, lam=0.5, vocab=0))
-    np.testing.assert_allclose(s.sums(mbpa_lambda=0.5), plain, rtol=1e-12)
-    np.testing.assert_allclose(s.sums(mbpa_lambda=0.0), plain, rtol=1e-13)
+    s = score(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=2, bptt=11,
+              mbpa=MbPAConfig(k=4, steps=0, memory=20, lam=0.5, vocab=0), mbpa_lambdas=[0.0, 0.5])
+    np.testing.assert_allclose(s.at(mbpa_lambda=0.5), plain, rtol=1e-12)
+    np.testing.assert_array_equal(s.at(mbpa_lambda=0.0), plain)  # λ = 0: bit for bit
 
 
 @pytest.mark.parametrize("vocab,k,steps,memory,bias", [(7, 4, 3, 10, True), (100, 3, 5, 100, False), (2, 4, 3, 10, True),
@@ -111,11 +111,12 @@ def test_restricted_mbpa_in_the_scoring_loop_is_close_to_exact():
     model = build_model(ModelConfig(vocab_size=60, embed_dim=8, hidden_dim=12, tie_weights=False)).double().eval()
     tokens = np.random.default_rng(0).integers(0, 60, size=120).astype("<u4")
     kw = dict(bucket_of=np.zeros(60, dtype=np.int64), num_buckets=1, batch_size=2, bptt=11)
-    exact = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=0), **kw)
-    full = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=60), **kw)
-    part = score_test_time(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=20), **kw)
+    kw["mbpa_lambdas"] = [0.0, 0.5]
+    exact = score(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=0), **kw)
+    full = score(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=60), **kw)
+    part = score(model, tokens, mbpa=MbPAConfig(k=4, steps=3, lr=1.0, memory=30, lam=0.5, vocab=20), **kw)
     np.testing.assert_allclose(full.nll, exact.nll, rtol=1e-10)
-    assert not np.allclose(exact.sums(mbpa_lambda=0.5), exact.sums(mbpa_lambda=0.0))
+    assert not np.allclose(exact.at(mbpa_lambda=0.5), exact.at(mbpa_lambda=0.0))
     np.testing.assert_allclose(part.nll, exact.nll, rtol=1e-2)
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from lmmem.evaluation import FrequencyBuckets, score_stream
-from lmmem.evaluation.test_time import _log_mix, score_test_time
+from engine_helpers import score
+from lmmem.evaluation.methods import log_mix as _log_mix
 from lmmem.memories import CacheConfig, NeuralCache, cache_reference
 from lmmem.models import ModelConfig, build_model
 
@@ -64,11 +65,11 @@ def test_lambda_zero_reproduces_the_plain_model(arch, softmax):
     tokens = np.random.default_rng(0).integers(0, 30, size=211).astype("<u4")
     bucket_of = FrequencyBuckets((1000, 100)).assign(np.random.default_rng(1).integers(0, 3000, size=30))
     plain, cnt = score_stream(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=4, bptt=9)
-    s = score_test_time(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=4, bptt=9,
-                        cache=CacheConfig(window=20, theta=0.3, lam=0.2))
+    s = score(model, tokens, bucket_of=bucket_of, num_buckets=3, batch_size=4, bptt=9,
+              cache=CacheConfig(window=20, theta=0.3, lam=0.2), cache_lambdas=[0.0, 0.2])
     np.testing.assert_array_equal(s.count, cnt)
-    np.testing.assert_allclose(s.sums(theta=0.3, cache_lambda=0.0), plain, rtol=1e-13, atol=0)
-    assert not np.allclose(s.sums(theta=0.3, cache_lambda=0.2), plain)
+    np.testing.assert_array_equal(s.at(theta=0.3, cache_lambda=0.0), plain)  # bit for bit
+    assert not np.allclose(s.at(theta=0.3, cache_lambda=0.2), plain)
 
 
 def test_cache_helps_on_repeated_text():
@@ -76,6 +77,6 @@ def test_cache_helps_on_repeated_text():
     rng = np.random.default_rng(0)
     tokens = np.tile(rng.integers(0, 30, size=40), 8).astype("<u4")
     bucket_of = np.zeros(30, dtype=np.int64)
-    s = score_test_time(model, tokens, bucket_of=bucket_of, num_buckets=1, batch_size=1, bptt=16,
-                        cache=CacheConfig(window=100, theta=1.0, lam=0.5), thetas=[1.0, 5.0])
-    assert s.sums(theta=5.0, cache_lambda=0.5)[0] < s.sums(theta=5.0, cache_lambda=0.0)[0]
+    s = score(model, tokens, bucket_of=bucket_of, num_buckets=1, batch_size=1, bptt=16,
+              cache=CacheConfig(window=100, theta=1.0, lam=0.5), thetas=[1.0, 5.0], cache_lambdas=[0.0, 0.5])
+    assert s.at(theta=5.0, cache_lambda=0.5)[0] < s.at(theta=5.0, cache_lambda=0.0)[0]

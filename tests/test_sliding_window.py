@@ -1,6 +1,7 @@
-"""Sliding-window evaluation of the Transformer (issue 15 item 6): --context C gives every token
-at least C tokens of context, checked against a brute-force scorer that runs the model once per
-token on an explicit prefix window."""
+"""Sliding-window evaluation of the Transformer: score_stream's row-wise ``context`` (issue 15
+item 6) and evaluate.py's ``--context C`` (Hugging Face's strided windows, lmmem.evaluation.windows)
+give every token at least C tokens of context, checked against a brute-force scorer that runs the
+model once per token on an explicit prefix window."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from conftest import run_script
 from lmmem.cli import run_cli
-from lmmem.evaluation import evaluate_checkpoint
+from lmmem.evaluation import evaluate
 from lmmem.evaluation.cli import main
 from lmmem.data.batching import StreamBatcher
 from lmmem.errors import LmmemError
@@ -95,23 +96,54 @@ def test_lstm_refuses_context():
                      batch_size=2, bptt=4, context=2)
 
 
+@pytest.mark.parametrize("batch_size,window,context", [(1, 6, 3), (3, 7, 5), (2, 5, 0), (4, 9, 8)])
+def test_hf_strided_windows_give_every_token_its_context(batch_size, window, context):
+    """evaluate's sliding windows: the targets of the first window see every token before them; each
+    later target at least context + 1 tokens (its input and C before), at most the window."""
+    from lmmem.evaluation.adapters import LmmemAdapter
+    from lmmem.evaluation.engine import run_pass
+    from lmmem.evaluation.methods import MemorySet
+    from lmmem.evaluation.sinks import GridSums, TokenColumns
+    from lmmem.evaluation.windows import SlidingWindows
+
+    model = _transformer()
+    tokens = np.random.default_rng(2).integers(0, V, size=47).astype("<u4")
+    groups = SlidingWindows(tokens, window=window, context=context, batch_size=batch_size).groups()
+    cols = TokenColumns(len(tokens), {"plain": 0})
+    run_pass(LmmemAdapter(model), groups, MemorySet([]), GridSums(1, 1, device="cpu", bucket_of_vocab=np.zeros(V, dtype=np.int64)),
+             columns=cols)
+    got = cols.columns["plain"]
+    assert np.isnan(got[0]) and not np.isnan(got[1:]).any()
+    stride = window - context
+    for t in range(1, len(tokens)):
+        if t <= window:  # the first window: its whole prefix
+            assert got[t] == pytest.approx(brute_force(model, tokens, t, t - 1), abs=1e-12)
+            continue
+        begin = ((t - window - 1) // stride + 1) * stride  # HF: the first window whose end passes t
+        assert got[t] == pytest.approx(brute_force(model, tokens, t, t - 1 - begin), abs=1e-12), t
+        assert t - begin >= context + 1
+
+
 def test_cli_errors_name_the_context_flag(small_corpus, tmp_path, capsys):
     ckpt = _checkpoint(small_corpus, tmp_path / "t.pt", arch="transformer")  # context 16
     assert run_cli(main, [str(ckpt), "--bptt", "32"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--context C" in err and "--bptt 16 or less" in err
     assert run_cli(main, [str(ckpt), "--context", "16"]) == 2
-    assert "between 1 and --bptt − 1 = 15" in capsys.readouterr().err
-    assert run_cli(main, [str(ckpt), "--context", "4", "--cache"]) == 2
-    assert "plain evaluation only" in capsys.readouterr().err
+    assert "between 0 and the window − 1 = 15" in capsys.readouterr().err
+    lstm = _checkpoint(small_corpus, tmp_path / "l.pt", arch="lstm")
+    assert run_cli(main, [str(lstm), "--context", "4"]) == 2
+    assert "use --window bptt" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_context_flag(small_corpus, tmp_path):
     ckpt = _checkpoint(small_corpus, tmp_path / "t.pt", arch="transformer")
-    slid = run_script("evaluate.py", str(ckpt), "--max-tokens", "200", "--context", "8", "--json", str(tmp_path / "e.json"), check=True)
-    assert "sliding window: 8 tokens of context or more" in slid.stdout
+    slid = run_script("evaluate.py", str(ckpt), "--max-tokens", "200", "--context", "8", "--cache", "--json", str(tmp_path / "e.json"),
+                      check=True)
+    assert "window: sliding, 16 inputs, context 8 (stride 8; HF max_length 17)" in slid.stdout
     got = json.loads((tmp_path / "e.json").read_text())
-    ref = evaluate_checkpoint(ckpt, batch_size=16, max_tokens=200, device="cpu", context=8)
-    assert got["context"] == 8 and got["perplexity"] == pytest.approx(ref.report.perplexity, rel=1e-6)
-    assert ref.report.perplexity != pytest.approx(evaluate_checkpoint(ckpt, batch_size=16, max_tokens=200, device="cpu").report.perplexity)
+    ref = evaluate(ckpt, max_tokens=200, device="cpu", context=8, progress=False)
+    assert got["window"]["context"] == 8 and got["perplexity"] == pytest.approx(ref.plain.perplexity, rel=1e-6)
+    assert "+cache" in got["methods"]
+    assert ref.plain.perplexity != pytest.approx(evaluate(ckpt, max_tokens=200, device="cpu", progress=False).plain.perplexity)

@@ -89,13 +89,13 @@ def test_word_report_matches_a_float64_hand_computation(seed):
 
 
 def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
-    """evaluate_checkpoint on a SentencePiece corpus: word perplexity from the model's own piece
+    """evaluate on a SentencePiece corpus: word perplexity from the model's own piece
     log-probabilities (total NLL unchanged, divided by the number of words)."""
     import torch
 
     from data_prep.__main__ import main as prep
     from lmmem.data.corpus import PreparedCorpus
-    from lmmem.evaluation import evaluate_checkpoint
+    from lmmem.evaluation import evaluate
     from lmmem.evaluation.words import word_starts
     from lmmem.models import ModelConfig, build_model
     from lmmem.checkpoints import save_checkpoint
@@ -109,7 +109,8 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
     cfg = ModelConfig(vocab_size=len(corpus.vocab), embed_dim=8, hidden_dim=12, proj_dim=8, tie_weights=True)
     save_checkpoint({"model_config": cfg.to_dict(), "model": build_model(cfg).state_dict(), "progress": {"step": 0},
                      "train_config": {"data": str(data), "bptt": 10}, "vocab_fingerprint": corpus.fingerprint}, tmp_path / "m.pt")
-    res = evaluate_checkpoint(tmp_path / "m.pt", split="test", batch_size=3, device="cpu")
+    result = evaluate(tmp_path / "m.pt", split="test", batch_size=3, device="cpu", progress=False)
+    res = result.reports["plain"]
     tokens = corpus.tokens("test")
     starts = word_starts(tokens, piece_start_table(corpus.vocab.tokens), corpus.vocab.eos_id)
     # every unit is "w w w w w w w <eos>": 8 words a line, the first word's pieces (token 0 is context) left out
@@ -131,12 +132,13 @@ def test_word_level_of_a_sentencepiece_checkpoint(tmp_path, one_thread):
     assert res.words.loss * res.words.tokens == pytest.approx(per_token[first_word_pieces:].sum(), rel=1e-12)
     assert res.words.perplexity > res.report.perplexity  # several pieces a word
     assert sum(b.tokens for b in res.words.buckets) == res.words.tokens
-    assert res.words.buckets[0].name == ">10K" and "words" in res.to_dict()
+    assert res.words.buckets[0].name == ">10K" and "words" in result.to_dict()["methods"]["plain"]
     # text encoded with --vocab-from has no train split: the words' counts come from the corpus it names
     (tmp_path / "other.txt").write_text("the dog sat on another mat\nthe catty dogs\n")
     assert prep(["text", "--source", str(tmp_path / "other.txt"), "--out", str(tmp_path / "other"), "--vocab-from",
                  str(tmp_path / "m.pt"), "--quiet"]) == 0
-    other = evaluate_checkpoint(tmp_path / "m.pt", data=tmp_path / "other", split="test", batch_size=1, device="cpu")
+    other = evaluate(tmp_path / "m.pt", data=tmp_path / "other", split="test", batch_size=1, device="cpu",
+                     progress=False).reports["plain"]
     assert other.words.tokens == 6 + 1 + 3 + 1 - 1 and other.words.buckets[-1].tokens == 0  # every word seen in train
 
 
@@ -151,6 +153,6 @@ def test_evaluate_cli_prints_and_writes_word_level_numbers(tmp_path):
     run_script("train.py", "--data", str(data), "--out", str(run), "--preset", "tiny", "--max-steps", "3", "--batch-size", "4",
                "--bptt", "10", "--eval-interval", "0", "--no-progress", check=True)
     proc = run_script("evaluate.py", str(run / "best.pt"), "--split", "test", "--json", str(tmp_path / "e.json"), check=True)
-    assert "per word (the sum of its pieces' log-probabilities" in proc.stdout
+    assert "per word (the sum of its tokens' log-probabilities" in proc.stdout
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["words"]["tokens"] == 30 * 7 - 1 and result["words"]["perplexity"] > result["perplexity"]

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_script
 from lmmem.data.corpus import PreparedCorpus
-from lmmem.evaluation import DynamicConfig, FrequencyBuckets, evaluate_checkpoint, evaluate_methods
+from lmmem.evaluation import DynamicConfig, FrequencyBuckets, Methods, TuneGrid, evaluate
 from lmmem.memories import CacheConfig, MbPAConfig
 from test_evaluate_methods import _checkpoint
 
@@ -26,6 +26,7 @@ def read_tsv(path):
 def assert_columns_reproduce(head, rows, reports, corpus, split, buckets):
     assert head[:4] == ["position", "word", "train_count", "bucket"]
     assert head[4:] == list(reports)
+    reports = {m: r.report for m, r in reports.items()}
     tokens = corpus.tokens(split)
     counts = corpus.train_counts()
     names = buckets.names
@@ -51,14 +52,13 @@ def test_every_method_column_sums_to_its_reported_perplexity(small_corpus, tmp_p
     ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
     buckets = FrequencyBuckets((100, 10))
     out = tmp_path / "wp.tsv"
-    reports, meta = evaluate_methods(ckpt, batch_size=4, streams=streams, device="cpu", buckets=buckets,
-                                     cache=CacheConfig(window=50, theta=0.3, lam=0.1),
-                                     mbpa=MbPAConfig(k=4, steps=2, memory=50, lam=0.2),
-                                     dynamic=DynamicConfig(lr=1e-3) if streams is None else None,
-                                     max_tokens=301, word_probs=out)
+    res = evaluate(ckpt, batch_size=4, streams=streams, device="cpu", buckets="100,10", progress=False,
+                   methods=Methods(cache=CacheConfig(window=50, theta=0.3, lam=0.1), mbpa=MbPAConfig(k=4, steps=2, memory=50, lam=0.2),
+                                   dynamic=DynamicConfig(lr=1e-3) if streams is None else None),
+                   max_tokens=301, word_probs=out)
     head, rows = read_tsv(out)
-    assert meta["word_probs"] == {"path": str(out), "rows": 301, "columns": head[4:]}
-    assert_columns_reproduce(head, rows, reports, PreparedCorpus.open(small_corpus), "test", buckets)
+    assert res.meta["word_probs"] == {"path": str(out), "rows": 301, "columns": head[4:]}
+    assert_columns_reproduce(head, rows, res.reports, PreparedCorpus.open(small_corpus), "test", buckets)
     # the methods do differ token by token (a column copied from another could not pass the sums)
     assert len({tuple(r[4:]) for r in rows[100:]} - {tuple([r[4]] * (len(r) - 4)) for r in rows[100:]}) > 0
 
@@ -66,15 +66,15 @@ def test_every_method_column_sums_to_its_reported_perplexity(small_corpus, tmp_p
 def test_tuned_methods_and_plain_evaluation_and_jsonl(small_corpus, tmp_path):
     ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
     corpus = PreparedCorpus.open(small_corpus)
-    reports, meta = evaluate_methods(ckpt, batch_size=4, device="cpu", cache=CacheConfig(window=50), tune=True,
-                                     thetas=(0.1, 1.0), lambdas=(0.0, 0.1, 0.3), max_tokens=200, split="valid",
-                                     word_probs=tmp_path / "t.tsv")
-    assert_columns_reproduce(*read_tsv(tmp_path / "t.tsv"), reports, corpus, "valid", FrequencyBuckets())
-    result = evaluate_checkpoint(ckpt, batch_size=4, device="cpu", max_tokens=200, word_probs=tmp_path / "p.jsonl")
+    res = evaluate(ckpt, batch_size=4, device="cpu", methods=Methods(cache=CacheConfig(window=50)), progress=False,
+                   tune=TuneGrid(thetas=(0.1, 1.0), lambdas=(0.0, 0.1, 0.3)), max_tokens=200, split="valid",
+                   word_probs=tmp_path / "t.tsv")
+    assert_columns_reproduce(*read_tsv(tmp_path / "t.tsv"), res.reports, corpus, "valid", FrequencyBuckets())
+    result = evaluate(ckpt, batch_size=4, device="cpu", max_tokens=200, word_probs=tmp_path / "p.jsonl", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert set(rows[0]) == {"position", "word", "train_count", "bucket", "log_probs"}
     lp = np.array([r["log_probs"]["plain"] for r in rows])
-    assert math.exp(-lp.sum() / len(lp)) == pytest.approx(result.report.perplexity, rel=1e-9)
+    assert math.exp(-lp.sum() / len(lp)) == pytest.approx(result.plain.perplexity, rel=1e-9)
 
 
 @pytest.mark.slow

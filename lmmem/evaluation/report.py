@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmmem.evaluation.perplexity import PerplexityReport
+from lmmem.evaluation.buckets import PerplexityReport
 from lmmem.jsonio import write_json  # noqa: F401  (re-exported: JSON here refuses inf/NaN)
 
 

@@ -30,7 +30,7 @@ from collections import Counter
 import numpy as np
 
 from lmmem.data.vocab import EOS
-from lmmem.evaluation.perplexity import FrequencyBuckets, PerplexityReport
+from lmmem.evaluation.buckets import FrequencyBuckets, PerplexityReport
 
 WORD_BOUNDARY = "\u2581"  # SentencePiece's marker of a piece that begins a word
 
@@ -73,6 +73,25 @@ def word_report(token_nll: np.ndarray, tokens: np.ndarray, pieces: list[str], tr
     counts = np.fromiter((train_words.get(raw[4 * a : 4 * e], 0) for a, e in zip(bounds[scored].tolist(), ends[scored].tolist())),
                          dtype=np.int64, count=int(scored.sum()))
     bucket = buckets.assign(counts)
+    k = len(buckets.names)
+    sums = np.bincount(bucket, weights=nll[scored], minlength=k)
+    n = np.bincount(bucket, minlength=k).astype(np.float64)
+    return PerplexityReport.from_sums(sums, n, buckets)
+
+
+def grouped_word_report(token_nll: np.ndarray, word_of: np.ndarray, word_count: np.ndarray,
+                        buckets: FrequencyBuckets) -> PerplexityReport:
+    """Per-word perplexity when the word of every token is known (``word_of[i]``, non-decreasing:
+    a tokenizer's tokens mapped to the whitespace words of the text, lmmem.evaluation.text) and
+    each word's training count (``word_count[w]``). A word's NLL is the sum of its tokens'; a word
+    with a token not scored (NaN) is left out."""
+    word_of = np.asarray(word_of)
+    if not len(word_of):
+        return PerplexityReport.from_sums(np.zeros(len(buckets.names)), np.zeros(len(buckets.names)), buckets)
+    bounds = np.flatnonzero(np.r_[True, word_of[1:] != word_of[:-1]])
+    nll = np.add.reduceat(np.asarray(token_nll, dtype=np.float64), bounds)
+    scored = ~np.isnan(nll)
+    bucket = buckets.assign(np.asarray(word_count)[word_of[bounds][scored]])
     k = len(buckets.names)
     sums = np.bincount(bucket, weights=nll[scored], minlength=k)
     n = np.bincount(bucket, minlength=k).astype(np.float64)

@@ -11,54 +11,47 @@ is recorded as ``null``. Valid split by default: choosing settings on test would
 
 from __future__ import annotations
 
+import argparse
 import math
 import shlex
 import sys
 import time
 
-import numpy as np
-
 from lmmem.cli import ArgumentParser, HelpFormatter, run_cli
-from lmmem.data.corpus import PreparedCorpus
-from lmmem.evaluation import score_stream, write_json
-from lmmem.evaluation.dynamic import DynamicConfig, gradient_statistics, score_dynamic
-from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.device import resolve_device
+from lmmem.evaluation import EvalConfig, Evaluation, write_json
+from lmmem.evaluation.dynamic import DynamicConfig
+from lmmem.evaluation.engine import DynamicRun
+from lmmem.evaluation.methods import MemorySet
 from lmmem.validation import check_flags
 
 
-def _ppl(nll: np.ndarray, cnt: np.ndarray) -> float | None:
-    loss = float(nll.sum() / max(cnt.sum(), 1))
+def _ppl(sums) -> float | None:
+    loss = float(sums.totals()[0] / max(float(sums.count.sum()), 1))
     return math.exp(loss) if loss < 700 else None  # inf/NaN: diverged
 
 
 def sweep(checkpoint, *, sgd_lrs=(), rms_lrs=(), rms_eps=(DynamicConfig.eps,), decay=DynamicConfig.decay, split="valid",
           batch_size=16, bptt=None, max_tokens=0, stat_batches=DynamicConfig.stat_batches, device="auto", log=print) -> dict:
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    corpus = PreparedCorpus.open(data_dir_for(ckpt, None, checkpoint))
-    model = model_from_checkpoint(ckpt, dev)
-    bptt = bptt or int(ckpt["train_config"]["bptt"])
-    tokens = corpus.tokens(split)
-    one = np.zeros(len(corpus.vocab), dtype=np.int64)
-    kw = dict(bucket_of=one, num_buckets=1, batch_size=batch_size, bptt=bptt, device=dev, max_tokens=max_tokens)
+    ev = Evaluation(checkpoint, config=EvalConfig(split=split, batch_size=batch_size, bptt=bptt, max_tokens=max_tokens,
+                                                  device=device, buckets="1"))
+    none = MemorySet([])
     t = time.monotonic()
-    plain = _ppl(*score_stream(model, tokens, **kw))
+    plain = _ppl(ev.run_pass(split, none, desc=f"{split} plain").sums)
     log(f"plain: {plain:.2f} ({time.monotonic() - t:.0f}s)")
     cells = [("sgd", lr, None) for lr in sgd_lrs] + [("rms", lr, eps) for eps in rms_eps for lr in rms_lrs]
-    stats = gradient_statistics(model, corpus.tokens("train"), batch_size=batch_size, bptt=bptt, batches=stat_batches,
-                                device=dev) if rms_lrs else None
     rows = []
     for method, lr, eps in cells:
         cfg = DynamicConfig(method=method, lr=lr, decay=decay, stat_batches=stat_batches, **({"eps": eps} if eps else {}))
         t = time.monotonic()
-        ppl = _ppl(*score_dynamic(model, tokens, cfg=cfg, statistics=stats, **kw))
+        run = DynamicRun(cfg, ev.gradient_statistics(cfg))  # the rms statistics: computed once, shared by every cell
+        ppl = _ppl(ev.run_pass(split, none, desc=f"{split} {method} lr {lr:g}", dynamic=run).sums)
         rows.append({"method": method, "lr": lr, "eps": cfg.eps if method == "rms" else None, "decay": decay, "perplexity": ppl,
                      "change": None if ppl is None else ppl / plain - 1, "seconds": round(time.monotonic() - t, 1)})
         log(f"{method} lr {lr:g}" + (f" eps {cfg.eps:g}" if method == "rms" else "") + ": "
             + ("diverged" if ppl is None else f"{ppl:.2f} ({100 * (ppl / plain - 1):+.1f}%)"))
-    return {"checkpoint": str(checkpoint), "data": str(corpus.root), "split": split, "tokens": int(min(len(tokens) - 1, max_tokens or len(tokens))),
-            "batch_size": batch_size, "bptt": bptt, "stat_batches": stat_batches, "plain": plain, "rows": rows}
+    return {"checkpoint": str(checkpoint), "data": ev.source.describe()["data"], "split": split,
+            "tokens": len(ev.data.tokens) - 1, "batch_size": batch_size, "bptt": ev.bptt, "stat_batches": stat_batches,
+            "plain": plain, "rows": rows}
 
 
 def main(argv=None) -> int:

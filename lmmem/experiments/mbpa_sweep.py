@@ -14,47 +14,42 @@ combination. Valid split only by default: choosing settings on test would be tun
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import shlex
 import sys
 import time
 
 from lmmem.cli import ArgumentParser, run_cli
-from lmmem.data.corpus import PreparedCorpus
-from lmmem.evaluation import FrequencyBuckets, score_test_time, write_json
+from lmmem.evaluation import EvalConfig, Evaluation, Methods, write_json
 from lmmem.memories import CacheConfig, MbPAConfig
-from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
-from lmmem.device import resolve_device
 from lmmem.validation import check_flags
 
 
 def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, vocabs=(MbPAConfig.vocab,),
           epss=(MbPAConfig.eps,), with_cache=False, thetas=(0.1, 0.3, 1.0), batch_size=16, device="auto"):
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, map_location=dev)
-    corpus = PreparedCorpus.open(data_dir_for(ckpt, None, checkpoint))
-    model = model_from_checkpoint(ckpt, dev)
-    buckets = FrequencyBuckets()
-    kw = dict(bucket_of=buckets.assign(corpus.train_counts()), num_buckets=len(buckets.names), batch_size=batch_size,
-              bptt=int(ckpt["train_config"]["bptt"]), device=dev)
-    tokens = corpus.tokens(split)
+    ev = Evaluation(checkpoint, config=EvalConfig(split=split, batch_size=batch_size, device=device))
     rows = []
     for vocab, eps, lr, alpha in itertools.product(vocabs, epss, lrs, alphas):
         t0 = time.monotonic()
         cfg = MbPAConfig(k=k, steps=steps, lr=lr, alpha=alpha, eps=eps, vocab=vocab)
-        cache = dict(cache=CacheConfig(), thetas=list(thetas), cache_lambdas=[0.0, *lambdas]) if with_cache else {}
-        s = score_test_time(model, tokens, mbpa=cfg, mbpa_lambdas=[0.0, *lambdas], **cache, **kw)
-        th0 = s.thetas[0]  # MbPA alone does not depend on θ
-        best = min(lambdas, key=lambda lam: s.sums(th0, mbpa_lambda=lam).sum())
-        row = {"vocab": vocab, "eps": eps, "lr": lr, "alpha": alpha, "best_lambda": best,
-               f"{split}_ppl": s.report(buckets, theta=th0, mbpa_lambda=best).perplexity,
-               "ppl_by_lambda": {str(lam): s.report(buckets, theta=th0, mbpa_lambda=lam).perplexity for lam in lambdas},
-               "plain_ppl": s.report(buckets, theta=th0).perplexity}
+        methods = Methods(cache=CacheConfig() if with_cache else None, mbpa=cfg)
+        mem = ev.memory_set(methods, None, thetas=list(thetas), cache_lambdas=[0.0, *lambdas], mbpa_lambdas=[0.0, *lambdas])
+        res = ev.run_pass(split, mem, desc=f"{split} N {vocab} ε {eps} η {lr} α {alpha}")
+        totals, grid = res.sums.totals(), mem.grid
+
+        def ppl(**point):
+            return res.sums.report(ev.buckets, grid.index(**point)).perplexity
+
+        best = min(lambdas, key=lambda lam: totals[grid.index(mbpa_lambda=lam)])  # MbPA alone: θ does not matter
+        row = {"vocab": vocab, "eps": eps, "lr": lr, "alpha": alpha, "best_lambda": best, f"{split}_ppl": ppl(mbpa_lambda=best),
+               "ppl_by_lambda": {str(lam): ppl(mbpa_lambda=lam) for lam in lambdas}, "plain_ppl": ppl()}
         line = ""
         if with_cache:  # the paper's combination: θ, cache λ and MbPA λ chosen on the same pass
-            both, alone = s.best(cache=True, mbpa=True), s.best(cache=True, mbpa=False)
-            row.update({"cache_ppl": s.report(buckets, **alone).perplexity, "cache_choice": alone,
-                        f"cache_mbpa_{split}_ppl": s.report(buckets, **both).perplexity, "cache_mbpa_choice": both})
+            both, alone = grid.best(totals, ("cache", "mbpa")), grid.best(totals, ("cache",))
+            row.update({"cache_ppl": res.sums.report(ev.buckets, alone).perplexity, "cache_choice": grid.point(alone),
+                        f"cache_mbpa_{split}_ppl": res.sums.report(ev.buckets, both).perplexity,
+                        "cache_mbpa_choice": grid.point(both)})
             line = f", +cache {row['cache_ppl']:.2f}, +cache+MbPA {row[f'cache_mbpa_{split}_ppl']:.2f}"
         rows.append({**row, "seconds": round(time.monotonic() - t0, 1)})
         print(f"N {vocab or 'exact':<6} ε {eps:<6} η {lr:<6} α {alpha:<5} λ {best:<5} {split} ppl {row[f'{split}_ppl']:.2f} "

@@ -12,7 +12,7 @@ One command: prepares the corpus (``python -m data_prep``, skipped when WORK/dat
 prepared), trains one model per (softmax, seed) with identical settings — the same seed gives both
 softmaxes the same initial weights and dropout noise — evaluates each ``best.pt`` on the valid and
 test splits and, with ``--test-time``, with the neural cache, MbPA and both, their θ and λs chosen
-on the valid split (:func:`lmmem.evaluation.evaluate_methods` with ``tune=True``). It writes
+on the valid split (:func:`lmmem.evaluation.evaluate` with ``tune``). It writes
 ``WORK/results.json``, ``WORK/results.md`` (the paper-layout table and the per-bucket tables with
 the mean and spread over seeds, the commands, machine and versions) and ``WORK/results.png``;
 ``--page`` also writes the page, its JSON and chart to a docs folder. The validation split picks
@@ -39,10 +39,10 @@ from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.synthetic import write_synthetic_corpus
 from lmmem.errors import LmmemError
 from lmmem.evaluation import (
-    FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
+    FrequencyBuckets, Methods, PerplexityReport, TuneGrid, evaluate, write_json,
 )
 from lmmem.evaluation.report import format_count, format_perplexity, plot_bucket_panels
-from lmmem.evaluation.perplexity import BucketResult
+from lmmem.evaluation.buckets import BucketResult
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.experiments.variants import parse_train_args, parse_variant
 from lmmem.training import config_from_args, load_checkpoint, train
@@ -233,12 +233,12 @@ def evaluate_test_time(best: Path, out: Path, *, cache: CacheConfig, mbpa: MbPAC
         saved = json.loads(path.read_text())
         if _comparable_key(saved.get("key", {})) == key:
             return saved["result"]
-    reports, meta = evaluate_methods(best, split="test", batch_size=batch_size, streams=streams, buckets=buckets,
-                                     cache=cache, mbpa=mbpa, tune=True, thetas=thetas, lambdas=lambdas)
-    tuned = meta["tuned"]
-    result = {"test": {m: r.to_dict() for m, r in reports.items()},
+    res = evaluate(best, split="test", batch_size=batch_size, streams=streams, buckets=",".join(map(str, buckets.edges)),
+                   methods=Methods(cache=cache, mbpa=mbpa), tune=TuneGrid(thetas=tuple(thetas), lambdas=tuple(lambdas)))
+    tuned = res.meta["tuned"]
+    result = {"test": {m: r.report.to_dict() for m, r in res.reports.items()},
               "valid": dict(tuned["valid_perplexity"]), "choice": tuned["choice"],
-              "seconds": meta.get("memory_seconds")}
+              "seconds": res.meta["pass_seconds"].get("test")}
     write_json({"key": key, "result": result}, path)
     return result
 
@@ -385,8 +385,9 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
                     return 130
             record = {"seed": seed, "steps": cfg.max_steps, "train_minutes": train_minutes(out)}
             for split in ("valid", "test"):
-                res = evaluate_checkpoint(out / "best.pt", split=split, batch_size=args.eval_batch_size, buckets=buckets)
-                record[split] = res.report.to_dict()
+                res = evaluate(out / "best.pt", split=split, batch_size=args.eval_batch_size,
+                               buckets=",".join(map(str, buckets.edges)))
+                record[split] = res.plain.to_dict()
                 steps_run.append(f"python evaluate.py {out / 'best.pt'} --split {split} --batch-size {args.eval_batch_size}")
             if args.test_time:
                 record["test_time"] = evaluate_test_time(

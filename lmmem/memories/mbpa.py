@@ -70,7 +70,7 @@ neighbour at all is scored by the unadapted model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,24 +79,24 @@ from lmmem.memories.neural_cache import StreamMemory
 
 @dataclass
 class MbPAConfig:
-    k: int = 32
-    steps: int = 5
-    # η, α, ε: chosen on the validation splits of three corpora for MbPA on top of the neural cache
-    # (the paper's combination); docs/results/test-time-memory.md
-    lr: float = 0.1
-    alpha: float = 0.1
-    eps: float = 3.0
-    memory: int = 2000
-    lam: float = 0.1
-    # N > 0: adapt only the rows of the query's top-N words and the neighbours' words (normalisers
-    # over the whole vocabulary); 0: every row (exact MbPA). N = 128 scored the same valid perplexity
-    # as exact MbPA (114.29, ABC news) at 1/18 of its time (docs/results/test-time-memory.md)
-    vocab: int = 128
-    train_pairs: int = 0  # prefill every stream's memory with the last N (activation, next word) pairs of the train split
-    # bound on q·K·V (q·K·|C| restricted) of one batched adaptation; 0: 2M elements on CPU, where
-    # groups whose working set stays in the last-level cache ran 3.7× faster than 16M-element
-    # groups, 64M on GPU, where bigger groups mean fewer kernel launches
-    max_elements: int = 0
+    # K = 32 and 5 steps follow the issue and Rae et al. 2018; η, α and ε were chosen on the validation
+    # splits of three corpora for MbPA on top of the neural cache (docs/results/test-time-memory.md)
+    k: int = field(default=32, metadata={"help": "neighbours K"})
+    steps: int = field(default=5, metadata={"help": "adaptation steps"})
+    lr: float = field(default=0.1, metadata={"help": "adaptation learning rate η"})
+    alpha: float = field(default=0.1, metadata={"help": "pull α towards the trained softmax"})
+    eps: float = field(default=3.0, metadata={"help": "ε of the kernel 1/(ε + d²)"})
+    memory: int = field(default=2000, metadata={"help": "memory size (pairs per stream)"})
+    lam: float = field(default=0.1, metadata={"flag": "lambda", "help": "MbPA interpolation λ"})
+    vocab: int = field(default=128, metadata={
+        "help": "N: adapt only the output rows of the query's N likeliest words and of the neighbours' next words "
+                "(normalisers over the whole vocabulary); 0: every row (exact MbPA). Speed and accuracy of both: "
+                "docs/results/test-time-memory.md"})
+    train_pairs: int = field(default=0, metadata={
+        "help": "prefill each stream's memory with the last N (activation, next word) pairs of the train split"})
+    # bound on q·K·V (q·K·|C| restricted) of one batched adaptation; 0: by device (2M elements on CPU,
+    # where a working set that stays in the last-level cache runs fastest; 64M on GPU)
+    max_elements: int = field(default=0, metadata={"help": "elements of one batched adaptation (0: chosen by device)"})
 
     def __post_init__(self):
         if self.k <= 0 or self.steps < 0 or self.memory <= 0:
@@ -146,17 +146,50 @@ def adapted_log_probs(
     return torch.log_softmax(torch.baddbmm(zq[:, None, :], hq[:, None, :], A)[:, 0], -1)
 
 
-def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate words ``(q, n + K)`` (top-n of ``zq`` then the neighbours' values) and which slots
-    are active (a value already among the top-n or repeated, or of a missing neighbour, is inactive)."""
+TOP_N_CLASSES = 16  # interleaved column classes of _top_n
+
+
+def _top_n(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` largest entries of every row (unordered): the set ``torch.topk`` gives,
+    found in a fraction of its time on wide rows. The columns are dealt into ``b`` interleaved
+    classes (column j to class j mod V/b); each of a row's top n lies in a class whose maximum is
+    among the n largest class maxima (at most n classes reach the n-th value), so the top n of
+    those classes' columns are the row's top n. The classes' maxima cost one pass over the row."""
+    q, V = z.shape
+    b = TOP_N_CLASSES
+    nb = V // b
+    if nb <= 4 * n:  # narrow rows: the plain selection is as fast
+        return torch.topk(z, n, dim=-1, sorted=False).indices
+    classes = torch.topk(z[:, : nb * b].view(q, b, nb).amax(1), n, dim=-1, sorted=False).indices  # (q, n)
+    cols = (classes[:, :, None] + nb * torch.arange(b, device=z.device)).reshape(q, -1)
+    if nb * b < V:  # the columns past the last whole class are always candidates
+        cols = torch.cat([cols, torch.arange(nb * b, V, device=z.device).expand(q, -1)], 1)
+    pick = torch.topk(z.gather(1, cols), n, dim=-1, sorted=False).indices
+    return cols.gather(1, pick)
+
+
+def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n: int):
+    """Candidate words ``(q, n + m)``: the top-n of ``zq``, then the neighbours' values that bring a
+    word of their own (not among the top-n, not repeating an earlier neighbour's, of a neighbour that
+    exists), packed first, ``m`` slots for the most any query of the group needs. Returns the
+    candidates, which slots are active (a query with fewer extras than ``m`` leaves the rest
+    inactive) and ``slot`` ``(q, K)``: where each neighbour's own value sits among the candidates."""
     n = min(n, zq.shape[-1])
-    top = torch.topk(zq, n, dim=-1, sorted=False).indices
-    K = values.shape[1]
-    in_top = (values[:, :, None] == top[:, None, :]).any(-1)
-    earlier = torch.ones(K, K, dtype=torch.bool, device=values.device).tril(-1)
-    dup = ((values[:, :, None] == values[:, None, :]) & earlier).any(-1)
-    active = torch.cat([torch.ones_like(top, dtype=torch.bool), ~(in_top | dup) & (weights > 0)], dim=1)
-    return torch.cat([top, values], dim=1), active
+    top = _top_n(zq, n)
+    q, K = values.shape
+    eq_top = values[:, :, None] == top[:, None, :]  # (q, K, n)
+    in_top = eq_top.any(-1)
+    same = values[:, :, None] == values[:, None, :]  # (q, K, K)
+    dup = (same & torch.ones(K, K, dtype=torch.bool, device=values.device).tril(-1)).any(-1)
+    extra = ~(in_top | dup) & (weights > 0)
+    order = torch.argsort((~extra).to(torch.int8), dim=1, stable=True)  # the extras first, in neighbour order
+    m = int(extra.sum(1).max()) if q else 0
+    C = torch.cat([top, values.gather(1, order[:, :m])], dim=1)
+    active = torch.cat([torch.ones_like(top, dtype=torch.bool), extra.gather(1, order[:, :m])], dim=1)
+    rank = torch.argsort(order, dim=1)  # position of each neighbour in `order`
+    first = same.to(torch.int8).argmax(-1)  # the first neighbour with the same value
+    slot = torch.where(in_top, eq_top.to(torch.int8).argmax(-1), n + rank.gather(1, first))
+    return C, active, slot.clamp_max_(n + m - 1)  # (clamped: a missing neighbour's slot, of weight 0)
 
 
 def restricted_target_log_probs(
@@ -178,7 +211,7 @@ def restricted_target_log_probs(
     zy = zq.gather(1, targets[:, None])[:, 0].double()
     if steps == 0:
         return zy - lse_q
-    C, active = _candidates(zq, values, weights, vocab)  # (q, S)
+    C, active, slot = _candidates(zq, values, weights, vocab)  # (q, S), (q, S), (q, K)
     # z⁰ of the candidate rows, with -inf on inactive slots (they then stay -inf: p = 0, g = 0)
     Wc = torch.nn.functional.embedding(C, W)  # (q, S, D)
     z0 = torch.bmm(keys, Wc.transpose(1, 2))  # (q, K, S)
@@ -186,7 +219,8 @@ def restricted_target_log_probs(
         z0 += b[C][:, None, :]
     z0.masked_fill_(~active[:, None, :], float("-inf"))
     key_lse = key_lse.double()
-    onehot_w = ((C[:, None, :] == values[:, :, None]) & active[:, None, :]).to(dt).mul_(lr * weights[..., None])
+    onehot_w = (lr * weights)[..., None]  # η w_k, added at each neighbour's own slot
+    slot = slot[..., None]
     one = 1.0 if b is not None else 0.0  # the bias change folds into the Gram matrix, as in adapted_log_probs
     G = torch.bmm(keys, keys.transpose(1, 2)).add_(one)
     A = None
@@ -202,7 +236,7 @@ def restricted_target_log_probs(
             frac = torch.exp(lse_c - key_lse)
             log_rest = key_lse + torch.log((1 - frac).clamp_min(0))  # -inf when C holds everything
         sigma = torch.sigmoid(lse_c - log_rest).to(dt)  # 1 / (1 + e^{log_rest − lse_c})
-        g = p.mul_((-lr * weights * sigma)[..., None]).add_(onehot_w)  # η w_k (onehot − p_k) on C
+        g = p.mul_((-lr * weights * sigma)[..., None]).scatter_add_(2, slot, onehot_w)  # η w_k (onehot − p_k) on C
         A = g if A is None else torch.add(g, A, alpha=keep, out=g)  # A ← (1 − ηα) A + η g, one pass
     hq = torch.bmm(keys, query[:, :, None])[..., 0].add_(one)  # (q, K): h_k · h (+ 1 for the bias)
     delta = torch.bmm(hq[:, None, :], A)[:, 0]  # (q, S)
@@ -222,7 +256,7 @@ class MbPA:
 
     def __init__(self, rows: int, dim: int, cfg: MbPAConfig = MbPAConfig(), *, device="cpu", dtype=torch.float32):
         self.cfg = cfg
-        self.memory = StreamMemory(rows, cfg.memory, dim, device=device, dtype=dtype, aux=cfg.vocab > 0)
+        self.memory = StreamMemory(rows, cfg.memory, dim, device=device, dtype=dtype, aux=cfg.vocab > 0, norms=True)
 
     @torch.no_grad()
     def prefill(self, keys: torch.Tensor, values: torch.Tensor, lse: torch.Tensor | None = None) -> None:
@@ -242,7 +276,11 @@ class MbPA:
         cfg = self.cfg
         cand_k, cand_v, allowed = self.memory.candidates(hidden, targets)
         h = hidden.to(cand_k.dtype)
-        d2 = (h * h).sum(-1)[..., None] + (cand_k * cand_k).sum(-1)[:, None, :] - 2 * torch.bmm(h, cand_k.transpose(1, 2))
+        hn = (h * h).sum(-1)
+        # ‖h − k‖² = ‖h‖² + ‖k‖² − 2 h·k, the stored keys' norms kept by the memory (the same sums as
+        # computing them here, in the same order: exact ties between equal keys break as before)
+        kn = torch.cat([self.memory.norms, hn], 1)
+        d2 = hn[..., None] + kn[:, None, :] - 2 * torch.bmm(h, cand_k.transpose(1, 2))
         d2 = d2.clamp_min_(0).masked_fill_(~allowed, float("inf"))
         k = min(cfg.k, d2.shape[-1])
         dist, idx = torch.topk(d2, k, dim=-1, largest=False)  # (B, T, k)

@@ -28,7 +28,7 @@ windows help on WikiText-103). Tune them on the validation split with ``evaluate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,9 +37,9 @@ from lmmem.output_layers.base import IGNORE_INDEX
 
 @dataclass
 class CacheConfig:
-    window: int = 2000
-    theta: float = 0.3
-    lam: float = 0.1
+    window: int = field(default=2000, metadata={"help": "cache size W (pairs per stream)"})
+    theta: float = field(default=0.3, metadata={"help": "cache flatness θ"})
+    lam: float = field(default=0.1, metadata={"flag": "lambda", "help": "cache interpolation λ"})
 
     def __post_init__(self):
         if self.window <= 0:
@@ -58,13 +58,15 @@ class StreamMemory:
     written in place (``T`` rows per stream), nothing is shifted.
     """
 
-    def __init__(self, rows: int, size: int, dim: int, *, device, dtype, aux: bool = False):
+    def __init__(self, rows: int, size: int, dim: int, *, device, dtype, aux: bool = False, norms: bool = False):
         self.size = size
         self.head = 0
         self.keys = torch.zeros(rows, size, dim, device=device, dtype=dtype)
         self.values = torch.full((rows, size), IGNORE_INDEX, device=device, dtype=torch.long)
         # optional float64 scalar per pair (MbPA stores the log-normaliser of the key's base logits)
         self.aux = torch.zeros(rows, size, device=device, dtype=torch.float64) if aux else None
+        # optional squared norm of every stored key (MbPA's distances), computed once when it is written
+        self.norms = torch.zeros(rows, size, device=device, dtype=dtype) if norms else None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -104,14 +106,17 @@ class StreamMemory:
             self.head = (self.head + T - self.size) % self.size
             T = self.size
         slots = (self.head + torch.arange(T, device=keys.device)) % self.size
-        self.keys.index_copy_(1, slots, keys.to(self.keys.dtype))
+        keys = keys.to(self.keys.dtype)
+        self.keys.index_copy_(1, slots, keys)
         self.values.index_copy_(1, slots, values)
         if self.aux is not None:
             self.aux.index_copy_(1, slots, aux.to(self.aux.dtype))
+        if self.norms is not None:
+            self.norms.index_copy_(1, slots, (keys * keys).sum(-1))
         self.head = (self.head + T) % self.size
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.aux) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.aux, self.norms) if t is not None)
 
 
 class NeuralCache:
