@@ -135,9 +135,10 @@ def choose_new_words(news: PreparedCorpus, tokenizer, n: int) -> list[dict]:
     """The ``n`` most frequent alphabetic words of the news train split that ``tokenizer`` splits
     into several pieces (as a word inside a sentence, i.e. after a space)."""
     counts = collections.Counter(w for unit in news.text_units("train") for w in unit.split())
+    vocab = tokenizer.get_vocab()
     chosen = []
     for word, count in counts.most_common():
-        if word.isalpha():
+        if word.isalpha() and word not in vocab:  # (a word that is a piece already would not get a new token)
             pieces = tokenizer(" " + word, add_special_tokens=False).input_ids
             if len(pieces) > 1:
                 chosen.append({"word": word, "train_count": count, "pieces": pieces})
@@ -146,12 +147,16 @@ def choose_new_words(news: PreparedCorpus, tokenizer, n: int) -> list[dict]:
     return chosen
 
 
-def add_words(tokenizer, words: list[dict]) -> None:
+def add_words(tokenizer, words: list[dict]) -> list[dict]:
+    """Add the words as whole tokens; returns them ordered by their new ids (``base, base + 1, ...``)."""
     from tokenizers import AddedToken
 
-    added = tokenizer.add_tokens([AddedToken(w["word"], single_word=True, lstrip=True, normalized=False) for w in words])
-    if added != len(words):
-        raise LmmemError(f"the tokenizer added {added} of {len(words)} new words")
+    base = len(tokenizer)
+    tokenizer.add_tokens([AddedToken(w["word"], single_word=True, lstrip=True, normalized=False) for w in words])
+    ids = tokenizer.convert_tokens_to_ids([w["word"] for w in words])
+    if sorted(ids) != list(range(base, base + len(words))):
+        raise LmmemError(f"add_tokens gave the {len(words)} new words ids {sorted(ids)[:3]}..., not {base}..{base + len(words) - 1}")
+    return [w for _, w in sorted(zip(ids, words), key=lambda p: p[0])]
 
 
 def encode(corpus: PreparedCorpus, split: str, tokenizer, chunk: int = 2000) -> np.ndarray:
@@ -198,13 +203,15 @@ def load_data(cfg: NewTokensConfig, log=print) -> Data:
     if not words_path.is_file():
         _atomic_write(words_path, json.dumps(choose_new_words(news, tokenizer, cfg.new_tokens), indent=1))
     words = json.loads(words_path.read_text())
+    streams = {}
     if not cache.is_file():
         log("tokenizing")
-        g_train, g_valid = encode(gutenberg, "train", tokenizer), encode(gutenberg, "valid", tokenizer)
-        add_words(tokenizer, words)
-        n_train, n_valid = encode(news, "train", tokenizer), encode(news, "valid", tokenizer)
+        streams = {f"gutenberg_{split}": encode(gutenberg, split, tokenizer) for split in ("train", "valid")}
+    words = add_words(tokenizer, words)  # ordered by id: index j of the per-type arrays is token base_vocab + j
+    if not cache.is_file():
+        streams.update({f"news_{split}": encode(news, split, tokenizer) for split in ("train", "valid")})
         tmp = work / "data.tmp.npz"
-        np.savez(tmp, gutenberg_train=g_train, gutenberg_valid=g_valid, news_train=n_train, news_valid=n_valid)
+        np.savez(tmp, **streams)
         tmp.replace(cache)
     arrays = np.load(cache)
     data = Data(base_vocab, base_vocab + len(words), words, *(arrays[k] for k in
