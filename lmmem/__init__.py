@@ -30,12 +30,17 @@ _LAZY = {
 }
 
 
+__all__ = ["LmmemError", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    # the lazily exported names show in dir() and completion before their first use
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lmmem' has no attribute {name!r}")
-
-
-__all__ = ["LmmemError", *_LAZY]
