@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 
@@ -23,6 +22,8 @@ from lmmem.cli import ArgumentParser, HelpFormatter, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import score_stream, write_json
 from lmmem.evaluation.dynamic import DynamicConfig, gradient_statistics, score_dynamic
+from lmmem.experiments import describe
+from lmmem.experiments.paths import portable_command, portable_path
 from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.training.distributed import resolve_device
 from lmmem.validation import check_flags
@@ -58,12 +59,12 @@ def sweep(checkpoint, *, sgd_lrs=(), rms_lrs=(), rms_eps=(DynamicConfig.eps,), d
                      "change": None if ppl is None else ppl / plain - 1, "seconds": round(time.monotonic() - t, 1)})
         log(f"{method} lr {lr:g}" + (f" eps {cfg.eps:g}" if method == "rms" else "") + ": "
             + ("diverged" if ppl is None else f"{ppl:.2f} ({100 * (ppl / plain - 1):+.1f}%)"))
-    return {"checkpoint": str(checkpoint), "data": str(corpus.root), "split": split, "tokens": int(min(len(tokens) - 1, max_tokens or len(tokens))),
+    return {"checkpoint": portable_path(checkpoint, "CHECKPOINT"), "data": portable_path(corpus.root), "split": split, "tokens": int(min(len(tokens) - 1, max_tokens or len(tokens))),
             "batch_size": batch_size, "bptt": bptt, "stat_batches": stat_batches, "plain": plain, "rows": rows}
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=describe(__doc__), formatter_class=HelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--split", default="valid")
     p.add_argument("--sgd-lrs", type=float, nargs="*", default=[1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
                    split=args.split, batch_size=args.batch_size, bptt=args.bptt, max_tokens=args.max_tokens,
                    stat_batches=args.stat_batches, device=args.device)
     if args.json:
-        write_json({**result, "command": shlex.join([sys.executable, "-m", "lmmem.experiments.dynamic_sweep", *(argv or sys.argv[1:])])},
-                   args.json)
+        command = portable_command(list(sys.argv[1:] if argv is None else argv), "python -m lmmem.experiments.dynamic_sweep")
+        write_json({**result, "command": command}, args.json)
     return 0
 
 

@@ -259,7 +259,7 @@ def _train_step(model, opt, x: torch.Tensor, lr: float) -> float:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def pretrain(cfg: NewTokensConfig, data: Data, seed: int, log=print) -> Path:

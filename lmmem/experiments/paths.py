@@ -26,13 +26,15 @@ def project_root() -> Path:
     return root if (root / "pyproject.toml").is_file() else Path.cwd().resolve()
 
 
-def portable_path(path: str | os.PathLike, placeholder: str | None = None) -> str:
-    """``path`` as committed results store it (see the module docstring); ``placeholder`` replaces a
-    path outside the project and the shared corpora (default: the folder's or file's name)."""
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = Path.cwd() / p
-    p = Path(os.path.normpath(p))
+def portable_path(path: str | os.PathLike, placeholder: str | None = None, anchors: dict | None = None) -> str:
+    """``path`` as committed results store it (see the module docstring). ``anchors`` maps folders to
+    names (``{work: "WORK"}``: ``WORK/full-seed1/best.pt``); ``placeholder`` replaces any other path
+    outside the project and the shared corpora (default: the folder's or file's name)."""
+    p = _normal(path)
+    for folder, name in (anchors or {}).items():
+        folder = _normal(folder)
+        if p == folder or folder in p.parents:
+            return "/".join([name, *p.relative_to(folder).parts])
     root = project_root()
     if p == root or root in p.parents:
         return p.relative_to(root).as_posix() or "."
@@ -42,32 +44,49 @@ def portable_path(path: str | os.PathLike, placeholder: str | None = None) -> st
     return placeholder if placeholder is not None else p.name
 
 
+def _normal(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else Path.cwd() / p))
+
+
 def _placeholder(flag: str | None) -> str:
     return flag.lstrip("-").replace("-", "_").upper() if flag else "PATH"
 
 
-def portable_command(argv: list[str], prefix: str = "python") -> str:
-    """A command line for a results page: every absolute path in ``argv`` through :func:`portable_path`,
-    a path outside the project replaced by its flag's name in capitals (``--work /tmp/x`` →
-    ``--work WORK``). Relative paths are kept as typed (they are relative to the project already
-    when run from its root). ``LABEL=/abs/path`` and ``--flag=/abs/path`` forms are handled too."""
+def portable_command(argv: list[str], prefix: str = "python", anchors: dict | None = None) -> str:
+    """A command line for a results page: every absolute path in ``argv`` through :func:`portable_path`
+    (``anchors`` as there), any other path outside the project replaced by its flag's name in capitals
+    (``--data /tmp/x`` → ``--data DATA``). Relative paths are kept as typed (relative to the project
+    when run from its root). ``LABEL=/abs/path``, ``--flag=/abs/path`` and a quoted list of flags
+    (``--prep-args "--vocab-from /x"``) are rewritten too."""
     out: list[str] = []
     flag = None
     for arg in argv:
-        if " " in arg.strip():  # a quoted list of flags (--prep-args "--vocab-from /x ..."): rewritten inside
-            out.append(portable_command(shlex.split(arg), prefix=""))
+        if " " in arg.strip() and arg.strip().startswith("-"):
+            out.append(portable_command(shlex.split(arg), prefix="", anchors=anchors))
         elif arg.startswith("-"):
             flag, sep, value = arg.partition("=")
-            out.append(f"{flag}={portable_path(value, _placeholder(flag))}" if sep and _looks_absolute(value) else arg)
+            out.append(f"{flag}={portable_path(value, _placeholder(flag), anchors)}" if sep and _looks_absolute(value) else arg)
         else:
             label, sep, value = arg.partition("=")
             if sep and _looks_absolute(value) and not _looks_absolute(label):
-                out.append(f"{label}={portable_path(value, _placeholder(flag))}")
+                out.append(f"{label}={portable_path(value, _placeholder(flag), anchors)}")
             elif _looks_absolute(arg):
-                out.append(portable_path(arg, _placeholder(flag)))
+                out.append(portable_path(arg, _placeholder(flag), anchors))
             else:
                 out.append(arg)
     return " ".join([prefix, *(shlex.quote(a) for a in out)]) if prefix else shlex.join(out)
+
+
+def portable_shell(command: str, anchors: dict | None = None) -> str:
+    """:func:`portable_command` for a whole command string; a leading Python executable
+    (``/path/.venv/bin/python``) becomes ``python``."""
+    argv = shlex.split(command)
+    if not (argv and Path(argv[0]).name.startswith("python")):
+        return portable_command(argv, "", anchors)
+    if argv[1:2] == ["-m"] and len(argv) > 2:
+        return portable_command(argv[3:], f"python -m {argv[2]}", anchors)
+    return portable_command(argv[1:], "python", anchors)
 
 
 def _looks_absolute(text: str) -> bool:
