@@ -94,6 +94,12 @@ class NewTokensConfig:
     warmup: int = 10
     valid_windows: int = 256
     bootstrap: int = 1000
+    # one pretrained model (the first seed's) shared by all seeds, whose fine-tuning then differs in
+    # the stream's offset only; True: a model pretrained per seed (three times the pretraining)
+    pretrain_per_seed: bool = False
+
+    def pretrain_seed(self, seed: int) -> int:
+        return seed if self.pretrain_per_seed else self.seeds[0]
 
     def settings(self) -> dict:
         """What the results depend on (a WORK folder made with other settings is refused)."""
@@ -228,6 +234,7 @@ def load_data(cfg: NewTokensConfig, log=print) -> Data:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -319,7 +326,7 @@ def start_model(cfg: NewTokensConfig, data: Data, seed: int, arm: str):
 
     from lmmem.hf import apply_hebbian_softmax, lmmem_head
 
-    pre = pretrain(cfg, data, seed)
+    pre = pretrain(cfg, data, cfg.pretrain_seed(seed))
     model = GPT2LMHeadModel.from_pretrained(pre)
     if arm == "hebbian":
         apply_hebbian_softmax(model, start_step=0)
@@ -506,6 +513,11 @@ def _interval(ci: list[float]) -> str:
 def render_page(results: dict, chart: str | None = None) -> str:
     c, s = results["config"], results["summary"]
     words = results["words"]
+    listed = ", ".join(map(str, results["seeds"]))
+    seeds = (f"Seeds {listed}: each pretrains its own model (initial weights, pretraining windows) and fine-tunes from its "
+             "own offset in the news stream. " if c.get("pretrain_per_seed") else
+             f"One pretrained model (seed {results['seeds'][0]}); seeds {listed} fine-tune it from different offsets in the news "
+             "stream. ")
     lines = [f"# Tokens added to a pretrained model: {', '.join(s)}", "",
              "## What comes out", "", *conclusions(s), "",
              "## Setup", "",
@@ -518,7 +530,7 @@ def render_page(results: dict, chart: str | None = None) -> str:
              f"{results['new_share_of_train']:.1%} of the news training targets) are added as whole tokens "
              "(`tokenizer.add_tokens` + `model.resize_token_embeddings`), and each head is fine-tuned on identical batches of "
              f"ABC news for {c['finetune_steps']} steps (lr {c['finetune_lr']:g} after {c['warmup']} warm-up steps, fresh AdamW). "
-             f"Seeds {', '.join(map(str, results['seeds']))} (model, pretraining windows, fine-tuning offset). Heads:", "",
+             + seeds + "Heads:", "",
              "- `stock-default`: the stock head, new rows as transformers initialises them by default (`mean_resizing=True`: the mean "
              "of the old rows plus a spread scaled by 1e-9, i.e. the mean);",
              "- `stock-pieces-mean`: the stock head, each new row (input = output, tied) the mean of the rows of the word's BPE pieces;",
@@ -608,9 +620,9 @@ def run(cfg: NewTokensConfig, command: str = "", log=print) -> dict:
     _check_settings(cfg)
     data = load_data(cfg, log)
     runs, pretrain_info = [], []
+    for seed in dict.fromkeys(cfg.pretrain_seed(s) for s in cfg.seeds):
+        pretrain_info.append(np.load(pretrain(cfg, data, seed, log) / "pretrain.npy").tolist())
     for seed in cfg.seeds:
-        info = np.load(pretrain(cfg, data, seed, log) / "pretrain.npy")
-        pretrain_info.append(info.tolist())
         for arm in cfg.arms:
             path = work / f"seed{seed}" / f"{arm}.json"
             if not path.is_file():
@@ -655,6 +667,8 @@ def main(argv=None) -> int:
     for name in ("new_tokens", "bpe_vocab", "n_embd", "n_layer", "n_head", "context", "batch_size", "pretrain_steps",
                  "finetune_steps", "warmup", "valid_windows", "bootstrap"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--pretrain-per-seed", action="store_true",
+                   help="pretrain a model per seed (default: the first seed's model, fine-tuned from each seed's stream offset)")
     for name in ("pretrain_lr", "finetune_lr"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     args = p.parse_args(argv)
