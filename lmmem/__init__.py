@@ -27,6 +27,9 @@ _LAZY = {
     "build_model": "lmmem.models",
     # the fused loss on its own, for models that keep their own output matrix (imports triton on use)
     "linear_cross_entropy": "lmmem.kernels.linear_cross_entropy",
+    # the same as a loss object with its options fixed (Liger-Kernel's loss API)
+    "LinearCrossEntropyLoss": "lmmem.kernels.loss",
+    "LinearCrossEntropyOutput": "lmmem.kernels.loss",
 }
 
 
