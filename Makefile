@@ -1,5 +1,6 @@
 # Two entry points for a fresh Linux machine with only python3:
-#   make demo   set up .venv, then train and evaluate on the embedded synthetic corpus
+#   make demo   set up .venv, then train the full and the Hebbian softmax on the embedded corpus and
+#               print one table of bucketed test perplexity, each plain and + cache + MbPA (and a chart)
 #   make test   set up .venv, then check the import layers and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -19,8 +20,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) train.py --softmax full --preset tiny --out runs/demo-full --max-steps 600 --overwrite
-	$(PY) evaluate.py runs/demo-full/best.pt --split test --json runs/demo-full/eval-test.json
+	$(PY) -m lmmem.experiments.demo --out runs/demo
 
 test: setup
 	$(VENV)/bin/lint-imports  # the import layers of docs/architecture.md (pyproject.toml)

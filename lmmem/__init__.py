@@ -31,7 +31,18 @@ _LAZY = {
     "build_model": "lmmem.models",
     # the fused loss on its own, for models that keep their own output matrix (imports triton on use)
     "linear_cross_entropy": "lmmem.kernels.linear_cross_entropy",
+    # the same as a loss object with its options fixed (Liger-Kernel's loss API)
+    "LinearCrossEntropyLoss": "lmmem.kernels.loss",
+    "LinearCrossEntropyOutput": "lmmem.kernels.loss",
 }
+
+
+__all__ = ["LmmemError", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    # the lazily exported names show in dir() and completion before their first use
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):
@@ -40,6 +51,3 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lmmem' has no attribute {name!r}")
-
-
-__all__ = ["LmmemError", *_LAZY]

@@ -98,6 +98,31 @@ def test_applying_to_a_model_saved_with_a_head_warns(tmp_path):
         apply_hebbian_softmax(plain)
 
 
+def test_apply_patches_only_the_model_given_not_its_shared_config(tmp_path):
+    """A config object is shared by every model built from it: applying the head to one model must
+    not make a stock baseline from the same config save and load as an lmmem model."""
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64)
+    h = GPT2LMHeadModel(cfg)
+    h.transformer.h[0].eval()  # a part the user keeps in eval mode stays there (the probe restores each module's mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "saved with an lmmem head" warning on a fresh model
+        apply_hebbian_softmax(h, gamma=0.05)
+    assert not hasattr(cfg, "lmmem_head") and h.config.lmmem_head["layer"] == "hebbian"
+    assert h.transformer.config is h.config  # the model's own modules share its (private) copy
+    assert h.training and not h.transformer.h[0].training and h.transformer.h[1].training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = GPT2LMHeadModel(cfg)
+        apply_fused_softmax(GPT2LMHeadModel(cfg))  # a second model from the config: no false warning
+    assert not hasattr(s.config, "lmmem_head")
+    s.save_pretrained(tmp_path / "stock")
+    h.save_pretrained(tmp_path / "hebbian")
+    stock = from_pretrained(tmp_path / "stock")
+    assert type(stock.get_output_embeddings()) is torch.nn.Linear and not hasattr(stock.config, "lmmem_head")
+    loaded = from_pretrained(tmp_path / "hebbian")
+    assert isinstance(loaded.get_output_embeddings(), HebbianLMHead) and loaded.get_output_embeddings().gamma == 0.05
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("num_items", [False, True])
 def test_fused_loss_and_gradients_equal_the_stock_model(arch, num_items):

@@ -1,4 +1,4 @@
-"""README's "Test-time memories for any causal LM" commands run as written (small-size flags
+"""The README's evaluation commands (any causal LM, kNN-LM) run as written (small-size flags
 appended), on a tiny lmmem run and a tiny Hugging Face GPT-2 over the same prepared corpus."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The README's snippets run as written: "drop the Hebbian softmax into your own LM" and the
-Hugging Face GPT-2 and Trainer examples.
+"""The snippets of the README and the guides (docs/*.md) run as written: "drop the Hebbian softmax
+into your own LM" and the Hugging Face GPT-2 and Trainer examples.
 
-The code is taken from README.md between ``<!-- snippet:NAME -->`` and ``<!-- /snippet -->``,
-so the README cannot drift from what works.
+The code is taken from the one document holding ``<!-- snippet:NAME -->`` … ``<!-- /snippet -->``,
+so the docs cannot drift from what works, wherever a snippet moves.
 """
 
 from __future__ import annotations
@@ -13,14 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
 END = "<!-- /snippet -->"
 
 
+def documents() -> list[Path]:
+    """The README and the guides: where commands and snippets that the tests run may live."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
 def snippet_source(name: str = "hebbian-drop-in") -> str:
-    text = README.read_text(encoding="utf-8")
     start = f"<!-- snippet:{name} -->"
-    assert start in text and END in text, f"README.md lost its {name} snippet markers"
+    holders = [p for p in documents() if start in p.read_text(encoding="utf-8")]
+    assert len(holders) == 1, f"snippet {name!r} must be in exactly one of README.md and docs/*.md, found in {holders}"
+    text = holders[0].read_text(encoding="utf-8")
+    assert END in text.split(start, 1)[1], f"{holders[0]}: snippet {name!r} has no end marker"
     block = text.split(start, 1)[1].split(END, 1)[0]
     fenced = re.search(r"```(?:python|py)?\n(.*?)```", block, re.S)
     assert fenced, "the README snippet must be a fenced python block"

@@ -39,6 +39,9 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     assert "(seeds 2)" in text
     assert "`hebbian` = softmax=hebbian (Hebbian rule: centred)" in text  # "hebbian" meant the paper's rule before
     assert (page.parent / "repro" / "results.json").is_file()
+    # committed results hold no path of the machine that ran them: the work folder is WORK
+    assert str(tmp_path) not in (page.parent / "repro" / "results.json").read_text() and str(tmp_path) not in text
+    assert "--work WORK" in results["command"] and "python train.py --data WORK/data --out WORK/full-seed1" in "\n".join(results["steps"])
     # a second invocation trains and evaluates nothing again
     stamp = {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/test-time.json")}
     assert len(stamp) == 5
@@ -69,8 +72,8 @@ def test_runner_writes_paper_layout_page_and_reuses_runs(tmp_path, one_thread):
     assert not list(other.glob("*-seed*"))
     again = json.loads((other / "results.json").read_text())
     assert again["runs"] == json.loads(earlier.read_text())["runs"]
-    assert again["reused"]["full"]["from"] == str(earlier)
-    assert f"reused from `{earlier}`" in (other / "results.md").read_text()
+    assert again["reused"]["full"]["from"] == "REUSE"  # no path of this machine in results (the command names it)
+    assert "reused from `REUSE`" in (other / "results.md").read_text()
     # ... and refused, in one line naming the difference, when the earlier runs were measured otherwise
     steps = base.index("--max-steps") + 1
     with pytest.raises(LmmemError, match="--max-steps"):

@@ -50,7 +50,9 @@ from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.glyphs import GlyphConfig, load_omniglot, make_glyphs
 from lmmem.data.synthetic import SyntheticConfig, generate
 from lmmem.errors import LmmemError
+from lmmem.experiments import describe
 from lmmem.experiments.name_recall import occurrence_index
+from lmmem.experiments.paths import portable_path
 from lmmem.memories.kv_memory import KeyValueMemory, KVMemoryConfig
 from lmmem.memories.synthetic_gradients import FastSlowConfig, FastSlowMemoryLearner, SyntheticGradient
 from lmmem.output_layers.full_softmax import FullSoftmax
@@ -453,7 +455,7 @@ def text_name_recall(seed: int = 0, train_tokens: int = 100_000, test_tokens: in
 
 
 def main(argv=None) -> dict:
-    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=describe(__doc__))
     ap.add_argument("--classes", type=int, default=CurriculumConfig.num_classes)
     ap.add_argument("--presentations", type=int, default=CurriculumConfig.presentations)
     ap.add_argument("--background-classes", type=int, default=CurriculumConfig.background_classes)
@@ -494,7 +496,7 @@ def main(argv=None) -> dict:
             out["config"]["lr"] = list(args.lrs)
         else:
             out["rows"] += res["rows"]
-    out["data"] = args.omniglot or "procedural glyphs"
+    out["data"] = portable_path(args.omniglot) if args.omniglot else "procedural glyphs"
     if not args.no_text:
         out["text_rows"] = text_name_recall(args.seed)
     return out

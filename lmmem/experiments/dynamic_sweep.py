@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
 
@@ -22,6 +21,8 @@ from lmmem.evaluation import EvalConfig, Evaluation, write_json
 from lmmem.evaluation.dynamic import DynamicConfig
 from lmmem.evaluation.engine import DynamicRun
 from lmmem.evaluation.methods import MemorySet
+from lmmem.experiments import describe
+from lmmem.experiments.paths import portable_command, portable_path
 from lmmem.validation import check_flags
 
 
@@ -49,13 +50,13 @@ def sweep(checkpoint, *, sgd_lrs=(), rms_lrs=(), rms_eps=(DynamicConfig.eps,), d
                      "change": None if ppl is None else ppl / plain - 1, "seconds": round(time.monotonic() - t, 1)})
         log(f"{method} lr {lr:g}" + (f" eps {cfg.eps:g}" if method == "rms" else "") + ": "
             + ("diverged" if ppl is None else f"{ppl:.2f} ({100 * (ppl / plain - 1):+.1f}%)"))
-    return {"checkpoint": str(checkpoint), "data": ev.source.describe()["data"], "split": split,
+    return {"checkpoint": portable_path(checkpoint, "CHECKPOINT"), "data": portable_path(ev.source.describe()["data"]), "split": split,
             "tokens": len(ev.data.tokens) - 1, "batch_size": batch_size, "bptt": ev.bptt, "stat_batches": stat_batches,
             "plain": plain, "rows": rows}
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=describe(__doc__), formatter_class=HelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--split", default="valid")
     p.add_argument("--sgd-lrs", type=float, nargs="*", default=[1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
@@ -74,8 +75,8 @@ def main(argv=None) -> int:
                    split=args.split, batch_size=args.batch_size, bptt=args.bptt, max_tokens=args.max_tokens,
                    stat_batches=args.stat_batches, device=args.device)
     if args.json:
-        write_json({**result, "command": shlex.join([sys.executable, "-m", "lmmem.experiments.dynamic_sweep", *(argv or sys.argv[1:])])},
-                   args.json)
+        command = portable_command(list(sys.argv[1:] if argv is None else argv), "python -m lmmem.experiments.dynamic_sweep")
+        write_json({**result, "command": command}, args.json)
     return 0
 
 

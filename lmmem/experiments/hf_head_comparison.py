@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -29,6 +28,8 @@ import torch
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
+from lmmem.experiments import describe
+from lmmem.experiments.paths import portable_command, portable_path
 
 
 def gpt2(vocab_size: int, context: int, seed: int, n_embd: int, n_layer: int, n_head: int, tie: bool = True):
@@ -89,36 +90,69 @@ def run(corpus: PreparedCorpus, head: str, seed: int, args, hebbian_options: dic
     val = validation_loss(model, valid, args.context, args.batch_size, args.valid_windows)
     return {"head": args.name if (args.name and head == "hebbian") else head, "seed": seed, "train_loss_last20": float(np.mean(losses[-20:])),
             "valid_loss": val, "train_losses": [round(v, 4) for v in losses], "seconds": round(seconds, 1),
-            "hebbian_options": hebbian_options if head == "hebbian" else None}
+            "hebbian_options": hebbian_options if head == "hebbian" else None,
+            "rule": getattr(model.get_output_embeddings(), "rule", None)}
 
 
-def plot_training_curves(result_files: list[str], out: str) -> None:
-    """Mean training loss per step (over seeds) of every head in the given result JSONs, one PNG."""
+def head_label(name: str, run: dict, labels: dict[str, str]) -> str:
+    """A curve's label: ``labels[name]`` if given, else the head with its Hebbian rule when the run
+    recorded it (runs before that recorded no rule: give their label with ``--plot-label``)."""
+    if name in labels:
+        return labels[name]
+    if name == "stock":
+        return "stock nn.Linear head"
+    rule = run.get("rule") or (run.get("hebbian_options") or {}).get("rule")
+    return f"{name} ({rule} rule)" if rule else name
+
+
+def plot_training_curves(result_files: list[str], out: str, labels: dict[str, str] | None = None) -> None:
+    """Mean training loss per step (over seeds) of every head in the given result JSONs, one PNG with
+    a panel for tied and one for untied embeddings (where both occur). The stock head is drawn last,
+    dashed, so that a head that trains exactly like it does not hide it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    curves: dict[str, list[tuple[str, np.ndarray, int]]] = {}
     for path in result_files:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
         tied = "tied" if result["meta"].get("tied", True) else "untied"
         for name in dict.fromkeys(r["head"] for r in result["runs"]):
-            curves = np.array([r["train_losses"] for r in result["runs"] if r["head"] == name])
-            ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), label=f"{name} ({tied}, {len(curves)} seeds)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_yscale("log")
-    ax.set_title("tiny GPT-2 on Gutenberg: stock head vs lmmem heads")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+            runs = [r for r in result["runs"] if r["head"] == name]
+            curve = np.array([r["train_losses"] for r in runs]).mean(0)
+            curves.setdefault(tied, []).append((head_label(name, runs[0], labels or {}), curve, len(runs)))
+    panels = [k for k in ("tied", "untied") if k in curves]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), sharey=True, squeeze=False)
+    colours = {}
+    for ax, panel in zip(axes[0], panels):
+        # stock last (on top), dashed and black: under it a curve that coincides still shows at its edges
+        for label, curve, seeds in sorted(curves[panel], key=lambda c: c[0].startswith("stock")):
+            stock = label.startswith("stock")
+            colour = "black" if stock else colours.setdefault(label, f"C{len(colours)}")
+            ax.plot(np.arange(1, len(curve) + 1), curve, color=colour, linestyle="--" if stock else "-",
+                    linewidth=1.4 if stock else 2.8, alpha=1.0 if stock else 0.8, label=label if panel == panels[0] or label not in colours or stock else None,
+                    zorder=3 if stock else 2)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(f"{panel} embeddings ({seeds} seeds)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("training loss (nats/token)")
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    order = sorted(handles, key=lambda lab: not lab.startswith("stock"))
+    fig.legend([handles[lab] for lab in order], order, loc="lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle("tiny GPT-2 on Gutenberg: training loss of the stock head and the lmmem heads", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(handles) - 1) // 3), 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=describe(__doc__), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="prepared corpus folder (python -m data_prep)")
     p.add_argument("--heads", nargs="+", default=["stock", "fused", "hebbian"], choices=["stock", "fused", "hebbian"])
     p.add_argument("--hebbian-options", default="{}", help="JSON of HebbianSoftmax options (default: the layer's defaults)")
@@ -136,9 +170,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write all runs and the summary here")
     p.add_argument("--plot", help="PNG of the training curves of --plot-from (or of this run's --json)")
     p.add_argument("--plot-from", nargs="+", help="only plot these result JSONs (no training)")
+    p.add_argument("--plot-label", nargs="+", default=[], metavar="HEAD=LABEL",
+                   help="legend label of a head in the plot (e.g. for runs that did not record their Hebbian rule)")
     args = p.parse_args(argv)
+    labels = dict(spec.split("=", 1) for spec in args.plot_label)
     if args.plot_from:
-        plot_training_curves(args.plot_from, args.plot or "curves.png")
+        plot_training_curves(args.plot_from, args.plot or "curves.png", labels)
         return 0
     if not args.data:
         p.error("--data is required (unless --plot-from)")
@@ -160,13 +197,13 @@ def main(argv=None) -> int:
         print(f"{name:<12} valid {summary[name]['valid_mean']:.4f} ± {summary[name]['valid_sd']:.4f}   "
               f"train {summary[name]['train_mean']:.4f} ± {summary[name]['train_sd']:.4f}")
     if args.json:
-        meta = {"command": "python -m lmmem.experiments.hf_head_comparison " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        meta = {"command": portable_command(list(sys.argv[1:] if argv is None else argv), "python -m lmmem.experiments.hf_head_comparison"),
                 "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}",
-                "data": args.data, "vocab_size": len(corpus.vocab), "tied": not args.untie}
+                "data": portable_path(args.data), "vocab_size": len(corpus.vocab), "tied": not args.untie}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
         if args.plot:
-            plot_training_curves([args.json], args.plot)
+            plot_training_curves([args.json], args.plot, labels)
     return 0
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shlex
 import sys
 import time
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.evaluation import EvalConfig, Evaluation, Methods, write_json
+from lmmem.experiments import describe
+from lmmem.experiments.paths import portable_command, portable_path
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.validation import check_flags
 
@@ -58,7 +59,7 @@ def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, voc
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=describe(__doc__))
     p.add_argument("checkpoint")
     p.add_argument("--split", default="valid")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
@@ -80,8 +81,8 @@ def main(argv=None) -> int:
                  steps=args.mbpa_steps, vocabs=args.mbpa_vocab, epss=args.eps, with_cache=args.with_cache,
                  thetas=args.thetas, batch_size=args.batch_size, device=args.device)
     if args.json:
-        command = shlex.join(["python", "-m", "lmmem.experiments.mbpa_sweep", *(sys.argv[1:] if argv is None else argv)])
-        write_json({"checkpoint": args.checkpoint, "command": command, "rows": rows}, args.json)
+        command = portable_command(list(sys.argv[1:] if argv is None else argv), "python -m lmmem.experiments.mbpa_sweep")
+        write_json({"checkpoint": portable_path(args.checkpoint, "CHECKPOINT"), "command": command, "rows": rows}, args.json)
     return 0
 
 

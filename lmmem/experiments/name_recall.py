@@ -21,6 +21,8 @@ import torch
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
+from lmmem.experiments import describe
+from lmmem.experiments.paths import portable_path
 from lmmem.jsonio import write_json
 from lmmem.checkpoints import data_dir_for, load_checkpoint, model_from_checkpoint
 from lmmem.validation import check_flags
@@ -72,7 +74,7 @@ def name_recall(checkpoint: str | Path, split: str = "test", max_tokens: int = 2
     is_name = np.array([t[:1].isupper() for t in corpus.vocab.tokens])
     model = model_from_checkpoint(ckpt)
     occ = occurrence_index(tokens[1:], is_name)
-    row = {"checkpoint": str(checkpoint), "softmax": ckpt["model_config"]["softmax"],
+    row = {"checkpoint": portable_path(checkpoint, "CHECKPOINT"), "softmax": ckpt["model_config"]["softmax"],
            "softmax_options": ckpt["model_config"]["softmax_options"], "steps": ckpt["progress"]["step"]}
     for label, window in (("model", 0), ("model+cache", cache_window)):
         pred, logp = predictions(model, tokens, cache_window=window)
@@ -86,7 +88,7 @@ def name_recall(checkpoint: str | Path, split: str = "test", max_tokens: int = 2
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=describe(__doc__))
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--max-tokens", type=int, default=20_000)
     p.add_argument("--json")

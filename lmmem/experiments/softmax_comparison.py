@@ -43,6 +43,8 @@ from lmmem.evaluation import (
 )
 from lmmem.evaluation.report import format_count, format_perplexity, plot_bucket_panels
 from lmmem.evaluation.buckets import BucketResult
+from lmmem.experiments import describe
+from lmmem.experiments.paths import portable_command, portable_path, portable_shell
 from lmmem.memories import CacheConfig, MbPAConfig
 from lmmem.experiments.variants import parse_train_args, parse_variant
 from lmmem.training import config_from_args, load_checkpoint, train
@@ -254,7 +256,7 @@ def main(argv=None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=describe(__doc__))
     p.add_argument("corpus", choices=["wikitext-103", "gutenberg", "gigaword", "synthetic"])
     p.add_argument("--source", help="corpus source for data_prep (folder or 'hub')")
     p.add_argument("--work", required=True, help="folder for data, runs and results")
@@ -322,7 +324,7 @@ def load_reused(spec: str, args, parser: argparse.ArgumentParser, overrides: dic
     missing = [s for s in seeds if s not in records or (test_time is not None and not records[s].get("test_time"))]
     if missing:
         raise LmmemError(f"--reuse {spec}: {path} has no {label} run for seed(s) {', '.join(map(str, missing))}")
-    return {s: records[s] for s in seeds}, {"from": path, "command": earlier["command"], "machine": earlier.get("machine")}
+    return {s: records[s] for s in seeds}, {"from": portable_path(path, "REUSE"), "command": earlier["command"], "machine": earlier.get("machine")}
 
 
 def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
@@ -334,7 +336,7 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
     if args.corpus == "synthetic":
         if not (data_dir / "meta.json").is_file():
             write_synthetic_corpus(data_dir)
-        steps_run.append(f"# synthetic corpus written to {data_dir}")
+        steps_run.append("# synthetic corpus written to WORK/data")
     else:
         if not args.source:
             raise LmmemError(f"--source is required for the {args.corpus} corpus: the folder (or hub:NAME) to prepare it from")
@@ -402,9 +404,11 @@ def run(args, argv: list[str], parser: argparse.ArgumentParser) -> int:
                   + ("" if not args.test_time else ", with test-time memories " + ", ".join(
                       f"{m} {r['perplexity']:.2f}" for m, r in record["test_time"]["test"].items())))
     results = {
-        "corpus": args.corpus, "name": name, "source": args.source, "preset": args.preset, "seeds": args.seeds,
-        "bucket_names": buckets.names, "runs": runs, "variants": variants, "variant_seeds": variant_seeds, "max_steps": args.max_steps, "command": "python -m lmmem.experiments.softmax_comparison " + shlex.join(argv or sys.argv[1:]),
-        "steps": steps_run,
+        "corpus": args.corpus, "name": name, "source": args.source if args.source in (None, "hub") else portable_path(args.source), "preset": args.preset, "seeds": args.seeds,
+        "bucket_names": buckets.names, "runs": runs, "variants": variants, "variant_seeds": variant_seeds, "max_steps": args.max_steps,
+        # paths as the page shows them: the work folder is WORK, nothing of this machine (lmmem.experiments.paths)
+        "command": portable_command(argv, "python -m lmmem.experiments.softmax_comparison", {work: "WORK"}),
+        "steps": [line if line.startswith("#") else portable_shell(line, {work: "WORK"}) for line in steps_run],
         "machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }

@@ -5,7 +5,9 @@
 
 * :func:`apply_hebbian_softmax` / :func:`apply_fused_softmax`: replace the output head in place
   (weights kept, ties kept); training with ``labels`` goes through the layer's fused loss, logits and
-  ``generate()`` are unchanged (:mod:`lmmem.hf.patch`).
+  ``generate()`` are unchanged, ``resize_token_embeddings`` keeps the head and its state
+  (:mod:`lmmem.hf.patch`, :mod:`lmmem.hf.resize`). Only the model given changes: it gets its own
+  copy of its config.
 * :class:`HebbianSoftmaxCallback` (``transformers.Trainer``) or :func:`attach_to_optimizer` (your
   own loop, wrapped optimizers included): the Hebbian update after every optimizer step.
 * :func:`from_pretrained`: load a model saved with ``save_pretrained`` with its head and ``counts``.

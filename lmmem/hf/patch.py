@@ -13,6 +13,12 @@ How it works (per model instance; no class or library is patched):
   ``shift_labels`` and the Trainer's ``num_items_in_batch`` honoured). The output then has
   ``logits=None``.
 
+The model's ``resize_token_embeddings`` is wrapped too (:mod:`lmmem.hf.resize`): it keeps the lmmem
+head, its counts and rule state, with added rows initialised as transformers initialises them and
+counted as never seen. The head is recorded in ``model.config`` (so ``save_pretrained`` writes it to
+``config.json``); the model gets its own copy of the config first, since configs are shared objects
+(a stock baseline built from the same config must stay stock).
+
 Reusing the model's own forward (rather than re-implementing it around ``model.model``) keeps every
 architecture's argument handling, caches and masks as they are. What it requires is that the logits
 are ``lm_head(last hidden state)`` with nothing after the head (no soft-capping or scaling of the
@@ -21,6 +27,7 @@ logits); :func:`apply_hebbian_softmax` checks that with a 3-token probe and refu
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -36,6 +43,7 @@ from torch import nn
 
 from lmmem.errors import LmmemError
 from lmmem.hf.heads import HEADS, head_kind
+from lmmem.hf.resize import wrap_resize
 from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 CONFIG_KEY = "lmmem_head"  # in model.config (and so in config.json): which layer, with which options
@@ -59,7 +67,7 @@ def apply_hebbian_softmax(model: nn.Module, *, trainer=None, loss_options: dict 
     ``verify`` runs a 3-token probe to check that the model's logits are ``lm_head(hidden)``.
     """
     _warn_if_saved_head_is_dropped(model)
-    _apply(model, "hebbian", layer_options, loss_options or {}, verify)
+    _apply(model, "hebbian", layer_options, dict(loss_options or {}), verify)
     if trainer is not None:
         from lmmem.hf.callback import HebbianSoftmaxCallback
 
@@ -72,7 +80,7 @@ def apply_fused_softmax(model: nn.Module, *, loss_options: dict | None = None, v
     """As :func:`apply_hebbian_softmax` with the plain softmax (:class:`~lmmem.output_layers.FullSoftmax`):
     the fused linear + cross-entropy loss in training, no update rule."""
     _warn_if_saved_head_is_dropped(model)
-    return _apply(model, "full", layer_options, loss_options or {}, verify)
+    return _apply(model, "full", layer_options, dict(loss_options or {}), verify)
 
 
 def _warn_if_saved_head_is_dropped(model: nn.Module) -> None:
@@ -133,25 +141,41 @@ def _apply(model: nn.Module, kind: str, layer_options: dict, loss_options: dict,
     path = _head_path(model, old)
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    had_own_forward = "forward" in vars(model)  # an instance-level forward someone installed before us
-    previous_forward = vars(model).get("forward")
-    setattr(parent, attr, head)
-    _wrap_forward(model, head, loss_options)
+    put_head = functools.partial(setattr, parent, attr)
+    put_head(head)
+    unwrap_forward = _wrap_forward(model, head, loss_options)
+    unwrap_resize = wrap_resize(model, head, put_head) if hasattr(model, "resize_token_embeddings") else (lambda: None)
     if verify:
         try:
             _verify_logits_are_head_of_hidden(model, head)
         except BaseException:
             # refused: leave the model exactly as it was given
-            setattr(parent, attr, old)
-            if had_own_forward:
-                model.forward = previous_forward
-            else:
-                del model.forward
+            put_head(old)
+            unwrap_forward()
+            unwrap_resize()
             raise
     if config is not None:
+        # Recorded in a private copy: a config object is often shared (a stock baseline built from the
+        # same GPT2Config), and the entry would make that model save and load as an lmmem one.
+        config = _own_config(model, config)
         saved = {k: v for k, v in layer_options.items() if k not in _RUNTIME_OPTIONS}
         setattr(config, CONFIG_KEY, {"layer": kind, "options": saved, "loss_options": dict(loss_options)})
     return model
+
+
+def _own_config(model: nn.Module, config):
+    """Give ``model`` a deep copy of its ``config`` and return it. Every submodule attribute that
+    referred to the config, or to one of its sub-configs (a composite model's ``text_config``), is
+    pointed at the copy, so the model stays consistent with itself and the caller's object is untouched."""
+    from transformers import PretrainedConfig
+
+    memo: dict = {}
+    own = copy.deepcopy(config, memo)
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, PretrainedConfig) and id(value) in memo:
+                setattr(module, name, memo[id(value)])
+    return own
 
 
 def _check_loss_options(cls: type[OutputLayer], loss_options: dict) -> None:
@@ -165,8 +189,10 @@ def _check_loss_options(cls: type[OutputLayer], loss_options: dict) -> None:
 
 
 # -- the forward ----------------------------------------------------------------------------------
-def _wrap_forward(model: nn.Module, head: OutputLayer, loss_options: dict) -> None:
-    original = model.forward  # bound method (or an instance-level wrapper someone installed before us)
+def _wrap_forward(model: nn.Module, head: OutputLayer, loss_options: dict):
+    """Install the wrapped forward described in the module docstring; returns a function that uninstalls it."""
+    had_own = "forward" in vars(model)  # an instance-level forward someone installed before us
+    original = model.forward  # bound method (or that instance-level wrapper)
     params = inspect.signature(original).parameters
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
@@ -182,6 +208,14 @@ def _wrap_forward(model: nn.Module, head: OutputLayer, loss_options: dict) -> No
         return _fused_loss_forward(model, original, head, keep_arg, loss_options, args, kwargs)
 
     model.forward = forward
+
+    def uninstall() -> None:
+        if had_own:
+            model.forward = original
+        else:
+            del model.forward
+
+    return uninstall
 
 
 def _fused_loss_forward(model, original, head, keep_arg, loss_options, args, kwargs):
@@ -216,7 +250,7 @@ def _fused_loss_forward(model, original, head, keep_arg, loss_options, args, kwa
 def _verify_logits_are_head_of_hidden(model: nn.Module, head: OutputLayer) -> None:
     """The fused loss is right only if the model's logits are ``head(last hidden state)``; a 3-token
     probe in eval mode compares the two (same weights, same ops: they agree to rounding)."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (a user may keep parts in eval)
     model.eval()
     try:
         device = getattr(model, "device", head.weight.device)
@@ -226,7 +260,8 @@ def _verify_logits_are_head_of_hidden(model: nn.Module, head: OutputLayer) -> No
             hidden = model(input_ids=ids, use_cache=False, return_dict=True).logits
         expected = head.logits(hidden)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if logits.shape != expected.shape or not torch.allclose(logits.float(), expected.float(), rtol=1e-4, atol=1e-4):
         raise LmmemError(f"{type(model).__name__}'s logits are not lm_head(last hidden state) (the model transforms them after "
                          "the head), so the fused loss would train another function; keep the model's own head")

@@ -9,6 +9,9 @@ here, never the other way round.
   for the gradients; no ``N × V`` buffer, no atomics, deterministic; label smoothing, z-loss and
   soft-capping), on any device; reference
   :func:`~lmmem.kernels.linear_cross_entropy.linear_cross_entropy_reference`.
+* :mod:`lmmem.kernels.loss` — the same as a Liger-style loss object,
+  :class:`~lmmem.kernels.loss.LinearCrossEntropyLoss` (options fixed at construction, the output
+  matrix given with each call; ``return_z_loss``).
 * :mod:`lmmem.kernels.ce_step` — that in-place step: the Triton launcher and its PyTorch statement.
 * :mod:`lmmem.kernels.hebbian_rule` — the Hebbian softmax's rule in plain PyTorch (λ schedule, the
   paper's and the centred row update, merging per-class statistics) and its float64 reference

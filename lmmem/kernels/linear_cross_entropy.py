@@ -358,6 +358,19 @@ def linear_cross_entropy(
     ``use_triton``: None (default) uses the Triton step on CUDA where it works and PyTorch elsewhere;
     True forces Triton (CPU only under ``TRITON_INTERPRET=1``); False never uses it.
     ``chunk_size``: rows per chunk (default: from V, D and the device, see :func:`chunk_rows`)."""
+    return linear_cross_entropy_with_lse(hidden, weight, bias, targets, reduction, ignore_index, label_smoothing=label_smoothing,
+                                         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, use_triton=use_triton)[0]
+
+
+def linear_cross_entropy_with_lse(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+    reduction: str = "mean", ignore_index: int = IGNORE_INDEX, *, label_smoothing: float = 0.0,
+    z_loss: float = 0.0, softcap: float | None = None, chunk_size: int | None = None,
+    use_triton: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_cross_entropy` and the log-sum-exp of every row's (soft-capped) logits,
+    ``(N,)``, fp32 (fp64), without gradient: what the kernel computes anyway, for a z-loss term
+    reported on its own (:class:`lmmem.kernels.loss.LinearCrossEntropyLoss`)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -392,10 +405,10 @@ def linear_cross_entropy(
             raise LmmemError(f"the Triton step has no {compute} variant; use use_triton=None (the PyTorch step handles it)")
     grad = torch.is_grad_enabled()
     needs = (grad and h.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
-    loss, _, _, _, _ = torch.ops.lmmem.linear_cross_entropy(
+    loss, lse, _, _, _ = torch.ops.lmmem.linear_cross_entropy(
         h, weight, bias, t, reduction, int(ignore_index), float(label_smoothing), float(z_loss),
         float(softcap or 0.0), compute, *needs, int(chunk_size or 0), -1 if use_triton is None else int(bool(use_triton)))
-    return loss
+    return loss, lse
 
 
 def linear_cross_entropy_reference(
