@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmmem.cli import ArgumentParser, run_cli
-from lmmem.evaluation import PerplexityReport, evaluate_methods, format_table, write_json
+from lmmem.evaluation import Methods, PerplexityReport, evaluate, format_table, write_json
 from lmmem.evaluation.report import plot_bucket_panels
 from lmmem.experiments import describe
 from lmmem.memories import CacheConfig, MbPAConfig
@@ -41,12 +41,12 @@ class DemoConfig:
     progress: bool = True
 
 
-def evaluate(checkpoint: Path, cfg: DemoConfig) -> dict[str, PerplexityReport]:
-    """Test perplexity of ``checkpoint``, plain and with cache + MbPA tuned on valid. The one call
-    into the evaluation engine (re-pointed here when its API changes)."""
-    reports, _ = evaluate_methods(checkpoint, split="test", cache=CacheConfig(), mbpa=MbPAConfig(), tune=True,
-                                  max_tokens=cfg.eval_tokens, progress=cfg.progress)
-    return {"plain": reports["plain"], "+ cache + MbPA": reports["+cache+mbpa"]}
+def score(checkpoint: Path, cfg: DemoConfig) -> dict[str, PerplexityReport]:
+    """Test perplexity of ``checkpoint``, plain and with cache + MbPA tuned on valid: the demo's one
+    call into the evaluation engine."""
+    result = evaluate(checkpoint, split="test", methods=Methods(cache=CacheConfig(), mbpa=MbPAConfig()), tune=True,
+                      max_tokens=cfg.eval_tokens, progress=cfg.progress)
+    return {"plain": result.reports["plain"].report, "+ cache + MbPA": result.reports["+cache+mbpa"].report}
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), log=print) -> dict[str, PerplexityReport]:
@@ -61,7 +61,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), log=print) -> dict[str, PerplexityR
                                 "max_steps": cfg.steps, "eval_interval": cfg.steps, "eval_tokens": cfg.eval_tokens, "overwrite": True,
                                 "progress": cfg.progress}))
         log(f"== scoring {softmax}: test, plain and + cache + MbPA (tuned on valid)")
-        panels[PANELS[softmax]] = evaluate(out / softmax / "best.pt", cfg)
+        panels[PANELS[softmax]] = score(out / softmax / "best.pt", cfg)
     rows = {softmax + ("" if method == "plain" else f" {method}"): report
             for softmax, panel in zip(SOFTMAXES, panels.values()) for method, report in panel.items()}
     minutes = (time.monotonic() - t0) / 60
