@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmmem.cli import run_cli
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.config_file import add_config_argument, argv_with_config
 from lmmem.validation import check_flags
 
@@ -25,7 +25,7 @@ CORPORA = {
 
 
 def build_parser(prog: str = "python -m data_prep") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description="Prepare a corpus for lmmem: vocab.txt, {train,valid,test}.bin (uint32 token ids) and meta.json.",
     )

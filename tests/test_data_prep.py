@@ -517,7 +517,8 @@ def test_unknown_flags_and_bad_values_exit_2(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+        err = capsys.readouterr().err  # one line naming the fix, not argparse's usage block
+        assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
 
 
 @pytest.mark.slow
@@ -561,3 +562,18 @@ def test_peak_memory_does_not_grow_with_corpus_size(tmp_path, monkeypatch):
     assert size_ratio > 3.9
     assert peaks[1] < 1.3 * peaks[0], peaks  # 4x the text, about the same peak
     assert peaks[1] < 40e6
+
+
+def test_text_units_give_back_the_units_as_text(tmp_path, capsys):
+    """PreparedCorpus.text_units: what a model with its own tokenizer reads (one string per unit)."""
+    from lmmem.data.corpus import PreparedCorpus
+
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = ["the cat sat .", "a dog ran far", "the cat ran ."] * 5
+    for split in ("train", "valid", "test"):
+        (src / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n")
+    rc, _, err = run_cli(capsys, "wikitext-103", "--source", str(src), "--out", str(tmp_path / "c"), "--skip-blank-lines")
+    assert rc == 0, err
+    corpus = PreparedCorpus.open(tmp_path / "c")
+    assert list(corpus.text_units("valid", chunk=7)) == lines  # chunk boundaries inside units

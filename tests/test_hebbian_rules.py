@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from lmmem.constants import IGNORE_INDEX
 from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import LmmemError
+from lmmem.kernels.hebbian_rule import hebbian_update_reference
 from lmmem.models import ModelConfig, build_model
 from lmmem.output_layers import HebbianSoftmax
-from lmmem.output_layers.base import IGNORE_INDEX
-from lmmem.output_layers.hebbian_softmax import hebbian_update_reference
 from lmmem.training.config import config_from_args
 from lmmem.training.trainer import train_step
 

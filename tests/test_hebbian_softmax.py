@@ -13,10 +13,10 @@ import os
 import pytest
 import torch
 
+from lmmem.constants import IGNORE_INDEX
+from lmmem.kernels.hebbian_rule import hebbian_lambda, hebbian_update_reference
 from lmmem.models import ModelConfig, build_model
 from lmmem.output_layers import OUTPUT_LAYERS, FullSoftmax, HebbianSoftmax, build_output_layer
-from lmmem.output_layers.base import IGNORE_INDEX
-from lmmem.output_layers.hebbian_softmax import hebbian_lambda, hebbian_update_reference
 
 D, V = 5, 11
 # the layer's persistent state besides weight and bias

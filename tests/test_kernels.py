@@ -25,19 +25,14 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux)")
 
 from lmmem.errors import LmmemError  # noqa: E402
+from lmmem.kernels import ce_step as ce_step_mod  # noqa: E402
 from lmmem.kernels import hebbian as hebbian_mod  # noqa: E402
-from lmmem.kernels import linear_cross_entropy as lce_mod  # noqa: E402
+from lmmem.kernels.ce_step import ce_step_torch, ce_step_triton  # noqa: E402
 from lmmem.kernels.hebbian import hebbian_mix_triton_, hebbian_statistics, merge_statistics, segment_classes  # noqa: E402
-from lmmem.kernels.linear_cross_entropy import (  # noqa: E402
-    ce_step_torch,
-    ce_step_triton,
-    chunk_rows,
-    linear_cross_entropy,
-    linear_cross_entropy_reference,
-)
+from lmmem.kernels.hebbian_rule import hebbian_update_reference  # noqa: E402
+from lmmem.kernels.linear_cross_entropy import chunk_rows, linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from lmmem.kernels.runtime import KernelFallbackWarning, kernel_health, reset_kernel_health  # noqa: E402
 from lmmem.output_layers import FullSoftmax, HebbianSoftmax  # noqa: E402
-from lmmem.output_layers.hebbian_softmax import hebbian_update_reference  # noqa: E402
 
 IGNORE = -100
 CUDA = torch.cuda.is_available()
@@ -364,7 +359,7 @@ def test_a_failing_step_kernel_warns_once_and_falls_back(gen, monkeypatch, how):
     kernel = {"compile-fails": _FailingKernel(),
               "fails-at-full-size": _FailingKernel(triton_kernels.ce_step_kernel, fail_above_rows=5),
               "wrong-result": _FailingKernel(triton_kernels.ce_step_kernel, corrupt=True)}[how]
-    _patch_kernels(monkeypatch, lce_mod, ce_step_kernel=kernel)
+    _patch_kernels(monkeypatch, ce_step_mod, ce_step_kernel=kernel)
     h, W, b, t = make_inputs(gen, ignore_every=5)
     with pytest.warns(KernelFallbackWarning, match=r"ce_step.*float32.*(PTXASError|AssertionError|Mismatch)"):
         got = grads_fused(h, W, b, t, "mean", use_triton=True, chunk_size=16)

@@ -127,7 +127,7 @@ def test_ctrl_c_saves_then_exits_and_resume_continues(small_corpus, tmp_path):
 def test_bad_input_gives_one_line_errors(small_corpus, tmp_path):
     cases = [
         (["train.py", "--data", str(tmp_path / "missing")], "does not exist"),
-        (["train.py", "--data", str(small_corpus), "--no-such-flag"], "unrecognized arguments"),
+        (["train.py", "--data", str(small_corpus), "--no-such-flag"], "unknown option --no-such-flag"),
         (["train.py", "--data", str(small_corpus), "--batch-size", "100000"], "too few"),
         (["evaluate.py", str(tmp_path / "none.pt"), "--data", str(small_corpus)], "no checkpoint"),
     ]

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmmem.constants import IGNORE_INDEX
 from lmmem.errors import DataError
-from lmmem.output_layers.base import IGNORE_INDEX
 
 
 @dataclass

@@ -112,6 +112,36 @@ class PreparedCorpus:
             self._checked.add(split)
         return tokens
 
+    def text_units(self, split: str, chunk: int = 1 << 20):
+        """The split as text, one string per unit (a line or paragraph: the tokens up to an ``<eos>``,
+        which is left out), so that a model with its own tokenizer (a Hugging Face model) reads
+        exactly the text, splits and ``<unk>`` words an lmmem model of this corpus reads, and their
+        word-level numbers compare. Word tokens are joined by one space; SentencePiece pieces are
+        joined and their ``▁`` word marks become spaces. Streams the split in chunks: memory does not
+        grow with it. A last unit without ``<eos>`` is yielded too."""
+        tokens = self.tokens(split)
+        vocab = self.vocab.tokens
+        eos = self.vocab.eos_id
+        tok = self.meta.get("tokenizer")
+        pieces = isinstance(tok, dict) and tok.get("type") == "sentencepiece"
+        pending: list[int] = []
+        for start in range(0, len(tokens), chunk):
+            ids = np.asarray(tokens[start : start + chunk]).tolist()
+            for i in ids:
+                if i == eos:
+                    yield _join(pending, vocab, pieces)
+                    pending = []
+                else:
+                    pending.append(i)
+        if pending:
+            yield _join(pending, vocab, pieces)
+
     def train_counts(self) -> np.ndarray:
         """Training-split occurrence count of every vocabulary entry (for frequency buckets)."""
         return np.asarray(self.vocab.counts, dtype=np.int64)
+
+
+def _join(ids: list[int], vocab: list[str], pieces: bool) -> str:
+    if pieces:
+        return "".join(vocab[i] for i in ids).replace("\u2581", " ").strip()
+    return " ".join(vocab[i] for i in ids)

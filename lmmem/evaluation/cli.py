@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmmem.cli import HelpFormatter
+from lmmem.cli import ArgumentParser, HelpFormatter
 from lmmem.config_file import add_config_argument, argv_with_config
 from lmmem.errors import LmmemError
 from lmmem.evaluation import (
@@ -34,7 +34,7 @@ from lmmem.validation import check_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", default=None,
                    help=f"best.pt / last.pt written by train.py, its run folder (default: {TrainConfig.out}, train.py's default), or a folder written by python -m lmmem.training.export")
     p.add_argument("--data", help="prepared corpus folder (default: the one the model was trained on)")

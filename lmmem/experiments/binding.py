@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmmem.cli import ArgumentParser
 from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import LmmemError
@@ -353,7 +354,7 @@ def run(bc: BindingConfig, name: str = "", command: str = "", log=print) -> dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="prepared corpus folder (python -m data_prep); default: a small synthetic corpus written to WORK/data")
     p.add_argument("--work", required=True, help="folder for the trunk, branches and results (resumable)")
     p.add_argument("--name", help="corpus name on the page")

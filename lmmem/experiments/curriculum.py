@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmmem.cli import run_cli
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.glyphs import GlyphConfig, load_omniglot, make_glyphs
 from lmmem.errors import LmmemError
 from lmmem.memories.kv_memory import KeyValueMemory, KVMemoryConfig
@@ -466,7 +466,7 @@ def text_name_recall(seed: int = 0, train_tokens: int = 100_000, test_tokens: in
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--classes", type=int, default=CurriculumConfig.num_classes)
     ap.add_argument("--presentations", type=int, default=CurriculumConfig.presentations)
     ap.add_argument("--background-classes", type=int, default=CurriculumConfig.background_classes)

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from lmmem.cli import HelpFormatter, run_cli
+from lmmem.cli import ArgumentParser, HelpFormatter, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import score_stream, write_json
 from lmmem.evaluation.dynamic import DynamicConfig, gradient_statistics, score_dynamic
@@ -63,7 +63,7 @@ def sweep(checkpoint, *, sgd_lrs=(), rms_lrs=(), rms_eps=(DynamicConfig.eps,), d
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--split", default="valid")
     p.add_argument("--sgd-lrs", type=float, nargs="*", default=[1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])

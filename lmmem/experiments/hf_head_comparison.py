@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from lmmem.cli import ArgumentParser
 from lmmem.data.corpus import PreparedCorpus
 
 
@@ -116,7 +117,7 @@ def plot_training_curves(result_files: list[str], out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="prepared corpus folder (python -m data_prep)")
     p.add_argument("--heads", nargs="+", default=["stock", "fused", "hebbian"], choices=["stock", "fused", "hebbian"])
     p.add_argument("--hebbian-options", default="{}", help="JSON of HebbianSoftmax options (default: the layer's defaults)")

@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 
-from lmmem.cli import run_cli
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.evaluation import FrequencyBuckets, score_test_time, write_json
 from lmmem.memories import CacheConfig, MbPAConfig
@@ -64,7 +64,7 @@ def sweep(checkpoint, *, lrs, alphas, lambdas, split="valid", k=32, steps=5, voc
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--split", default="valid")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])

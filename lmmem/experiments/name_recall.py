@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmmem.cli import run_cli
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.jsonio import write_json
 from lmmem.training.checkpoint import data_dir_for, load_checkpoint, model_from_checkpoint
@@ -86,7 +86,7 @@ def name_recall(checkpoint: str | Path, split: str = "test", max_tokens: int = 2
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--max-tokens", type=int, default=20_000)
     p.add_argument("--json")

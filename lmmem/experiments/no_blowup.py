@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from lmmem.cli import ArgumentParser
 from lmmem.errors import LmmemError, TrainingDiverged
 from lmmem.experiments.softmax_comparison import _coerce, parse_variant, run_state
 from lmmem.jsonio import dumps
@@ -203,7 +204,7 @@ def render_page(results: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, help="folder for the runs (resumable)")
     p.add_argument("--corpora", nargs="+", default=["embedded"],
                    help="'embedded' (train.py's synthetic corpus) or NAME=PATH of a prepared corpus")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lmmem.cli import run_cli
+from lmmem.cli import ArgumentParser, run_cli
 from lmmem.errors import LmmemError
 from lmmem.evaluation import (
     FrequencyBuckets, PerplexityReport, evaluate_checkpoint, evaluate_methods, write_json,
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("corpus", choices=["wikitext-103", "gutenberg", "gigaword", "synthetic"])
     p.add_argument("--source", help="corpus source for data_prep (folder or 'hub')")
     p.add_argument("--work", required=True, help="folder for data, runs and results")
@@ -460,7 +460,7 @@ def write_outputs(results: dict, targets: list[tuple[Path, Path, Path]]) -> None
 def render_main(argv: list[str]) -> int:
     """``render PAGE...``: rewrite each page and its chart from the results.json beside it (no
     training, no evaluation), e.g. after a change to the page layout or the chart."""
-    p = argparse.ArgumentParser(prog="python -m lmmem.experiments.softmax_comparison render",
+    p = ArgumentParser(prog="python -m lmmem.experiments.softmax_comparison render",
                                 description=render_main.__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("pages", nargs="+", help="results pages written with --page, e.g. docs/results/reproduction-gutenberg.md")
     args = p.parse_args(argv)

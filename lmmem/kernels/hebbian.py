@@ -1,8 +1,9 @@
 """The Hebbian softmax's bookkeeping on the GPU: the batch statistics (per class present:
 occurrences and the sum of the activations that predicted it) and the in-place mixing update of
-those classes' output rows. The rule and its reference are in
-:mod:`lmmem.output_layers.hebbian_softmax` (``hebbian_update_reference``, ``hebbian_mix_``); the
-kernels are in :mod:`lmmem.kernels.triton_kernels`.
+those classes' output rows. The rule in PyTorch, and its reference, are in
+:mod:`lmmem.kernels.hebbian_rule` (``hebbian_mix_``, ``hebbian_update_reference``); the kernels are
+in :mod:`lmmem.kernels.triton_kernels`; the layer that uses them is
+:class:`lmmem.output_layers.hebbian_softmax.HebbianSoftmax`.
 
 No host sync, no data-dependent shapes: the classes present are found by sorting the ``N``
 targets (``torch.sort``) and marking where the sorted id changes, so the statistics live in
@@ -32,10 +33,14 @@ import math
 
 import torch
 
-from lmmem.kernels.runtime import device_guard, guarded, kernel_ok, require_triton
+from lmmem.kernels.hebbian_rule import hebbian_mix_
+from lmmem.kernels.runtime import device_guard, guarded, kernel_ok, require_triton, runtime_kernels
 from lmmem.kernels.triton_kernels import MIX_CUDA, MIX_INTERPRETER, SEGMENT_SUM_CUDA, SEGMENT_SUM_INTERPRETER, triton
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (S,) int64 with sentinel V, counts (S,) int64, sums (S, D) fp32
+# Per-slot statistics, one slot per position: ids (S,) int64 — the distinct classes in ascending
+# order, then the sentinel V in the unused slots —, counts (S,) int64, sums (S, D) fp32. Compare
+# lmmem.kernels.hebbian_rule.ClassStats (distinct classes only, no sentinel).
+SlotStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _segments(targets: torch.Tensor, num_classes: int, ignore_index: int):
@@ -85,13 +90,6 @@ def _segment_sum_triton(h: torch.Tensor, order: torch.Tensor, starts: torch.Tens
     return sums
 
 
-def runtime_kernels():
-    """The kernels module (an indirection the tests replace to force failures)."""
-    from lmmem.kernels import triton_kernels
-
-    return triton_kernels
-
-
 def _probe_segment_sum(dtype: torch.dtype, device: torch.device) -> None:
     h = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     order = torch.tensor([3, 0, 6, 1, 2, 5, 4], device=device)
@@ -112,7 +110,7 @@ def segment_sum(h: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, use_
 
 
 def hebbian_statistics(hidden: torch.Tensor, targets: torch.Tensor, num_classes: int, ignore_index: int,
-                       use_triton: bool = True) -> Stats:
+                       use_triton: bool = True) -> SlotStats:
     """Per-slot ``(ids, counts, fp32 sums)`` of ``hidden`` ``(N, D)`` by class of ``targets`` ``(N,)``.
     Slots past the last class (and the ignored positions' slot) have id ``num_classes``.
     Deterministic: a segmented sum over the sort order (Triton kernel, or PyTorch)."""
@@ -130,7 +128,7 @@ def hebbian_statistics(hidden: torch.Tensor, targets: torch.Tensor, num_classes:
     return ids, counts, sums
 
 
-def merge_statistics(a: Stats, b: Stats, num_classes: int) -> Stats:
+def merge_statistics(a: SlotStats, b: SlotStats, num_classes: int) -> SlotStats:
     """Statistics of two micro-batches as one (gradient accumulation), still sync-free: the slots
     of both are re-segmented by class (sentinel slots merge into the sentinel)."""
     ids = torch.cat([a[0], b[0]])
@@ -157,8 +155,6 @@ def _mix_launch(weight, class_counts, ids, n, sums, gamma, smoothing_limit, resc
 
 
 def _mix_torch(weight, class_counts, ids, n, sums, gamma, smoothing_limit, rescale) -> None:
-    from lmmem.output_layers.hebbian_softmax import hebbian_mix_
-
     keep = ids < weight.shape[0]  # the sentinel slots (a host sync: this is the fallback path)
     hebbian_mix_(weight, class_counts, ids[keep], n[keep], sums[keep], gamma, smoothing_limit, rescale)
 
@@ -181,7 +177,7 @@ def _probe_mix(dtype, device, smoothing_limit, rescale) -> None:
 def hebbian_mix_triton_(weight: torch.Tensor, class_counts: torch.Tensor, ids: torch.Tensor, n: torch.Tensor,
                         sums: torch.Tensor, gamma: float, smoothing_limit: float | None, rescale: bool = False,
                         block_d: int | None = None) -> None:
-    """The kernel version of :func:`lmmem.output_layers.hebbian_softmax.hebbian_mix_`: in place on
+    """The kernel version of :func:`lmmem.kernels.hebbian_rule.hebbian_mix_`: in place on
     ``weight`` ``(V, D)`` (fp32/bf16/fp16) and ``class_counts`` ``(V,)`` int64, for the slots ``ids``
     (sentinel ``V`` skipped) with occurrences ``n`` and fp32 activation sums ``sums``. A kernel
     variant that fails here (probed on first use) is replaced by ``hebbian_mix_`` with one warning."""

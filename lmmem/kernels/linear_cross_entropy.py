@@ -20,20 +20,14 @@ upstream gradient — valid because for ``mean`` and ``sum`` that gradient is on
 keeps ``h, W, b, targets`` (no gradients) and the backward recomputes each chunk's logits, weights
 row ``n`` by its upstream gradient and runs the same step (``8·N·D·V``).
 
-``step`` is a Triton kernel on CUDA (:func:`lmmem.kernels.triton_kernels.ce_step_kernel`, one
-program per row) and :func:`ce_step_torch` elsewhere (and wherever the kernel failed: see
-:mod:`lmmem.kernels.runtime`). It computes, for a row with target ``t`` (after the optional
-soft-cap ``z ← c·tanh(z/c)``)::
-
-    loss = lse − (1−ε)·z_t − ε·mean_v z_v + λ·lse²        (label smoothing ε, z-loss λ)
-    ∂loss/∂z_v = p_v·(1 + 2λ·lse) − (1−ε)·1[v = t] − ε/V   (× (1 − (z_v/c)²) with the soft-cap)
-
-in fp32 whatever the logits' dtype (fp64 for fp64 inputs), folding the target's −1 in before the
-result is rounded to the logits' dtype. Ignored targets (``ignore_index``) contribute 0 to the loss
-and the gradients; a ``mean`` over a batch with every target ignored is 0.
+``step`` (:mod:`lmmem.kernels.ce_step`, where its formulas are) is a Triton kernel on CUDA and
+PyTorch elsewhere, and wherever the kernel failed (see :mod:`lmmem.kernels.runtime`). Ignored
+targets (``ignore_index``) contribute 0 to the loss and the gradients; a ``mean`` over a batch with
+every target ignored is 0.
 
 Layers (as Liger-Kernel): kernel (``triton_kernels.ce_step_kernel``) → launcher
-(:func:`ce_step_triton`; the PyTorch statement :func:`ce_step_torch` beside it) → the chunk loop
+(:func:`~lmmem.kernels.ce_step.ce_step_triton`; the PyTorch statement
+:func:`~lmmem.kernels.ce_step.ce_step_torch` beside it) → the chunk loop
 (:func:`chunked_linear_cross_entropy`) → a ``torch.library`` custom op with its autograd formula
 (``torch.ops.lmmem.linear_cross_entropy``: ``torch.compile`` keeps it as one node instead of
 breaking the graph) → :func:`linear_cross_entropy` (reduction, autocast, options) → the output
@@ -53,129 +47,12 @@ from typing import Optional
 
 import torch
 
+from lmmem.constants import IGNORE_INDEX
 from lmmem.errors import LmmemError
-from lmmem.kernels.runtime import device_guard, guarded, kernel_ok, require_triton, triton_usable
-from lmmem.kernels.triton_kernels import CE_STEP_CUDA, CE_STEP_INTERPRETER, triton
+from lmmem.kernels.ce_step import TRITON_DTYPES, RedoChunk, ce_step
+from lmmem.kernels.runtime import device_guard, require_triton, triton_usable
 
-IGNORE_INDEX = -100
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# -- the in-place step: PyTorch statement ----------------------------------------------------------
-
-
-def ce_step_torch(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None, ignore_index: int,
-                  smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and log-sum-exp of the logits ``z`` ``(C, V)`` (at least fp32). With
-    ``row_weight`` ``(C,)``, ``z`` is overwritten by ``row_weight[r] · ∂loss_r/∂z`` (0 for ignored
-    rows); without, ``z`` is used as scratch. The formulas are in the module docstring."""
-    C, V = z.shape
-    cd = torch.promote_types(z.dtype, torch.float32)
-    x = z if z.dtype == cd else z.to(cd)  # fp32 math: in place for fp32 logits, one chunk copy for bf16
-    valid = targets != ignore_index
-    t = torch.where(valid, targets, torch.zeros_like(targets)).to(torch.int64).unsqueeze(1)
-    if softcap:
-        x.div_(softcap).tanh_()
-        deriv = 1.0 - x * x if row_weight is not None else None  # 1 − tanh², needed after x is overwritten
-        x.mul_(softcap)
-    z_t = x.gather(1, t).squeeze(1)
-    z_mean = x.mean(dim=1) if smoothing else None
-    # in place (torch.logsumexp would allocate a chunk-sized temporary for z − max)
-    m = x.amax(dim=1, keepdim=True)
-    x.sub_(m).exp_()
-    s = x.sum(dim=1, keepdim=True)
-    lse = (m + s.log()).squeeze(1)
-    loss = lse - (1.0 - smoothing) * z_t + z_loss * lse * lse
-    if smoothing:
-        loss = loss - smoothing * z_mean
-    loss = torch.where(valid, loss, torch.zeros((), dtype=cd, device=z.device))
-    if row_weight is not None:
-        w = torch.where(valid, row_weight.to(cd), torch.zeros((), dtype=cd, device=z.device))
-        a = w * (1.0 + 2.0 * z_loss * lse)  # the row's factor on p
-        x.mul_((a / s.squeeze(1)).unsqueeze(1))  # x held exp(z − max): one pass gives a·p
-        if smoothing:
-            x.sub_((w * (smoothing / V)).unsqueeze(1))
-        x.scatter_add_(1, t, (-(1.0 - smoothing) * w).unsqueeze(1))  # the −1, before any rounding
-        if softcap:
-            x.mul_(deriv)
-        if x is not z:
-            z.copy_(x)
-    return loss, lse
-
-
-# -- the in-place step: Triton launcher ------------------------------------------------------------
-
-
-def ce_step_triton(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor | None, ignore_index: int,
-                   smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`ce_step_torch` by ``ce_step_kernel`` (fp32 loss and lse; ``z`` fp32/bf16/fp16,
-    rows contiguous). Raises whatever Triton raises; callers go through :func:`_step`."""
-    C, V = z.shape
-    assert z.stride(1) == 1, "the step kernel reads rows of contiguous logits"
-    loss = torch.empty(C, dtype=torch.float32, device=z.device)
-    lse = torch.empty(C, dtype=torch.float32, device=z.device)
-    if C == 0:
-        return loss, lse
-    cfg = CE_STEP_CUDA if z.is_cuda else CE_STEP_INTERPRETER
-    block_v = min(cfg["BLOCK_V"], triton.next_power_of_2(V))
-    w = row_weight.to(torch.float32).contiguous() if row_weight is not None else loss
-    with device_guard(z.device):
-        runtime_kernels().ce_step_kernel[(C,)](
-            z, z.stride(0), targets.contiguous(), w, loss, lse, V, ignore_index,
-            float(smoothing), float(z_loss), float(softcap) if softcap else 1.0,
-            HAS_GRAD=row_weight is not None, SOFTCAP=bool(softcap), BLOCK_V=block_v, num_warps=cfg["num_warps"])
-    return loss, lse
-
-
-def runtime_kernels():
-    """The kernels module (an indirection the tests replace to force failures)."""
-    from lmmem.kernels import triton_kernels
-
-    return triton_kernels
-
-
-def _step_variant(z: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple:
-    return ("ce_step", str(z.dtype).removeprefix("torch."), str(targets.dtype).removeprefix("torch."),
-            "softcap" if softcap else "no-softcap", str(z.device))
-
-
-def _probe_step(dtype: torch.dtype, tdtype: torch.dtype, softcap: float, device: torch.device) -> None:
-    """Compile and run the step variant both ways (loss only; loss + gradient) on a 5 × 37 problem
-    and compare with :func:`ce_step_torch`: a kernel that compiles but computes wrongly fails too."""
-    g = torch.Generator().manual_seed(0)
-    z = (torch.randn(5, 37, generator=g) * 3).to(device=device, dtype=dtype)
-    t = torch.tensor([3, 36, IGNORE_INDEX, 0, 3], dtype=tdtype, device=device)
-    w = torch.rand(5, generator=g).to(device)
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {"rtol": 1e-4, "atol": 1e-5}
-    opts = (IGNORE_INDEX, 0.1, 1e-3, softcap)
-    want_loss, want_lse = ce_step_torch(z.float().clone(), t, None, *opts)
-    got_loss, got_lse = ce_step_triton(z.clone(), t, None, *opts)
-    torch.testing.assert_close(got_loss.float(), want_loss, **tol)
-    torch.testing.assert_close(got_lse.float(), want_lse, **tol)
-    want_g = z.float().clone()
-    ce_step_torch(want_g, t, w, *opts)
-    got_g = z.clone()
-    got_loss, _ = ce_step_triton(got_g, t, w, *opts)
-    torch.testing.assert_close(got_loss.float(), want_loss, **tol)
-    torch.testing.assert_close(got_g.float(), want_g, **tol)
-
-
-def _step(z, targets, row_weight, ignore_index, smoothing, z_loss, softcap, use_triton: bool):
-    """The step by Triton where asked and healthy, else by PyTorch (also after a failed launch)."""
-    if use_triton and z.dtype in _TRITON_DTYPES:
-        variant = _step_variant(z, targets, softcap)
-        if kernel_ok(variant, lambda: _probe_step(z.dtype, targets.dtype, softcap, z.device)):
-            out: list = []
-            if guarded(variant, lambda: out.extend(ce_step_triton(z, targets, row_weight, ignore_index,
-                                                                  smoothing, z_loss, softcap))):
-                return out[0], out[1]
-            raise _Redo()  # the launch may have written into z before failing
-    return ce_step_torch(z, targets, row_weight, ignore_index, smoothing, z_loss, softcap)
-
-
-class _Redo(Exception):
-    """A launch failed after it may have written into the chunk's logits: recompute the chunk."""
 
 
 # -- chunking --------------------------------------------------------------------------------------
@@ -184,13 +61,15 @@ class _Redo(Exception):
 def chunk_rows(N: int, V: int, D: int, device: torch.device, compute_dtype: torch.dtype, use_triton: bool,
                softcap: bool = False) -> int:
     """Rows per chunk. The chunk's logits (plus the fp32 working copy the PyTorch step makes of
-    bf16/fp16 logits, and the soft-cap's derivative) get a fixed budget: on CUDA 1 GiB or 1/16 of the
-    device's memory, whichever is less — ~2K rows at V = 267,735 in bf16, big enough for the
-    matmuls to run at full speed; on CPU 200 MiB (192 rows at V = 267,735 in fp32: measured there,
-    112-row chunks cost ~10% more time than 256-row ones, and 200 MiB keeps the peak above the
-    inputs — this plus the fp32 weight gradient — under 1/8 of eager PyTorch's). The size depends on the shape and the device, never on the momentary free
-    memory, so the summation order (and the result, bit for bit) is the same every run; it is
-    halved only when free memory cannot hold it (and never under ``torch.use_deterministic_algorithms``)."""
+    bf16/fp16 logits, and the soft-cap's derivative) get a fixed budget: on CUDA 1 GiB or 1/16 of
+    the device's memory, whichever is less (~2K rows at V = 267,735 in bf16: big enough for the
+    matmuls to run at full speed); on CPU 200 MiB (192 rows at V = 267,735 in fp32): on CPU
+    larger chunks ran faster, and 200 MiB keeps the peak above the inputs (this plus the fp32
+    weight gradient) under the acceptance bound of 1/8 of eager PyTorch's (the measurements:
+    docs/results/linear-cross-entropy.md). The size
+    depends on the shape and the device, never on the momentary free memory, so the summation order
+    (and the result, bit for bit) is the same every run; it is halved only when free memory cannot
+    hold it (and never under ``torch.use_deterministic_algorithms``)."""
     per_row = V * torch.empty((), dtype=compute_dtype).element_size()
     if not use_triton and compute_dtype in (torch.bfloat16, torch.float16):
         per_row += V * 4
@@ -287,9 +166,9 @@ def chunked_linear_cross_entropy(
             else:
                 torch.mm(hc, wt, out=z)
             try:
-                l_c, lse_c = _step(z, tc, rw, ignore_index, label_smoothing, z_loss, softcap, use_triton and attempt == 0)
+                l_c, lse_c = ce_step(z, tc, rw, ignore_index, label_smoothing, z_loss, softcap, use_triton and attempt == 0)
                 break
-            except _Redo:
+            except RedoChunk:
                 continue  # the kernel is now marked failed: recompute the logits, step in PyTorch
         loss[s:e] = l_c
         lse[s:e] = lse_c
@@ -317,8 +196,8 @@ def _resolve_triton(use_triton: int, device: torch.device, cd: torch.dtype) -> b
     if use_triton == 0:
         return False
     if use_triton == 1:
-        return cd in _TRITON_DTYPES
-    return device.type == "cuda" and cd in _TRITON_DTYPES and triton_usable(device)
+        return cd in TRITON_DTYPES
+    return device.type == "cuda" and cd in TRITON_DTYPES and triton_usable(device)
 
 
 def _row_weights(targets: torch.Tensor, reduction: str, ignore_index: int, dtype: torch.dtype):
@@ -509,7 +388,7 @@ def linear_cross_entropy(
         compute = autocast
     if use_triton:
         require_triton(h.device)
-        if compute not in _TRITON_DTYPES:
+        if compute not in TRITON_DTYPES:
             raise LmmemError(f"the Triton step has no {compute} variant; use use_triton=None (the PyTorch step handles it)")
     grad = torch.is_grad_enabled()
     needs = (grad and h.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)

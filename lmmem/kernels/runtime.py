@@ -34,10 +34,12 @@ from collections.abc import Callable, Hashable
 import torch
 
 from lmmem.errors import LmmemError
+from lmmem.kernels import triton_kernels
 from lmmem.kernels.triton_kernels import tl, triton
 
 __all__ = ["tl", "triton", "triton_enabled", "interpreter_enabled", "triton_usable", "require_triton",
-           "kernel_ok", "guarded", "mark_failed", "reset_kernel_health", "device_guard", "KernelFallbackWarning"]
+           "kernel_ok", "guarded", "mark_failed", "reset_kernel_health", "device_guard", "runtime_kernels",
+           "KernelFallbackWarning"]
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -145,3 +147,10 @@ def kernel_health() -> dict:
 def device_guard(device: torch.device):
     """Triton launches on the *current* CUDA device: make it ``device`` (the tensors' own)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def runtime_kernels():
+    """The module the launchers take their kernels from: :mod:`lmmem.kernels.triton_kernels`. An
+    indirection, so that a test can hand one launcher module (``monkeypatch.setattr(launchers,
+    "runtime_kernels", ...)``) failing stand-ins and exercise the fallbacks above."""
+    return triton_kernels

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
+from lmmem.constants import IGNORE_INDEX
+from lmmem.errors import LmmemError
+from lmmem.output_layers.base import OutputLayer
 from lmmem.output_layers.full_softmax import FullSoftmax
 from lmmem.output_layers.hebbian_softmax import HebbianSoftmax
 
@@ -17,8 +19,6 @@ def build_output_layer(name: str, in_features: int, num_classes: int, **options)
     try:
         cls = OUTPUT_LAYERS[name]
     except KeyError:
-        from lmmem.errors import LmmemError
-
         raise LmmemError(f"unknown softmax {name!r}; choose one of: {', '.join(sorted(OUTPUT_LAYERS))}") from None
     return cls(in_features, num_classes, **options)
 

@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from lmmem.constants import IGNORE_INDEX
+from lmmem.errors import LmmemError
+from lmmem.kernels.linear_cross_entropy import linear_cross_entropy
+from lmmem.kernels.runtime import triton_usable
+
+__all__ = ["BACKENDS", "IGNORE_INDEX", "OutputLayer", "cross_entropy_from_logits", "unwrap_optimizer", "upcast"]
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -83,8 +89,6 @@ class OutputLayer(nn.Module):
             return False
         if self._backend == "triton":
             return True
-        from lmmem.kernels.runtime import triton_usable
-
         supported = (torch.float32, torch.bfloat16, torch.float16)
         return (hidden.is_cuda and self.weight.is_cuda and hidden.dtype in supported
                 and self.weight.dtype in supported and triton_usable(hidden.device))
@@ -95,8 +99,6 @@ class OutputLayer(nn.Module):
         position), by the backend chosen above. Records nothing; subclasses' :meth:`loss` adds that."""
         if self._backend == "torch":
             return cross_entropy_from_logits(self.logits(hidden), targets, reduction, ignore_index)
-        from lmmem.kernels.linear_cross_entropy import linear_cross_entropy
-
         return linear_cross_entropy(hidden, self.weight, self.bias, targets, reduction, ignore_index,
                                     use_triton=True if self._backend == "triton" else None)
 
@@ -167,8 +169,6 @@ def unwrap_optimizer(optimizer):
         seen.add(id(inner))
         current = inner
     if not (isinstance(current, torch.optim.Optimizer) and hasattr(current, "_optimizer_step_post_hooks")):
-        from lmmem.errors import LmmemError
-
         raise LmmemError(
             f"cannot find the torch.optim.Optimizer inside {type(optimizer).__name__} to attach the output layer to; "
             "call layer.on_optimizer_step() right after every optimizer step yourself (with the Hugging Face Trainer: "

@@ -8,6 +8,10 @@ after one or two sightings instead of hundreds of small gradient steps.
 Two rules (``rule=``): ``"paper"``, the paper's rule exactly, and ``"centred"`` (the default, a
 variant of ours, not the paper's), which writes the same information without the paper rule's
 side effect on language models. Both share the counts, λ schedule, statistics and DDP path below.
+The rule maths (vectorised, and the float64 reference the tests hold everything to) is in
+:mod:`lmmem.kernels.hebbian_rule`; this module is the layer that records and applies it. What the
+rules do to perplexity, binding speed and training stability is measured in
+docs/results/hebbian-rules.md (and, for the paper's rule, docs/results/hebbian-softmax.md).
 
 The paper's rule (``rule="paper"``), exactly as implemented
 ------------------------------------------------------------
@@ -33,28 +37,24 @@ holds the real number of occurrences, starting at 0. Consequences:
 * **first sighting** (``c_i = 0``): ``λ = 1``, the row *becomes* ``h̄_i`` exactly (the gradient
   step of that batch is overridden);
 * **second sighting**: ``c_i = n`` (the occurrences of the first sighting), so ``λ = 1/(n+1)``;
-  after a first sighting of one occurrence, ``λ = 1/2``: the row becomes ``½ h̄ + ½ θ̂`` (half the
-  new mean activation, half the gradient-updated row). Sightings with one occurrence each give
-  ``λ = 1, 1/2, 1/3, …`` until ``1/(c+1) < γ``, then ``γ``;
+  after a first sighting of one occurrence, ``λ = 1/2``: the row becomes ``½ h̄ + ½ θ̂``. Sightings
+  with one occurrence each give ``λ = 1, 1/2, 1/3, …`` until ``1/(c+1) < γ``, then ``γ``;
 * once a class has been seen ``T`` times *before* a batch (``c_i ≥ T``), the rule no longer moves
   its row (``λ = 0``): it is trained by the gradient only, like a plain softmax. ``counts`` keeps
   counting.
 
 Classes never seen are trained by the gradient only, and the bias always is (the rule touches no
 bias). With ``rescale=True``, ``h̄_i`` is first scaled to the norm of ``θ̂_i`` (off by default; the
-paper does not rescale).
-
-Defaults: the paper's exact values of γ and T are not known to us; a public reimplementation used
-``gamma=0.01`` and ``smoothing_limit=500``, which are the defaults here.
+paper does not rescale). The paper's exact γ and T are not known to us; the defaults,
+``gamma=0.01`` and ``smoothing_limit=500``, are those of a public reimplementation.
 
 The centred rule (``rule="centred"``, the default)
 ---------------------------------------------------
 Why: in a language model the final activations share a large common component μ (their mean), and
 the model keeps each word's frequency prior in its row's component along μ. The paper's write
-copies h̄'s scale *and* μ into the row: in a controlled study on Gutenberg one write raised the
-word's logit by a median 21.7 nats in its own context (one Adam step: 0.2) and by ~|μ|² ≈ 12 nats in
-every other one; the probability mass on rare words went from 0.21 to 0.53–0.84 (true share 0.18)
-and every frequency bucket got worse (docs/results/hebbian-softmax.md, issue 12).
+copies h̄'s scale *and* μ into the row, so one write raises the word's logit far more than a
+gradient step would, in every context, not only its own: probability mass moves onto rare words
+and every frequency bucket gets worse (the controlled study of issue 12, in the results pages).
 
 The rule: μ is a running mean of the training activations (buffer :attr:`activation_mean`: the plain
 mean over the first ``1/(1 − mean_decay)`` updates, then an EMA with ``mean_decay``, default 0.99),
@@ -68,26 +68,15 @@ moves towards the *centred* mean activation. ``s_i`` sets the written part's nor
 ``"running"`` (the default) a running, token-weighted mean of the norm of the rows' orthogonal
 parts over each batch's rows (buffer :attr:`running_row_norm`: the typical row the gradient trains,
 frequent words weighing most), ``"row"`` the norm of the row's own orthogonal part (a rare word's
-row is small, so its write is weak), ``"none"`` unscaled. The rule writes from the ``start_step``-th update on (default 50
-for the centred rule, 0 for the paper's: writes during a from-scratch model's first steps raised its
-loss by ~0.5 nats); before that, counts and running statistics advance but no row is written.
-``rescale`` belongs to the paper's rule only. The running statistics are computed from the all-rank
-statistics, so DDP replicas stay identical; they and :attr:`updates` are persistent buffers (a
-checkpoint resumes exactly; checkpoints from before these buffers existed load with them fresh).
-The Triton mixing kernel implements the paper's rule only: the centred rule's update runs in PyTorch
-(O(U·D) per step) on the statistics of either backend.
+row is small, so its write is weak), ``"none"`` unscaled. ``rescale`` belongs to the paper's rule
+only.
 
-Measured (CPU, tiny preset; docs/results/hebbian-rules.md). Chosen on Gutenberg valid (LSTM, one
-seed, 400 steps): 235.4 (default) vs 263.3 full softmax vs 456.1 paper rule. Afterwards, at the
-reproduction's budget (3 seeds, test splits): test perplexity vs the full softmax +1.6% (Gutenberg),
-+2.2% (ABC news), −2.8% (WikiText-2), −0.1% (Transformer, Gutenberg); the paper's rule +27–35%.
-With a valid-tuned cache + MbPA on top: +1.1%, +3.1%, +6.0%, −0.5% (the cache gains less on top of
-the default on WikiText-2). From scratch the default's training loss never rose more than 0.021
-nats above the full softmax's; the paper's rule diverged in 6 of 8 runs. Branching from a trained
-full-softmax trunk, the default lowered rare words' NLL at their 2nd/3rd sighting by 0.06–0.37 nats
-on all three corpora without moving probability mass onto rare words in general (the paper's rule
-moved it to 0.64–0.96); on a second pass over WikiText-2 it was worse for rare words (+0.49).
-Glyph curriculum 2nd-showing accuracy 0.55–0.68 (paper rule 0.33–0.52, plain softmax ≤ 0.01).
+When it writes: from the ``start_step``-th update on (default 50 for the centred rule, 0 for the
+paper's), because writes during a from-scratch model's first steps, while its activations are still
+changing fast, raise its training loss; before that, counts and running statistics advance but no
+row is written. The running statistics are computed from the all-rank statistics, so DDP replicas
+stay identical; they and :attr:`updates` are persistent buffers (a checkpoint resumes exactly;
+checkpoints from before these buffers existed load with them fresh).
 
 Which activations
 -----------------
@@ -104,16 +93,18 @@ an ``index_add_`` of the detached activations into a ``(U, D)`` buffer (at least
 activations are fp64; bf16/fp16 activations under autocast are accumulated in fp32). No ``V × D``
 temporary is ever built. Ignored positions are mapped to a sentinel id ``num_classes`` rather
 than filtered by a boolean mask (one host sync fewer) and dropped when the update is applied.
-Several forwards before one optimizer step (gradient accumulation)
-accumulate: stored and new classes are merged by a second ``unique``. The statistics are transient:
-they are not in the ``state_dict`` (a checkpoint is taken between steps, when none are pending);
-``counts`` is a persistent buffer and is saved and restored.
+Several forwards before one optimizer step (gradient accumulation) accumulate: stored and new
+classes are merged by a second ``unique``. The statistics are transient: they are not in the
+``state_dict`` (a checkpoint is taken between steps, when none are pending); ``counts`` is a
+persistent buffer and is saved and restored.
 
-On CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton segmented-sum kernel
-instead (:mod:`lmmem.kernels.hebbian`): the classes present are found by sorting the targets, the
-buffers have one slot per position (sentinel ids past the last class), so there is no
-``torch.unique`` and no host sync; the update is a kernel over those slots. Same rule, same
-``pending_statistics()``; the tests check both backends against :func:`hebbian_update_reference`.
+Backends: on CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton
+segmented-sum kernel instead (:mod:`lmmem.kernels.hebbian`): the classes present are found by
+sorting the targets, the buffers have one slot per position (sentinel ids past the last class), so
+there is no ``torch.unique`` and no host sync; the paper rule's update is a kernel over those
+slots. The centred rule's update runs in PyTorch (O(U·D) per step) on the statistics of either
+backend. Same rule, same ``pending_statistics()``; the tests check both backends against
+:func:`~lmmem.kernels.hebbian_rule.hebbian_update_reference`.
 
 Applying the update
 -------------------
@@ -129,11 +120,11 @@ Calling it twice after one step is harmless (the second call finds nothing pendi
 own state (momentum, Adam moments) is left as it is: the rule moves the rows, not the optimizer.
 
 Under DDP (``torch.distributed`` initialised with world size > 1 and ``sync_distributed=True``, the
-default) every rank all-gathers the per-rank ``(ids, counts, sums)`` (padded to the largest ``U``)
-and re-reduces them in rank order, so all replicas apply the same update and stay identical. Every
-rank must therefore call :meth:`on_optimizer_step` after every step (``attach_to_optimizer`` does);
-a rank with nothing recorded still takes part in the collectives. With ``sync_distributed=False``
-each replica applies its own statistics and the replicas drift apart (and DDP's default
+default) every rank applies the statistics of the whole global batch
+(:mod:`lmmem.output_layers.hebbian_distributed`), so all replicas stay identical. Every rank must
+therefore call :meth:`on_optimizer_step` after every step (``attach_to_optimizer`` does); a rank
+with nothing recorded still takes part in the collectives. With ``sync_distributed=False`` each
+replica applies its own statistics and the replicas drift apart (and DDP's default
 ``broadcast_buffers=True`` then overwrites the other ranks' ``counts`` with rank 0's at every forward).
 
 Tied embeddings
@@ -151,16 +142,29 @@ the update runs eagerly after the step).
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 
 import torch
-import torch.distributed as dist
 
-from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
+from lmmem.constants import IGNORE_INDEX
+from lmmem.kernels.hebbian import SlotStats, hebbian_mix_triton_, hebbian_statistics, merge_statistics
+from lmmem.kernels.hebbian_rule import (
+    HEBBIAN_RULES,
+    WRITE_NORMS,
+    ClassStats,
+    hebbian_lambda,
+    hebbian_mix_,
+    hebbian_mix_centred_,
+    hebbian_update_reference,
+    merge_class_statistics,
+)
+from lmmem.output_layers.base import OutputLayer
+from lmmem.output_layers.hebbian_distributed import all_gather_class_statistics, distributed_sync_active
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids (U,) int64, counts (U,) int64, sums (U, D)
+# hebbian_lambda and hebbian_update_reference live in lmmem.kernels.hebbian_rule; importable from here too
+__all__ = ["DEFAULT_START_STEP", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax", "MissingHebbianUpdateWarning",
+           "hebbian_lambda", "hebbian_update_reference"]
 
 
 class MissingHebbianUpdateWarning(UserWarning):
@@ -175,182 +179,10 @@ FORGOTTEN_UPDATE_MESSAGE = (
 )
 
 
-def hebbian_lambda(counts_before: torch.Tensor, gamma: float, smoothing_limit: float | None, dtype: torch.dtype) -> torch.Tensor:
-    """``λ = max(1/(c+1), γ)`` where ``c < T``, else 0 (vectorised over classes)."""
-    lam = (1.0 / (counts_before.to(dtype) + 1.0)).clamp_min(gamma)
-    if smoothing_limit is not None and not math.isinf(smoothing_limit):
-        lam = torch.where(counts_before < smoothing_limit, lam, torch.zeros((), dtype=dtype, device=lam.device))
-    return lam
-
-
-@torch.no_grad()
-def hebbian_mix_(
-    weight: torch.Tensor,
-    counts: torch.Tensor,
-    ids: torch.Tensor,
-    n: torch.Tensor,
-    sums: torch.Tensor,
-    gamma: float,
-    smoothing_limit: float | None,
-    rescale: bool = False,
-) -> None:
-    """Apply the rule in place to ``weight`` (V, D) and ``counts`` (V,) for the distinct classes
-    ``ids`` (U,) with occurrences ``n`` (U,) and activation sums ``sums`` (U, D). Vectorised, O(U·D).
-
-    This is the function a fused kernel would replace; :func:`hebbian_update_reference` is its
-    specification."""
-
-    def target_of(rows: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        if rescale:
-            return mean * (rows.norm(dim=1, keepdim=True) / mean.norm(dim=1, keepdim=True).clamp_min(1e-12))
-        return mean
-
-    _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of)
-
-
-def _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit, target_of) -> None:
-    """The bookkeeping both rules share: mean activations h̄ of the classes present, λ from the
-    counts before the batch, ``θ ← λ·target_of(θ̂, h̄) + (1−λ)·θ̂`` written with ``index_copy_``,
-    counts advanced. ``target_of`` is the only thing a rule decides."""
-    if ids.numel() == 0:
-        return
-    ids = ids.to(weight.device)
-    n = n.to(device=counts.device, dtype=counts.dtype)
-    mix_dtype = torch.promote_types(torch.promote_types(weight.dtype, sums.dtype), torch.float32)
-    mean = sums.to(device=weight.device, dtype=mix_dtype) / n.to(device=weight.device, dtype=mix_dtype).unsqueeze(1)
-    rows = weight.index_select(0, ids).to(mix_dtype)
-    target = target_of(rows, mean)
-    lam = hebbian_lambda(counts.index_select(0, ids.to(counts.device)).to(weight.device), gamma, smoothing_limit, mix_dtype).unsqueeze(1)
-    # λ·target + (1−λ)·θ̂ (not lerp): exact at λ = 1 (row = target) and λ = 0 (row = θ̂).
-    new_rows = lam * target + (1.0 - lam) * rows
-    weight.index_copy_(0, ids, new_rows.to(weight.dtype))
-    counts.index_add_(0, ids.to(counts.device), n)
-
-
-RULES = ("paper", "centred")
-# The centred rule writes from the 51st update on: writes during a from-scratch model's first steps
-# raised its training loss by ~0.5 nats for a few steps (tests/test_hebbian_rules.py); 10 sufficed there.
+# The centred rule writes from the 51st update on (the tiny preset's lr warm-up length): writes during
+# a from-scratch model's first steps raise its training loss (docs/results/hebbian-rules.md,
+# "From-scratch guard"; tests/test_hebbian_rules.py checks it).
 DEFAULT_START_STEP = 50
-WRITE_NORMS = ("row", "running", "none")
-
-
-def centred_targets(
-    rows: torch.Tensor, mean: torch.Tensor, activation_mean: torch.Tensor, write_norm: str, running_norm: torch.Tensor | float | None
-) -> torch.Tensor:
-    """The rows the ``"centred"`` rule mixes towards (vectorised over the U rows of the batch).
-
-    With ``u = μ/|μ|`` (μ the running mean of the training activations), each row ``θ̂`` keeps its
-    own component along ``u`` (where the model keeps its frequency prior) and its orthogonal part is
-    replaced by the centred mean activation ``h̄ − μ`` with its ``u`` component removed, scaled to
-    ``write_norm``'s norm: ``"row"`` the row's own orthogonal norm, ``"running"`` ``running_norm``,
-    ``"none"`` unscaled. ``θ ← λ·target + (1−λ)·θ̂`` then moves only the orthogonal part."""
-    mu = activation_mean.to(rows.dtype)
-    mu_norm = mu.norm()
-    u = mu / mu_norm if float(mu_norm) > 0 else torch.zeros_like(mu)
-    along = rows @ u  # (U,)
-    row_perp = rows - along.unsqueeze(1) * u
-    write = mean - mu
-    write = write - (write @ u).unsqueeze(1) * u
-    if write_norm != "none":
-        norm = row_perp.norm(dim=1, keepdim=True) if write_norm == "row" else torch.as_tensor(running_norm, dtype=rows.dtype, device=rows.device)
-        write = write * (norm / write.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    return along.unsqueeze(1) * u + write
-
-
-@torch.no_grad()
-def hebbian_mix_centred_(
-    weight: torch.Tensor,
-    counts: torch.Tensor,
-    ids: torch.Tensor,
-    n: torch.Tensor,
-    sums: torch.Tensor,
-    gamma: float,
-    smoothing_limit: float | None,
-    activation_mean: torch.Tensor,
-    write_norm: str = "row",
-    running_norm: torch.Tensor | float | None = None,
-) -> None:
-    """:func:`hebbian_mix_` for ``rule="centred"`` (same λ and counts; the row mixes towards
-    :func:`centred_targets` instead of ``h̄``). PyTorch only: there is no Triton kernel for it."""
-    _mix_rows_(weight, counts, ids, n, sums, gamma, smoothing_limit,
-               lambda rows, mean: centred_targets(rows, mean, activation_mean.to(weight.device), write_norm, running_norm))
-
-
-def hebbian_update_reference(
-    weight: torch.Tensor,
-    counts: torch.Tensor,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    gamma: float = 0.01,
-    smoothing_limit: float | None = 500,
-    ignore_index: int = IGNORE_INDEX,
-    rescale: bool = False,
-    rule: str = "paper",
-    activation_mean: torch.Tensor | None = None,
-    write_norm: str = "row",
-    running_norm: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain, per-class, float64 statement of the rule (the specification; slow).
-
-    ``weight`` is the output matrix *after* the optimizer step (θ̂), ``counts`` the occurrences seen
-    before this batch, ``hidden`` (N, D) / ``targets`` (N,) the whole batch of the step (all
-    micro-batches and ranks concatenated). Returns new ``(weight, counts)`` (float64, int64 copies).
-    For ``rule="centred"``, ``activation_mean`` is the μ of this step (the layer's running mean
-    *after* folding in this batch, see :meth:`HebbianSoftmax.update_running_statistics_`) and
-    ``running_norm`` the norm written when ``write_norm="running"``."""
-    W = weight.detach().to(torch.float64).clone()
-    c = counts.detach().to(torch.int64).clone()
-    h = hidden.detach().reshape(-1, hidden.shape[-1]).to(torch.float64)
-    t = targets.detach().reshape(-1).tolist()
-    positions: dict[int, list[int]] = {}
-    for pos, cls in enumerate(t):
-        if cls == ignore_index:
-            continue
-        positions.setdefault(int(cls), []).append(pos)
-    for cls, pos in positions.items():
-        n_i = len(pos)
-        mean = sum(h[p] for p in pos) / n_i
-        c_i = int(c[cls])
-        limit = math.inf if smoothing_limit is None else smoothing_limit
-        lam = max(1.0 / (c_i + 1), gamma) if c_i < limit else 0.0
-        if rule == "centred":
-            mu = activation_mean.detach().to(torch.float64)
-            u = mu / mu.norm() if float(mu.norm()) > 0 else torch.zeros_like(mu)
-            along = float(W[cls] @ u)
-            row_perp = W[cls] - along * u
-            write = (mean - mu) - float((mean - mu) @ u) * u
-            if write_norm == "row":
-                write = write * (row_perp.norm() / write.norm().clamp_min(1e-12))
-            elif write_norm == "running":
-                write = write * (running_norm / write.norm().clamp_min(1e-12))
-            mean = along * u + write
-        elif rescale:
-            mean = mean * (W[cls].norm() / mean.norm().clamp_min(1e-12))
-        W[cls] = lam * mean + (1.0 - lam) * W[cls]
-        c[cls] = c_i + n_i
-    return W, c
-
-
-def _merge_stats(parts: list[Stats]) -> Stats:
-    """Merge statistics sets, each with distinct ids, into one (sorted ids). Deterministic: within a
-    part the ids are distinct, so ``index_add_`` never adds twice into a row, and parts are added in
-    list order (so every DDP rank computes bit-identical sums)."""
-    parts = [p for p in parts if p[0].numel() > 0] or parts[:1]
-    if len(parts) == 1:
-        return parts[0]
-    ids, inverse = torch.unique(torch.cat([p[0] for p in parts]), return_inverse=True)
-    dtype = parts[0][2].dtype
-    for p in parts[1:]:
-        dtype = torch.promote_types(dtype, p[2].dtype)
-    counts = torch.zeros(ids.numel(), dtype=torch.int64, device=ids.device)
-    sums = torch.zeros(ids.numel(), parts[0][2].shape[1], dtype=dtype, device=ids.device)
-    start = 0
-    for p_ids, p_n, p_sums in parts:
-        inv = inverse[start : start + p_ids.numel()]
-        start += p_ids.numel()
-        counts.index_add_(0, inv, p_n)
-        sums.index_add_(0, inv, p_sums.to(dtype))
-    return ids, counts, sums
 
 
 class HebbianSoftmax(OutputLayer):
@@ -408,8 +240,8 @@ class HebbianSoftmax(OutputLayer):
     ):
         if start_step is None:  # the paper's rule starts at once (bit-for-bit the paper's); see DEFAULT_START_STEP
             start_step = DEFAULT_START_STEP if rule == "centred" else 0
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if rule not in HEBBIAN_RULES:
+            raise ValueError(f"rule must be one of {', '.join(HEBBIAN_RULES)}, got {rule!r}")
         if write_norm not in WRITE_NORMS:
             raise ValueError(f"write_norm must be one of {', '.join(WRITE_NORMS)}, got {write_norm!r}")
         if rescale and rule != "paper":
@@ -439,7 +271,8 @@ class HebbianSoftmax(OutputLayer):
         self.register_buffer("activation_mean", torch.zeros(in_features), persistent=True)
         self.register_buffer("running_row_norm", torch.zeros(()), persistent=True)
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64), persistent=True)
-        self._stats: Stats | None = None
+        # this rank's statistics since the last update: per class (PyTorch path) or per slot (Triton path)
+        self._stats: ClassStats | SlotStats | None = None
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -520,8 +353,6 @@ class HebbianSoftmax(OutputLayer):
         if t.numel() != h.shape[0]:
             raise ValueError(f"hidden has {h.shape[0]} positions but targets has {t.numel()}")
         if self.uses_triton(h):
-            from lmmem.kernels.hebbian import hebbian_statistics, merge_statistics
-
             new = hebbian_statistics(h, t, self.num_classes, ignore_index)
             self._stats = new if self._stats is None else merge_statistics(self._stats, new, self.num_classes)
             return
@@ -533,9 +364,9 @@ class HebbianSoftmax(OutputLayer):
         sums = torch.zeros(ids.numel(), h.shape[1], dtype=dtype, device=h.device)
         sums.index_add_(0, inverse, h.to(dtype))
         new = (ids, n, sums)
-        self._stats = new if self._stats is None else _merge_stats([self._stats, new])
+        self._stats = new if self._stats is None else merge_class_statistics([self._stats, new])
 
-    def pending_statistics(self) -> Stats | None:
+    def pending_statistics(self) -> ClassStats | None:
         """This rank's recorded ``(ids, counts, activation sums)`` since the last update (ignored
         positions excluded), or None. For inspection and tests."""
         if self._stats is None:
@@ -547,43 +378,6 @@ class HebbianSoftmax(OutputLayer):
     def clear_statistics(self) -> None:
         self._stats = None
 
-    def _distributed(self) -> bool:
-        return self.sync_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
-
-    def _all_gather_stats(self, stats: Stats | None) -> Stats | None:
-        group = self.process_group
-        world = dist.get_world_size(group)
-        device = self.weight.device
-        if stats is None:
-            stats = (
-                torch.zeros(0, dtype=torch.int64, device=device),
-                torch.zeros(0, dtype=torch.int64, device=device),
-                torch.zeros(0, self.in_features, dtype=torch.float32, device=device),
-            )
-        ids, n, sums = stats
-        # one small all-gather for each rank's U and whether its sums are fp64 (all ranks must send
-        # the same dtype: the widest wins)
-        meta = torch.tensor([ids.numel(), int(sums.dtype == torch.float64)], dtype=torch.int64, device=device)
-        all_meta = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(all_meta, meta, group=group)
-        meta_l = torch.stack(all_meta).tolist()
-        sizes_l = [m[0] for m in meta_l]
-        max_u = max(sizes_l)
-        if max_u == 0:
-            return None
-        dtype = torch.float64 if any(m[1] for m in meta_l) else torch.float32
-        ints = torch.zeros(2, max_u, dtype=torch.int64, device=device)
-        ints[0, : ids.numel()] = ids
-        ints[1, : ids.numel()] = n
-        fl = torch.zeros(max_u, self.in_features, dtype=dtype, device=device)
-        fl[: ids.numel()] = sums.to(dtype)
-        all_ints = [torch.empty_like(ints) for _ in range(world)]
-        all_fl = [torch.empty_like(fl) for _ in range(world)]
-        dist.all_gather(all_ints, ints, group=group)
-        dist.all_gather(all_fl, fl, group=group)
-        parts = [(all_ints[r][0, :u], all_ints[r][1, :u], all_fl[r][:u]) for r, u in enumerate(sizes_l)]
-        return _merge_stats(parts)
-
     # -- the update -------------------------------------------------------------------------------
     @torch.no_grad()
     def hebbian_update_(self) -> None:
@@ -593,8 +387,9 @@ class HebbianSoftmax(OutputLayer):
         # The Triton mixing kernel implements the paper's rule only; the centred rule runs in PyTorch
         # (O(U·D) after the step, on the statistics of either backend).
         triton = self.uses_triton(self.weight) and self.rule == "paper"
-        if self._distributed():
-            stats = self._all_gather_stats(self.pending_statistics())  # without the ignore sentinel
+        if distributed_sync_active(self.sync_distributed, self.process_group):
+            stats = all_gather_class_statistics(self.pending_statistics(),  # without the ignore sentinel
+                                                self.in_features, self.weight.device, self.process_group)
         elif triton:
             stats = self._stats  # the kernel skips the sentinel slots itself: no filtering, no host sync
         else:
@@ -616,10 +411,7 @@ class HebbianSoftmax(OutputLayer):
             hebbian_mix_centred_(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit,
                                  self.activation_mean, self.write_norm, self.running_row_norm)
             return
-        if triton:
-            from lmmem.kernels.hebbian import hebbian_mix_triton_ as mix
-        else:
-            mix = hebbian_mix_
+        mix = hebbian_mix_triton_ if triton else hebbian_mix_
         mix(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
 
     @torch.no_grad()

@@ -8,10 +8,10 @@ together. Resolution order: dataclass default < preset < explicit flag.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, get_type_hints
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
-from lmmem.cli import HelpFormatter
+from lmmem.cli import ArgumentParser, add_dataclass_arguments
 from lmmem.errors import LmmemError
 from lmmem.models.config import ModelConfig
 from lmmem.validation import check_flags
@@ -22,7 +22,7 @@ class TrainConfig:
     # data and run
     data: str | None = field(default=None, metadata={"help": "prepared corpus folder (python -m data_prep); default: the embedded synthetic corpus"})
     out: str = field(default="runs/default", metadata={"help": "run folder: checkpoints, metrics.jsonl, config"})
-    preset: str = field(default="tiny", metadata={"help": "model+optimisation preset: " + ", ".join(["tiny", "small", "wt103-paper"])})
+    preset: str = field(default="tiny", metadata={"help": "model+optimisation preset (see PRESETS)", "choices": ("tiny", "small", "wt103-paper")})
     seed: int = field(default=1234, metadata={"help": "random seed (weights, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/last.pt exactly where it stopped (reads and writes OUT)"})
     overwrite: bool = field(default=False, metadata={
@@ -123,27 +123,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def build_parser(description: str = "Train a word-level language model.") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        default = f.default if f.default is not MISSING else None
-        help_text = f.metadata.get("help", "")
-        # the default goes in once: not where the help states it already, nor "None"
-        help_text += "" if "default" in help_text or default is None else f" (default: {default})"
-        kind = hints[f.name]
-        if kind is bool:
-            # default None = "not given": the preset (or dataclass default) decides
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-            continue
-        base = str if f.name in ("data",) else kind
-        choices = list(PRESETS) if f.name == "preset" else None
-        parser.add_argument(_flag(f.name), dest=f.name, type=base, default=None, choices=choices, help=help_text)
+    parser = ArgumentParser(description=description)
+    # every flag defaults to None = "not given": the preset (or the dataclass default) decides
+    add_dataclass_arguments(parser, TrainConfig, defaults_from_class=False)
     return parser
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lmmem.cli import ArgumentParser
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.data.vocab import Vocabulary
 from lmmem.errors import CheckpointError, LmmemError
@@ -134,7 +135,7 @@ def export_as_checkpoint(path: str | Path, map_location: str | torch.device = "c
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="best.pt / last.pt written by train.py (or the run folder)")
     p.add_argument("--out", required=True, help="new folder for model.safetensors, vocab.txt and config.json")
     p.add_argument("--data", help="prepared corpus the run was trained on (default: the one recorded in the checkpoint)")
