@@ -166,6 +166,7 @@ RULES: dict[str, Rule] = {
     "rare_below": at_least_one("a rare word has fewer than this many training occurrences"),
     "frequent_from": at_least_one("a frequent word has at least this many training occurrences"),
     "bootstrap": at_least_one("at least one bootstrap resample"),
+    "passes": at_least_one("train at least one pass over the training split"),
 }
 
 # (flag a, flag b, holds(a, b), message): checked when both are given.

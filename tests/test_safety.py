@@ -513,13 +513,15 @@ def _parser_of(main) -> "argparse.ArgumentParser":
 
 def test_every_numeric_flag_of_every_cli_has_a_rule():
     """A new int/float flag needs one line in lmmem.validation.RULES (the reason included)."""
-    from lmmem.experiments import binding, curriculum, dynamic_sweep, mbpa_sweep, name_recall, no_blowup, softmax_comparison
+    from lmmem.experiments import (
+        binding, curriculum, dynamic_sweep, long_training, mbpa_sweep, name_recall, no_blowup, softmax_comparison,
+    )
     from lmmem.validation import RULES
 
     from data_prep.__main__ import build_parser as prep_parser
 
     parsers = {"train.py": _train_config.build_parser(), "evaluate.py": _evaluate_cli.build_parser(), "data_prep": prep_parser()}
-    for module in (binding, curriculum, dynamic_sweep, mbpa_sweep, name_recall, no_blowup, softmax_comparison):
+    for module in (binding, curriculum, dynamic_sweep, long_training, mbpa_sweep, name_recall, no_blowup, softmax_comparison):
         parsers[module.__name__] = _parser_of(module.main)
     missing = {name: sorted(_numeric_flags(p) - set(RULES)) for name, p in parsers.items()}
     assert not any(missing.values()), f"add a rule to lmmem/validation.py for {missing}"

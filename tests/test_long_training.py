@@ -1,0 +1,87 @@
+"""The long-training runner (python -m lmmem.experiments.long_training): trains pass by pass with one
+schedule over the whole run, snapshots every pass end, and a run trained in stages is the run
+trained straight through."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_prepared_corpus
+
+from lmmem.errors import LmmemError
+from lmmem.experiments import long_training
+from lmmem.training import config_from_args, load_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = "preset=tiny embed_dim=16 hidden_dim=24 proj_dim=16 batch_size=4 bptt=8 log_interval=1000"
+
+
+def _argv(work, page, *extra):
+    return ["gutenberg", "--source", "unused", "--work", str(work), "--passes", "3", "--seeds", "1", "2",
+            "--train-args", SMALL, "--eval-batch-size", "2", "--page", str(page),
+            "--variants", "full", "centred:softmax=hebbian,hebbian_rule=centred,hebbian_start_step=5", *extra]
+
+
+def test_passes_are_snapshots_of_one_uninterrupted_run_and_nothing_is_trained_twice(tmp_path):
+    work, page = tmp_path / "work", tmp_path / "docs" / "long.md"
+    write_prepared_corpus(work / "data", vocab_size=120, tokens={"train": 1000, "valid": 300, "test": 300})
+    assert long_training.main(_argv(work, page)) == 0
+    results = json.loads(page.with_suffix(".json").read_text())
+    spp = results["steps_per_pass"]
+    assert spp == 32  # rows of 250 tokens: 249 targets, 8 a step
+    run = work / "centred-seed2"
+    for k in (1, 2, 3):
+        assert load_checkpoint(run / f"pass-{k}.pt")["progress"]["step"] == k * spp
+    # the same run trained straight through (no stops at pass ends): bit for bit the same model
+    flags = {"data": str(work / "data"), "out": str(tmp_path / "straight"), "seed": 2, "max_steps": 3 * spp, "eval_interval": 0,
+             "progress": False, "softmax": "hebbian", "hebbian_rule": "centred", "hebbian_start_step": 5,
+             **{k: long_training._coerce(k, v) for k, v in (kv.split("=") for kv in SMALL.split())}}
+    train(config_from_args(flags))
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "pass-3.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["model"]["output.counts"].sum() == 3 * 4 * 249  # every target of three passes (4 rows of 250 tokens) counted once
+    # the page: per pass, the full softmax and the variant, and Δ from the seeds' means
+    full = [[p["valid"]["perplexity"] for p in r["passes"]] for r in results["runs"]["full"]]
+    mine = [[p["valid"]["perplexity"] for p in r["passes"]] for r in results["runs"]["centred"]]
+    delta = (sum(m[1] for m in mine) / 2) / (sum(f[1] for f in full) / 2) - 1
+    text = page.read_text()
+    assert f"| 2 | {2 * spp:,} | " in text and f"{100 * delta:+.1f}%" in text
+    assert "/tmp" not in text and str(tmp_path) not in page.with_suffix(".json").read_text()  # no paths of this machine
+    assert results["hebbian_rules"] == {"centred": "centred"}
+    # a second invocation trains and evaluates nothing
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/pass-*")}
+    assert len(stamps) == 4 * (3 + 3 + 1)  # 3 snapshots, 3 valid evaluations, 1 test evaluation per run
+    assert long_training.main(_argv(work, page)) == 0
+    assert {p: p.stat().st_mtime_ns for p in work.glob("*-seed*/pass-*")} == stamps
+    # render rewrites the page from its JSON alone
+    committed = text
+    page.write_text("stale")
+    assert long_training.main(["render", str(page)]) == 0
+    assert page.read_text() == committed
+
+
+def test_a_lost_last_checkpoint_continues_from_the_pass_snapshot_and_other_settings_are_refused(tmp_path):
+    work, page = tmp_path / "work", tmp_path / "long.md"
+    write_prepared_corpus(work / "data", vocab_size=100, tokens={"train": 700, "valid": 200, "test": 200})
+    argv = _argv(work, page)
+    argv[argv.index("--passes") + 1] = "2"
+    argv[argv.index("--seeds") + 1 : argv.index("--seeds") + 3] = ["1"]
+    assert long_training.main(argv) == 0
+    run = work / "full-seed1"
+    final = load_checkpoint(run / "pass-2.pt")["model"]
+    (run / "pass-2.pt").unlink()
+    (run / "last.pt").unlink()  # as if the run had been lost after pass 1
+    assert long_training.main(argv) == 0
+    again = load_checkpoint(run / "pass-2.pt")["model"]
+    assert all(torch.equal(v, again[k]) for k, v in final.items())
+    (run / "pass-2.pt").unlink()
+    other = [a.replace("bptt=8", "bptt=8 lr=0.001") for a in argv]
+    with pytest.raises(LmmemError, match=r"other settings \(lr\)"):
+        long_training.main(other)
+    with pytest.raises(LmmemError, match="must not set max_steps"):
+        long_training.main([a.replace("bptt=8", "bptt=8 max_steps=5") for a in argv])
+    with pytest.raises(LmmemError, match="must include 'full'"):
+        long_training.main(argv[: argv.index("--variants") + 1] + ["hebbian"])
