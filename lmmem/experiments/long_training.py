@@ -43,12 +43,14 @@ import torch
 from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import LmmemError
-from lmmem.evaluation import FrequencyBuckets, evaluate_checkpoint
+from lmmem.evaluation import FrequencyBuckets, evaluate
 from lmmem.evaluation.report import PALETTE, format_count, format_perplexity
-from lmmem.experiments.softmax_comparison import _coerce, parse_variant, prepare
+from lmmem.experiments.softmax_comparison import prepare
+from lmmem.experiments.variants import parse_train_args, parse_variant
 from lmmem.jsonio import dumps
 from lmmem.safety import write_text_atomic
 from lmmem.training import config_from_args, load_checkpoint, train
+from lmmem.training.config import config_value
 from lmmem.validation import check_flags
 
 # flags the runner sets itself (a --train-args entry for one of them would break the pass bookkeeping)
@@ -110,7 +112,8 @@ def evaluate_pass(snap: Path, split: str, batch_size: int, buckets: FrequencyBuc
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["report"]
-    report = evaluate_checkpoint(snap, split=split, batch_size=batch_size, buckets=buckets).report.to_dict()
+    report = evaluate(snap, split=split, batch_size=batch_size, buckets=",".join(map(str, buckets.edges)),
+                      progress=False).plain.to_dict()
     write_text_atomic(path, dumps({"key": key, "report": report}, what="the evaluation") + "\n")
     return report
 
@@ -141,14 +144,14 @@ def run(args, argv: list[str]) -> int:
     work = Path(args.work)
     data = work / "data"
     commands = [shlex.join(prepare(args.corpus, args.source, data, shlex.split(args.prep_args)))]
-    extra = dict(kv.split("=", 1) for kv in args.train_args.split())
+    extra = parse_train_args(args.train_args)
     clash = sorted(set(extra) & set(_RUNNER_FLAGS))
     if clash:
         raise LmmemError(f"--train-args must not set {', '.join(clash)}: the runner sets them (use --passes and --seeds)")
     variants = dict(parse_variant(v) for v in args.variants)
     if "full" not in variants:
         raise LmmemError("--variants must include 'full' (the reference)")
-    probe = config_from_args({k: _coerce(k, v) for k, v in {"data": str(data), **extra}.items()})
+    probe = config_from_args({k: config_value(k, v) for k, v in {"data": str(data), **extra}.items()})
     spp = steps_per_pass(data, probe.batch_size, probe.bptt)
     buckets = FrequencyBuckets()
     runs: dict[str, list[dict]] = {label: [] for label in variants}
@@ -156,7 +159,7 @@ def run(args, argv: list[str]) -> int:
     for seed in args.seeds:
         for label, overrides in variants.items():
             out = work / f"{label}-seed{seed}"
-            flags = {k: _coerce(k, v) for k, v in {"data": str(data), "seed": seed, "max_steps": args.passes * spp,
+            flags = {k: config_value(k, v) for k, v in {"data": str(data), "seed": seed, "max_steps": args.passes * spp,
                                                    "eval_interval": 0, "progress": False, **extra, **overrides}.items()}
             rule = _rule_name(config_from_args(flags))
             if rule:
