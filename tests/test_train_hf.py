@@ -45,13 +45,15 @@ def test_model_folder_loads_and_tokenizer_round_trips(small_corpus, tmp_path, ar
     assert model.config.model_type == arch and model.config.tie_word_embeddings
     corpus = PreparedCorpus.open(small_corpus)
     units = list(corpus.text_units("valid"))
+    newline = tok.convert_tokens_to_ids("Ċ")  # byte-level BPE's symbol for "\n"
     for unit in units:
-        ids = tok(unit)["input_ids"]
+        ids = tok(unit + "\n")["input_ids"]
         assert tok.eos_token_id not in ids  # the tokenizer adds nothing by itself
-        assert tok.decode(ids) == unit
-    # the stream: end-of-text, then every unit followed by end-of-text
+        assert tok.decode(ids) == unit + "\n" and ids[-1] == newline and newline not in ids[:-1]
+    # the stream: every unit followed by its line break, each tokenized on its own
     stream = encode_units(tok, units)
-    assert (stream == tok.eos_token_id).sum() == len(units) + 1
+    assert (stream == newline).sum() == len(units) and stream[-1] == newline
+    assert tok.decode(stream) == "".join(u + "\n" for u in units)
     assert record["split_words"]["valid"] == len(corpus.tokens("valid"))
     assert record["split_tokens"]["valid"] == len(stream) - 1
     assert record["steps"] == 6 and record["train_tokens"] == 6 * 2 * 32

@@ -4,16 +4,18 @@
 
 The model reads the prepared corpus as text (:meth:`PreparedCorpus.text_units`: each unit's words
 joined by spaces, ``<unk>`` kept), so it sees exactly the words an lmmem model of the corpus sees and
-its word-level perplexity compares with theirs. Each unit is followed by the end-of-text token, as
-``<eos>`` follows it in the word stream; the split's stream also starts with one, so that its first
-word is predicted like every other unit's first word.
+its word-level perplexity compares with theirs. Each unit is followed by a line break, which plays
+the part of ``<eos>`` in the word stream: the text is the documents the evaluation engine reads
+from a prepared corpus (unit + ``"\n"`` each, tokenized one by one, no special tokens added), so
+the model is trained on exactly the token stream it is evaluated on.
 
 1. **Tokenizer**: byte-level BPE trained with ``tokenizers`` on the train split's text only (no
    valid/test text leaks into the merges), GPT-2's pre-tokenization rule except that the corpora's
    ``<unk>`` word (with its leading space) stays one piece — by GPT-2's rule alone it would always
-   cost three tokens (`` <``, ``unk``, ``>``). One special token, ``<|endoftext|>`` (id 0), serves
-   as end-of-unit, beginning-of-text and padding. Wrapped as a transformers fast tokenizer that
-   adds no special tokens by itself and leaves spaces as they are (``decode(encode(text)) == text``).
+   cost three tokens (`` <``, ``unk``, ``>``). One special token, ``<|endoftext|>`` (id 0), is the
+   tokenizer's BOS/EOS/padding token (a prefix for conventions that need one). Wrapped as a
+   transformers fast tokenizer that adds no special tokens by itself and leaves spaces as they are
+   (``decode(encode(text)) == text``).
 2. **Model**: a random ``GPT2Config``/``LlamaConfig`` of ``--d-model``/``--layers``/``--heads``,
    tied input/output embeddings like lmmem's LSTM presets; Llama's feed-forward width is the
    SwiGLU ⅔·4d rounded up to a multiple of 8, so both have the same parameter count per layer.
@@ -61,6 +63,8 @@ EOS = "<|endoftext|>"
 # space), preceded by one alternative that keeps the corpora's `<unk>` word whole.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PRETOKENIZE_PATTERN = r" ?<unk>|" + GPT2_PATTERN
+# how units become text; recorded in every run's settings so that a run made another way is not reused
+TEXT_FORMAT = "units, each + line break"
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 # settings that do not change what is trained (a finished or interrupted run is reused whatever they are)
@@ -115,7 +119,7 @@ class HFTrainConfig:
 
     def settings(self) -> dict:
         """What determines the trained model: compared to decide whether a folder's run is this one."""
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_SETTINGS}
+        return {**{k: v for k, v in asdict(self).items() if k not in _NOT_SETTINGS}, "text": TEXT_FORMAT}
 
 
 # ---------------------------------------------------------------- tokenizer and text
@@ -139,20 +143,26 @@ def train_tokenizer(units, vocab_size: int):
                                    clean_up_tokenization_spaces=False)
 
 
+def unit_documents(units):
+    """Each unit followed by a line break: the documents the evaluation engine reads from a prepared
+    corpus for a model with its own tokenizer (the line break is the unit's ``<eos>`` word)."""
+    for unit in units:
+        yield unit + "\n"
+
+
 def encode_units(tokenizer, units, chunk: int = 4096) -> np.ndarray:
-    """The token stream of ``units``: end-of-text, then each unit's tokens followed by end-of-text."""
+    """The token stream of ``units``: every document of :func:`unit_documents` tokenized on its own
+    (so no token spans two units), no special tokens added, one after another."""
     backend = tokenizer.backend_tokenizer
-    eos = tokenizer.eos_token_id
-    parts = [np.array([eos], dtype=np.int32)]
+    parts = [np.zeros(0, dtype=np.int32)]
     batch: list[str] = []
 
     def flush():
-        for enc in backend.encode_batch(batch, add_special_tokens=False):
-            parts.append(np.array([*enc.ids, eos], dtype=np.int32))
+        parts.extend(np.array(enc.ids, dtype=np.int32) for enc in backend.encode_batch(batch, add_special_tokens=False))
         batch.clear()
 
-    for unit in units:
-        batch.append(unit)
+    for doc in unit_documents(units):
+        batch.append(doc)
         if len(batch) == chunk:
             flush()
     flush()
@@ -290,7 +300,7 @@ def _train(cfg: HFTrainConfig, out: Path, *, resume: bool, callbacks) -> dict:
     if resume and (tok_dir / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     else:
-        tokenizer = train_tokenizer(corpus.text_units("train"), cfg.vocab_size)
+        tokenizer = train_tokenizer(unit_documents(corpus.text_units("train")), cfg.vocab_size)
         tokenizer.model_max_length = cfg.context
         tokenizer.save_pretrained(tok_dir)
     (ckpt / "settings.json").write_text(json.dumps(cfg.settings(), indent=1))
@@ -341,7 +351,7 @@ def _finish(cfg, out, model, state, tokenizer, corpus, streams, seconds) -> dict
         "best_step": _best_step(state),
         "train_tokens": state.global_step * cfg.batch_size * cfg.context,
         "split_tokens": {s: int(len(ids) - 1) for s, ids in streams.items()},
-        "split_words": words,  # words + one <eos> per unit: the lmmem model's token count
+        "split_words": words,  # words + one <eos> (line break) per unit: the lmmem model's token count
         "train_seconds": round(seconds, 1),
         "valid": {"block_loss": best, "block_perplexity": math.exp(best),
                   "token_loss": total / count, "token_perplexity": math.exp(total / count),
