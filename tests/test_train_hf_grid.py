@@ -1,0 +1,53 @@
+"""lmmem.experiments.real_text: the grid's corpora and LSTM runs are those of the reproduction pages
+(docs/results/reproduction-*), so the LSTM numbers of the real-text page compare with them."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lmmem.experiments.real_text import CORPORA, prepare_command, train_command
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = {"gutenberg": "reproduction-gutenberg", "news-abc": "reproduction-news-abc", "wikitext-2": "reproduction-wikitext-2"}
+
+
+def options(cmd: list[str]) -> dict[str, str]:
+    """{flag: value} of a command line, the data/run folders left out (they differ by design)."""
+    pairs, i = {}, 0
+    while i < len(cmd):
+        if cmd[i].startswith("--"):
+            has_value = i + 1 < len(cmd) and not cmd[i + 1].startswith("--")
+            pairs[cmd[i]] = cmd[i + 1] if has_value else ""
+            i += 2 if has_value else 1
+        else:
+            i += 1
+    for flag in ("--out", "--data", "--no-progress"):
+        pairs.pop(flag, None)
+    pairs["--source"] = Path(pairs["--source"]).name if "--source" in pairs else None
+    return pairs
+
+
+@pytest.mark.parametrize("corpus", sorted(CORPORA))
+def test_same_corpora_and_lstm_runs_as_the_reproduction_pages(corpus, tmp_path):
+    steps = json.loads((REPO / "docs" / "results" / PAGES[corpus] / "results.json").read_text())["steps"]
+    prep = shlex.split(next(s for s in steps if s.startswith("python -m data_prep")))
+    ours = prepare_command(corpus, REPO.parent / "shared" / "data", tmp_path)
+    assert ours[3] == prep[3] and options(ours) == options(prep)  # the data_prep corpus and every option
+    lstm = shlex.split(next(s for s in steps if s.startswith("python train.py") and "--softmax full" in s))
+    assert options(train_command("lstm", corpus, 1, tmp_path, tmp_path / "run")) == options(lstm)
+
+
+@pytest.mark.parametrize("corpus", sorted(CORPORA))
+def test_hf_commands_parse(corpus, tmp_path):
+    from lmmem.cli import dataclass_from_args
+    from lmmem.experiments.train_hf import HFTrainConfig, build_parser
+
+    for arch in ("gpt2", "llama"):
+        cmd = train_command(arch, corpus, 3, tmp_path, tmp_path / "run")
+        parser, dests = build_parser()
+        cfg = dataclass_from_args(HFTrainConfig, parser.parse_args(cmd[3:]), dests)
+        assert (cfg.arch, cfg.seed, cfg.steps) == (arch, 3, CORPORA[corpus]["hf_steps"])
