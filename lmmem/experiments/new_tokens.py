@@ -581,6 +581,7 @@ def plot(results: dict, path: Path) -> None:
         color, marker, line = styles.get(arm, (None, "x", ":"))
         ax.plot(range(len(row["curve"])), row["curve"], marker=marker, linestyle=line, color=color, markersize=4, label=arm)
     ax.set_xlabel("k = earlier sightings of the new token during fine-tuning")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # k counts sightings
     ax.set_ylabel("NLL of the new token (nats)")
     ax.set_title(f"{len(results['words'])} tokens added to a pretrained tiny GPT-2, fine-tuned on ABC news "
                  f"(mean over types and {len(results['seeds'])} seeds)", fontsize=9)
