@@ -76,7 +76,7 @@ def train_tiny(arch: str, corpus_dir: Path, steps: int = 40, softmax: str = "ful
 
 def save(model, cfg, corpus_dir: Path, path: Path, bptt: int = 8) -> Path:
     from lmmem.data.corpus import PreparedCorpus
-    from lmmem.training.checkpoint import save_checkpoint
+    from lmmem.checkpoints import save_checkpoint
 
     corpus = PreparedCorpus.open(corpus_dir)
     save_checkpoint({"model_config": cfg.to_dict(), "model": model.state_dict(), "progress": {"step": 40},
@@ -87,7 +87,7 @@ def save(model, cfg, corpus_dir: Path, path: Path, bptt: int = 8) -> Path:
 @contextmanager
 def float64_checkpoints():
     """Checkpoints load as float64 models (the old orchestrators load them themselves)."""
-    import lmmem.training.checkpoint as ck
+    import lmmem.checkpoints as ck
 
     original = ck.model_from_checkpoint
 

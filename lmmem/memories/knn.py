@@ -41,7 +41,7 @@ class KNNConfig:
 
     k: int = field(default=1024, metadata={"help": "neighbours used for p_kNN (Khandelwal et al. 2020: 1024)"})
     temperature: float = field(default=1.0, metadata={"help": "p_kNN ∝ exp(−d / temperature), d the squared L2 distance"})
-    lam: float = field(default=0.25, metadata={"help": "interpolation weight: p = λ·p_kNN + (1−λ)·p_LM"})
+    lam: float = field(default=0.25, metadata={"flag": "lambda", "help": "interpolation weight: p = λ·p_kNN + (1−λ)·p_LM"})
     distances: str = field(default="auto", metadata={
         "help": "exact: recomputed from the stored fp16 keys; index: the index's own (PQ-approximate for IVFPQ); "
                 "auto: exact while the keys fit in memory", "choices": DISTANCES})
