@@ -37,7 +37,7 @@ def test_passes_are_snapshots_of_one_uninterrupted_run_and_nothing_is_trained_tw
     # the same run trained straight through (no stops at pass ends): bit for bit the same model
     flags = {"data": str(work / "data"), "out": str(tmp_path / "straight"), "seed": 2, "max_steps": 3 * spp, "eval_interval": 0,
              "progress": False, "softmax": "hebbian", "hebbian_rule": "centred", "hebbian_start_step": 5,
-             **{k: long_training._coerce(k, v) for k, v in (kv.split("=") for kv in SMALL.split())}}
+             **{k: long_training.config_value(k, v) for k, v in (kv.split("=") for kv in SMALL.split())}}
     train(config_from_args(flags))
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(run / "pass-3.pt")
     for key, value in a["model"].items():
