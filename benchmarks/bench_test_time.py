@@ -41,6 +41,7 @@ from lmmem.evaluation.engine import run_pass  # noqa: E402
 from lmmem.evaluation.methods import CacheMemory, KNNMemory, KNNVariants, MbPAMemory, MemorySet  # noqa: E402
 from lmmem.evaluation.sinks import GridSums  # noqa: E402
 from lmmem.evaluation.windows import BpttWindows  # noqa: E402
+from lmmem.experiments.paths import portable_command  # noqa: E402
 from lmmem.memories import CacheConfig, MbPAConfig  # noqa: E402
 
 
@@ -159,7 +160,10 @@ def main(argv=None) -> int:
     config = {**vars(args), "datastore": Path(args.datastore).name if args.datastore else None, "vocab": vocab, "dim": adapter.dim, "window": bptt,
               "datastore_index": ({"count": datastore.size, "dim": datastore.dim, "index": datastore.manifest["index"]}
                                   if datastore else None)}
-    path = write_results(f"bench_test_time_{args.model}_{dev.type}", {"config": config, "rows": rows, "times": times}, args.out)
+    # the command without this machine's paths (--datastore DATASTORE), as committed results store it
+    command = portable_command(sys.argv[1:] if argv is None else argv, "python benchmarks/bench_test_time.py")
+    path = write_results(f"bench_test_time_{args.model}_{dev.type}", {"config": config, "rows": rows, "times": times,
+                                                                        "command": command}, args.out)
     print(f"wrote {path}")
     return 0
 
