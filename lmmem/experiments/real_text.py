@@ -166,13 +166,17 @@ def train_grid(work: Path, shared: Path, corpora: list[str], seeds: list[int], m
 
 
 def _summary(commands, records, work: Path, shared: Path) -> dict:
+    return {"commands": [shlex.join(_portable(c, work, shared)) for c in commands], "runs": records,
+            "machine": _machine()}
+
+
+def _machine() -> dict:
     import platform
 
     import torch
 
-    return {"commands": [shlex.join(_portable(c, work, shared)) for c in commands], "runs": records,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                        "python": platform.python_version(), "threads": 1}}
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": 1}
 
 
 def _rel(path: Path, work: Path) -> str:
@@ -228,8 +232,6 @@ def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list
                   max_tokens: int = 0, extra: tuple = ()) -> dict:
     """Datastore and evaluation of every trained run of WORK/runs not done yet, one at a time;
     returns the summary (portable)."""
-    from lmmem.experiments.paths import portable_command
-
     anchors = {work: "WORK"}
     commands, records = [], {}
     for seed in seeds:
@@ -257,12 +259,9 @@ def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list
                         print(f"  done in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
                 record = eval_record(json.loads(out.read_text()))
                 records.setdefault(corpus, {}).setdefault(model, []).append({"seed": seed, **record})
-    summary = _summary([], records, work, work)
-    summary["commands"] = commands
-    summary["settings"] = {"split": "test", "tuned_on": "valid", "max_tokens": max_tokens,
-                           "hf_window": f"sliding, context {context}" if context else "bptt", "lstm_window": "bptt",
-                           "methods": METHODS}
-    return summary
+    settings = {"split": "test", "tuned_on": "valid", "max_tokens": max_tokens,
+                "hf_window": f"sliding, context {context}" if context else "bptt", "lstm_window": "bptt", "methods": METHODS}
+    return {"commands": commands, "runs": records, "machine": _machine(), "settings": settings}
 
 
 def _fmt(x: float) -> str:
