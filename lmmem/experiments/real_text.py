@@ -41,6 +41,7 @@ from pathlib import Path
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.errors import LmmemError
+from lmmem.experiments.paths import portable_command
 from lmmem.jsonio import write_json
 
 REPO = Path(__file__).resolve().parents[2]
