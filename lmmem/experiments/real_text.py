@@ -10,8 +10,21 @@ process with its log in WORK/logs. Finished runs are skipped and interrupted one
 the command is simply repeated after an interruption. It writes WORK/training.json: per run the
 steps, tokens, words, wall time and best validation loss and perplexity (per token and per word).
 
+    python -m lmmem.experiments.real_text evaluate --work /work/exp/NAME [--out DIR] [--max-tokens N]
+
+``evaluate`` takes every trained run of WORK/runs, builds its kNN-LM datastore over the train split
+(WORK/ds/CORPUS/MODEL-seedS, ``lmmem datastore``) and scores the test split with every test-time
+memory tuned on the valid split in one ``evaluate.py`` call (base, +cache, +knn, +cache+knn,
++dynamic, +dynamic+cache+knn) into WORK/eval/CORPUS/MODEL-seedS.json. Finished datastores and
+evaluations are skipped (a datastore build interrupted is continued by ``lmmem datastore`` itself).
+It writes OUT/real-text-evaluation.json (portable: no path of this machine) and the tables of the
+results page (``.md``). The HF models read windows of their context (256) advancing by half of it
+(``--window sliding --context 128``), for the datastore as for the evaluation, so every token is
+predicted from at least 128 tokens; the LSTM reads lmmem's bptt rows and carries its state.
+
 The HF models read the prepared corpus as text (:meth:`PreparedCorpus.text_units`), so every model
-of a corpus is scored on the same words: see :mod:`lmmem.experiments.train_hf`.
+of a corpus is scored on the same words (per-word numbers: the sum of a word's BPE tokens'
+log-probabilities): see :mod:`lmmem.experiments.train_hf`.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from pathlib import Path
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.errors import LmmemError
+from lmmem.experiments.paths import portable_command
 from lmmem.jsonio import write_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +55,10 @@ CORPORA = {
     "wikitext-2": {"prep": ["wikitext-103", "--train-from", "valid"], "source": "wikitext-2", "lstm_steps": 1500, "hf_steps": 900},
 }
 MODELS = ("gpt2", "llama", "lstm")
+HF_CONTEXT = 128  # sliding windows: half the HF models' 256-token context, Hugging Face's usual stride
+# evaluate.py's method names → the page's columns ("+all": every memory on the adapting model)
+METHODS = {"plain": "base", "+cache": "+cache", "+knn": "+kNN", "+cache+knn": "+cache+kNN",
+           "+dynamic": "+dynamic", "+dynamic+cache+knn": "+all"}
 LSTM_TOKENS_PER_STEP = 32 * 35  # the tiny preset's batch × bptt
 
 
@@ -149,13 +167,17 @@ def train_grid(work: Path, shared: Path, corpora: list[str], seeds: list[int], m
 
 
 def _summary(commands, records, work: Path, shared: Path) -> dict:
+    return {"commands": [shlex.join(_portable(c, work, shared)) for c in commands], "runs": records,
+            "machine": _machine()}
+
+
+def _machine() -> dict:
     import platform
 
     import torch
 
-    return {"commands": [shlex.join(_portable(c, work, shared)) for c in commands], "runs": records,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                        "python": platform.python_version(), "threads": 1}}
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": 1}
 
 
 def _rel(path: Path, work: Path) -> str:
@@ -168,6 +190,138 @@ def _portable(cmd: list[str], work: Path, shared: Path) -> list[str]:
     return [c.replace(str(work), "WORK").replace(str(shared), "../shared/data") for c in out]
 
 
+def _window(model: str, context: int) -> list[str]:
+    return ["--window", "sliding", "--context", str(context)] if model != "lstm" and context else []
+
+
+def datastore_command(model: str, run: Path, data: Path, ds: Path, context: int = HF_CONTEXT) -> list[str]:
+    """``lmmem datastore`` over the train split, read with the evaluation's windows."""
+    return [sys.executable, "-m", "lmmem", "datastore", str(run), "--data", str(data), "--split", "train",
+            "--out", str(ds), *_window(model, context)]
+
+
+def evaluate_command(model: str, run: Path, data: Path, ds: Path, out: Path, *, name: str,
+                     context: int = HF_CONTEXT, max_tokens: int = 0, extra: tuple = ()) -> list[str]:
+    """``evaluate.py`` on the test split with every memory, all tuned on valid, in one call."""
+    return [sys.executable, "evaluate.py", str(run), "--data", str(data), "--split", "test", "--name", name,
+            "--cache", "--knn", str(ds), "--dynamic", "--tune", "--json", str(out), *_window(model, context),
+            *(["--max-tokens", str(max_tokens)] if max_tokens else []), *extra]
+
+
+def eval_record(result: dict) -> dict:
+    """The numbers of one evaluate.py JSON the page shows, per *word* (for the HF models the sum of a
+    word's tokens' log-probabilities; the LSTM's tokens are the words), and the tuned values."""
+    def words(report: dict) -> dict:
+        return report.get("words") or report  # a word-level model has no separate per-word table
+
+    methods = {}
+    for name, report in result["methods"].items():
+        w = words(report)
+        methods[name] = {"word_perplexity": w["perplexity"], "token_perplexity": report["perplexity"],
+                         "buckets": {b["name"]: b["perplexity"] for b in w["buckets"]}}
+    plain = words(result["methods"]["plain"])
+    tuned = result.get("tuned") or {}
+    return {"tokens": result["tokens"], "words": plain["tokens"],
+            "bucket_share": {b["name"]: b["share"] for b in plain["buckets"]},
+            "window": result["window"], "datastore": {k: result["datastore"][k] for k in ("count", "index")},
+            "seconds": result["seconds"], "pass_seconds": result.get("pass_seconds"),
+            "tuned": tuned.get("choice"), "valid_token_perplexity": tuned.get("valid_perplexity"),
+            "dynamic_lr_grid": tuned.get("dynamic_lr_grid"), "methods": methods}
+
+
+def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list[str], *, context: int = HF_CONTEXT,
+                  max_tokens: int = 0, extra: tuple = ()) -> dict:
+    """Datastore and evaluation of every trained run of WORK/runs not done yet, one at a time;
+    returns the summary (portable)."""
+    anchors = {work: "WORK"}
+    commands, records = [], {}
+    for seed in seeds:
+        for corpus in corpora:
+            for model in models:
+                name = f"{model}-seed{seed}"
+                run, data = work / "runs" / corpus / name, work / "data" / corpus
+                if not ((run / "run.json").is_file() or (run / "best.pt").is_file()):
+                    continue  # not trained (yet)
+                ds, out = work / "ds" / corpus / name, work / "eval" / corpus / f"{name}.json"
+                # the word-level LSTM scores as many words as the HF models did (their --max-tokens
+                # counts BPE tokens), so that all three are scored on the same text
+                hf_words = [r["words"] for m, rs in records.get(corpus, {}).items() if m != "lstm" for r in rs
+                            if r["seed"] == seed]
+                limit = hf_words[0] if model == "lstm" and max_tokens and hf_words else max_tokens
+                steps = [(datastore_command(model, run, data, ds, context), ds / "manifest.json"),
+                         (evaluate_command(model, run, data, ds, out, name=name, context=context,
+                                           max_tokens=limit, extra=extra), out)]
+                for cmd, done in steps:
+                    commands.append(portable_command(cmd[1:], "python", anchors))
+                    if not done.is_file():
+                        t0 = time.monotonic()
+                        print(f"{shlex.join(cmd[1:3])} {name} ({corpus})", flush=True)
+                        run_one(cmd, work / "logs" / f"{corpus}-{name}-{'datastore' if done.name == 'manifest.json' else 'eval'}.log", [])
+                        print(f"  done in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
+                record = eval_record(json.loads(out.read_text()))
+                records.setdefault(corpus, {}).setdefault(model, []).append({"seed": seed, **record})
+    settings = {"split": "test", "tuned_on": "valid", "max_tokens": max_tokens,
+                "hf_window": f"sliding, context {context}" if context else "bptt", "lstm_window": "bptt", "methods": METHODS}
+    return {"commands": commands, "runs": records, "machine": _machine(), "settings": settings}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.1f}"
+
+
+def render_tables(summary: dict) -> str:
+    """Markdown: per corpus and model, test word perplexity overall and by bucket for every method
+    (mean over the seeds; a memory's cell gives its change from the base in %), and the tuned values."""
+    lines = []
+    for corpus, by_model in summary["runs"].items():
+        for model, runs in by_model.items():
+            seeds = [r["seed"] for r in runs]
+            first = runs[0]
+            buckets = list(first["bucket_share"])
+            lines += [f"**{corpus}, {model}** (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
+                      f"{first['words']:,} test words, {first['tokens']:,} tokens)", "",
+                      "| method | word ppl | " + " | ".join(f"{b} ppl" for b in buckets) + " |",
+                      "|---|" + "---:|" * (len(buckets) + 1)]
+
+            def mean(method, key=None):
+                vals = [r["methods"][method]["word_perplexity"] if key is None else r["methods"][method]["buckets"][key]
+                        for r in runs]
+                if any(v is None for v in vals):  # a bucket without words
+                    return None
+                return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+            for method, label in summary["settings"]["methods"].items():
+                if method not in first["methods"]:
+                    continue
+                cells = []
+                for key in [None, *buckets]:
+                    v, base = mean(method, key), mean("plain", key)
+                    cells.append("–" if v is None else _fmt(v) if method == "plain"
+                                 else f"{_fmt(v)} ({100 * (v / base - 1):+.1f}%)")
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            shares = " | ".join(f"{100 * first['bucket_share'][b]:.1f}%" for b in buckets)
+            lines += [f"| word share | 100% | {shares} |", ""]
+            for r in runs:
+                lines.append(f"tuned on valid (seed {r['seed']}): " + _tuned_text(r["tuned"] or {}))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _tuned_text(choice: dict) -> str:
+    def one(c: dict) -> str:
+        parts = []
+        if "lr" in c:
+            parts.append(f"lr {c['lr']:g}")
+        if "theta" in c:
+            parts.append(f"θ {c['theta']:g}, λ_cache {c['cache_lambda']:g}")
+        if "knn" in c:
+            k, t = c["knn"]
+            parts.append(f"k {k}, T {t:.3g}, λ_kNN {c['knn_lambda']:g}")
+        return ", ".join(parts)
+
+    return "; ".join(f"{METHODS.get(m, m)}: {one(c)}" for m, c in choice.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m lmmem.experiments.real_text", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
     t.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     t.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    e = sub.add_parser("evaluate", help="datastores and test-time-memory evaluations of the trained runs (skips finished ones)")
+    e.add_argument("--work", required=True, help="the folder `train` wrote (data/, runs/); ds/ and eval/ go there")
+    e.add_argument("--out", default=None, help="folder for real-text-evaluation.json/.md (default: WORK)")
+    e.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    e.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    e.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    e.add_argument("--context", type=int, default=HF_CONTEXT,
+                   help="HF models: sliding windows with at least this many tokens of context (0: bptt windows)")
+    e.add_argument("--max-tokens", type=int, default=0,
+                   help="score only the first N test (and valid) tokens, 0 for all; the LSTM then scores as many "
+                        "words as the HF models of its corpus and seed did")
+    e.add_argument("--extra", default="", help="more evaluate.py flags, one quoted string")
     return p
 
 
@@ -186,6 +352,17 @@ def main(argv=None) -> int:
         work = Path(args.work).resolve()
         train_grid(work, Path(args.shared).resolve(), args.corpora, args.seeds, args.models)
         print(f"wrote {work / 'training.json'}")
+    elif args.command == "evaluate":
+        work = Path(args.work).resolve()
+        if not (work / "runs").is_dir():
+            raise LmmemError(f"{work} has no runs/: train first with python -m lmmem.experiments.real_text train --work {args.work}")
+        summary = evaluate_grid(work, args.corpora, args.seeds, args.models, context=args.context,
+                                max_tokens=args.max_tokens, extra=tuple(shlex.split(args.extra)))
+        out = Path(args.out or work)
+        write_json(summary, out / "real-text-evaluation.json")
+        (out / "real-text-evaluation.md").write_text(render_tables(summary) + "\n", encoding="utf-8")
+        print(render_tables(summary))
+        print(f"wrote {out / 'real-text-evaluation.json'} and .md")
     return 0
 
 

@@ -1,0 +1,60 @@
+"""python -m lmmem.experiments.real_text evaluate: on a tiny trained HF model it builds the datastore,
+runs the one evaluate.py call with every memory tuned on valid, and summarises it per word without a
+path of this machine; finished steps are skipped on a second call."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers", reason="lmmem[hf] extra not installed")
+
+from conftest import write_prepared_corpus  # noqa: E402
+
+from lmmem.experiments import real_text  # noqa: E402
+from lmmem.experiments.train_hf import HFTrainConfig, train_hf  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.slow
+def test_evaluate_grid_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    data = write_prepared_corpus(work / "data" / "news-abc", tokens={"train": 3000, "valid": 600, "test": 600})
+    run = work / "runs" / "news-abc" / "gpt2-seed1"
+    train_hf(HFTrainConfig(data=str(data), out=str(run), arch="gpt2", vocab_size=320, d_model=16, layers=1, heads=2,
+                           context=32, batch_size=2, steps=4, eval_interval=2, eval_batch_size=8, warmup_steps=1,
+                           progress=False))
+    argv = ["evaluate", "--work", str(work), "--out", str(tmp_path / "out"), "--corpora", "news-abc", "--models",
+            "gpt2", "lstm", "--seeds", "1", "--context", "16", "--max-tokens", "256",
+            "--extra", "--dynamic-stat-batches 2 --batch-size 4"]
+    assert real_text.main(argv) == 0  # lstm-seed1 is not trained: skipped
+    raw = json.loads((work / "eval" / "news-abc" / "gpt2-seed1.json").read_text())
+    assert raw["window"]["convention"] == "sliding" and raw["window"]["context"] == 16
+    text = (tmp_path / "out" / "real-text-evaluation.json").read_text()
+    assert str(tmp_path) not in text and "/tmp" not in text  # portable
+    summary = json.loads(text)
+    (record,) = summary["runs"]["news-abc"]["gpt2"]
+    assert set(record["methods"]) == set(real_text.METHODS)
+    for name, method in record["methods"].items():  # per word: the sum of a word's tokens' log-probabilities
+        words = raw["methods"][name]["words"]
+        assert method["word_perplexity"] == pytest.approx(math.exp(words["loss"]), rel=1e-12)
+        assert method["buckets"] == {b["name"]: b["perplexity"] for b in words["buckets"]}
+    assert record["words"] == raw["words"]["tokens"] < record["tokens"]
+    assert set(record["tuned"]) == {"+cache", "+knn", "+cache+knn", "+dynamic", "+dynamic+cache+knn"}
+    assert any(c.startswith("python -m lmmem datastore WORK/runs/news-abc/gpt2-seed1") for c in summary["commands"])
+    page = (tmp_path / "out" / "real-text-evaluation.md").read_text()
+    assert "| +all |" in page and "tuned on valid (seed 1)" in page
+    # a second call finds everything done and runs nothing
+    monkeypatch.setattr(real_text, "run_one", lambda *a: pytest.fail("a finished step was run again"))
+    assert real_text.main(argv) == 0
+
+
+def test_evaluate_without_runs_is_one_line(tmp_path, capsys):
+    from lmmem.cli import run_cli
+
+    assert run_cli(real_text.main, ["evaluate", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "train first" in err and "Traceback" not in err
