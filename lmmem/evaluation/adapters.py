@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from lmmem.output_layers.base import IGNORE_INDEX, cross_entropy_from_logits
+from lmmem.output_layers.full_softmax import FullSoftmax
+from lmmem.output_layers.hebbian_softmax import HebbianSoftmax
 
 
 @dataclass
@@ -133,9 +135,6 @@ class LmmemAdapter(Adapter):
         return self.model.output
 
     def linear_head(self) -> str | None:
-        from lmmem.output_layers.full_softmax import FullSoftmax
-        from lmmem.output_layers.hebbian_softmax import HebbianSoftmax
-
         if type(self.model.output) in (FullSoftmax, HebbianSoftmax):
             return None
         return f"the output layer {type(self.model.output).__name__} is not a linear softmax"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmmem.cli import ArgumentParser, HelpFormatter, add_dataclass_arguments, dataclass_from_args
+from lmmem.cli import ArgumentParser, HelpFormatter, add_dataclass_arguments, dataclass_from_args, run_cli
 from lmmem.errors import LmmemError
 from lmmem.evaluation.config import EvalConfig
 from lmmem.evaluation.knn import identity
@@ -128,6 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lmmem.cli import run_cli
-
     sys.exit(run_cli(main))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmmem.errors import LmmemError
 from lmmem.evaluation.adapters import Adapter
 from lmmem.evaluation.dynamic import DynamicConfig, dynamic_step, rms_scales
 from lmmem.evaluation.methods import MemorySet, MemoryView
@@ -134,8 +135,6 @@ def run_pass(
     if memories.needs_hidden:
         problem = runner.hidden_problem()
         if problem:
-            from lmmem.errors import LmmemError
-
             raise LmmemError(problem)
     head = runner.head() if memories.needs_hidden else None
     result = PassResult(sums, columns, 0.0)

@@ -18,6 +18,7 @@ import hashlib
 
 import torch
 
+from lmmem.errors import LmmemError
 from lmmem.evaluation.adapters import Adapter, Forward, Head
 from lmmem.output_layers.base import IGNORE_INDEX, cross_entropy_from_logits
 
@@ -124,6 +125,4 @@ def prefix_token_id(tokenizer) -> int:
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return int(tid)
-    from lmmem.errors import LmmemError
-
     raise LmmemError("the tokenizer has neither a BOS nor an EOS token, which --window lm-eval puts before each document")

@@ -23,6 +23,7 @@ from lmmem.evaluation.engine import run_pass
 from lmmem.evaluation.methods import MemorySet
 from lmmem.evaluation.sinks import GridSums, TokenLogProbs  # noqa: F401
 from lmmem.evaluation.windows import BpttWindows
+from lmmem.progress import Progress
 
 
 def score_stream(
@@ -56,8 +57,6 @@ def score_stream(
     instead, lmmem.evaluation.windows.SlidingWindows.) ``on_scores(positions, log_probs)``
     receives each batch's scored targets (see TokenLogProbs).
     """
-    from lmmem.progress import Progress
-
     if max_tokens:
         tokens = tokens[: max_tokens + 1]
     adapter = LmmemAdapter(model)
