@@ -43,7 +43,7 @@ from torch import nn
 
 from lmmem.errors import LmmemError
 from lmmem.hf.heads import HEADS, head_kind
-from lmmem.hf.resize import wrap_resize
+from lmmem.hf.resize import install_method, wrap_resize
 from lmmem.output_layers.base import IGNORE_INDEX, OutputLayer
 
 CONFIG_KEY = "lmmem_head"  # in model.config (and so in config.json): which layer, with which options
@@ -191,8 +191,7 @@ def _check_loss_options(cls: type[OutputLayer], loss_options: dict) -> None:
 # -- the forward ----------------------------------------------------------------------------------
 def _wrap_forward(model: nn.Module, head: OutputLayer, loss_options: dict):
     """Install the wrapped forward described in the module docstring; returns a function that uninstalls it."""
-    had_own = "forward" in vars(model)  # an instance-level forward someone installed before us
-    original = model.forward  # bound method (or that instance-level wrapper)
+    original = model.forward  # bound method (or an instance-level wrapper someone installed before us)
     params = inspect.signature(original).parameters
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
@@ -207,15 +206,7 @@ def _wrap_forward(model: nn.Module, head: OutputLayer, loss_options: dict):
             return original(*args, **kwargs)
         return _fused_loss_forward(model, original, head, keep_arg, loss_options, args, kwargs)
 
-    model.forward = forward
-
-    def uninstall() -> None:
-        if had_own:
-            model.forward = original
-        else:
-            del model.forward
-
-    return uninstall
+    return install_method(model, "forward", forward)
 
 
 def _fused_loss_forward(model, original, head, keep_arg, loss_options, args, kwargs):

@@ -62,8 +62,6 @@ def linear_view(layer: OutputLayer) -> nn.Linear:
 def wrap_resize(model: nn.Module, layer: OutputLayer, put_head: Callable[[nn.Module], None]) -> Callable[[], None]:
     """Install the instance-level ``resize_token_embeddings`` described above on ``model``;
     ``put_head(module)`` puts a module where the head lives. Returns a function that uninstalls it."""
-    had_own = "resize_token_embeddings" in vars(model)
-    previous = vars(model).get("resize_token_embeddings")
     original = model.resize_token_embeddings
 
     @functools.wraps(original)
@@ -80,12 +78,20 @@ def wrap_resize(model: nn.Module, layer: OutputLayer, put_head: Callable[[nn.Mod
             put_head(layer)
         return result
 
-    model.resize_token_embeddings = resize_token_embeddings
+    return install_method(model, "resize_token_embeddings", resize_token_embeddings)
+
+
+def install_method(model: nn.Module, name: str, fn: Callable) -> Callable[[], None]:
+    """Set ``model.<name> = fn`` on the instance (not the class, so other models are untouched);
+    returns a function that puts back what the instance had: its own earlier attribute, or none."""
+    had_own = name in vars(model)
+    previous = vars(model).get(name)
+    setattr(model, name, fn)
 
     def uninstall() -> None:
         if had_own:
-            model.resize_token_embeddings = previous
+            setattr(model, name, previous)
         else:
-            del model.resize_token_embeddings
+            delattr(model, name)
 
     return uninstall
