@@ -51,3 +51,22 @@ def test_hf_commands_parse(corpus, tmp_path):
         parser, dests = build_parser()
         cfg = dataclass_from_args(HFTrainConfig, parser.parse_args(cmd[3:]), dests)
         assert (cfg.arch, cfg.seed, cfg.steps) == (arch, 3, CORPORA[corpus]["hf_steps"])
+
+
+def test_a_call_for_other_corpora_keeps_the_records_of_earlier_calls():
+    """training.json / real-text-evaluation.json are the grid's whole record: `train --corpora
+    gutenberg` after `train --corpora news-abc` must not drop news-abc's runs (it once did)."""
+    from lmmem.experiments.real_text import merge_summaries
+
+    old = {"commands": ["a", "b"], "runs": {"news-abc": {"gpt2": [{"seed": 1, "x": 1}]},
+                                            "gutenberg": {"gpt2": [{"seed": 1, "x": 2}, {"seed": 2, "x": 3}]}},
+           "machine": {"m": 0}}
+    new = {"commands": ["b", "c"], "runs": {"gutenberg": {"gpt2": [{"seed": 1, "x": 9}], "llama": [{"seed": 1, "x": 4}]}},
+           "machine": {"m": 1}}
+    merged = merge_summaries(old, new)
+    assert merged["commands"] == ["a", "b", "c"]
+    assert merged["runs"]["news-abc"] == old["runs"]["news-abc"]
+    assert merged["runs"]["gutenberg"]["gpt2"] == [{"seed": 1, "x": 9}, {"seed": 2, "x": 3}]
+    assert merged["runs"]["gutenberg"]["llama"] == [{"seed": 1, "x": 4}]
+    assert merged["machine"] == {"m": 1} and old["runs"]["gutenberg"]["gpt2"][0]["x"] == 2  # old untouched
+    assert merge_summaries({}, new)["runs"] == new["runs"]

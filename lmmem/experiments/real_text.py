@@ -132,6 +132,7 @@ def train_grid(work: Path, shared: Path, corpora: list[str], seeds: list[int], m
     """Prepare the corpora and train every (seed, corpus, model) not finished yet, seed by seed (so
     that an early stop leaves whole seeds); returns the records of the finished runs."""
     data, runs, logs = work / "data", work / "runs", work / "logs"
+    old = _read_summary(work / "training.json")
     commands = []
     for corpus in corpora:
         cmd = prepare_command(corpus, shared, data)
@@ -162,13 +163,32 @@ def train_grid(work: Path, shared: Path, corpora: list[str], seeds: list[int], m
                         print(f"  done in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
                     record = hf_record(out)
                 records.setdefault(corpus, {}).setdefault(model, []).append({"seed": seed, "out": _rel(out, work), **record})
-                write_json(_summary(commands, records, work, shared), work / "training.json")  # after every run
-    return _summary(commands, records, work, shared)
+                summary = merge_summaries(old, _summary(commands, records, work, shared))
+                write_json(summary, work / "training.json")  # after every run
+    return merge_summaries(old, _summary(commands, records, work, shared))
 
 
 def _summary(commands, records, work: Path, shared: Path) -> dict:
     return {"commands": [shlex.join(_portable(c, work, shared)) for c in commands], "runs": records,
             "machine": _machine()}
+
+
+def _read_summary(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def merge_summaries(old: dict, new: dict) -> dict:
+    """``new`` with the runs and commands of ``old`` that it does not hold, so that a call for some
+    corpora or seeds keeps the records an earlier call wrote for others (the file is the grid's
+    whole record, not the last call's). A (corpus, model, seed) in both takes ``new``'s record."""
+    runs = {c: {m: list(rs) for m, rs in ms.items()} for c, ms in old.get("runs", {}).items()}
+    for corpus, models in new["runs"].items():
+        for model, recs in models.items():
+            fresh = {r["seed"] for r in recs}
+            kept = [r for r in runs.get(corpus, {}).get(model, []) if r["seed"] not in fresh]
+            runs.setdefault(corpus, {})[model] = sorted(kept + recs, key=lambda r: r["seed"])
+    commands = list(dict.fromkeys([*old.get("commands", []), *new["commands"]]))
+    return {**old, **new, "commands": commands, "runs": runs}
 
 
 def _machine() -> dict:
@@ -359,6 +379,7 @@ def main(argv=None) -> int:
         summary = evaluate_grid(work, args.corpora, args.seeds, args.models, context=args.context,
                                 max_tokens=args.max_tokens, extra=tuple(shlex.split(args.extra)))
         out = Path(args.out or work)
+        summary = merge_summaries(_read_summary(out / "real-text-evaluation.json"), summary)
         write_json(summary, out / "real-text-evaluation.json")
         (out / "real-text-evaluation.md").write_text(render_tables(summary) + "\n", encoding="utf-8")
         print(render_tables(summary))
