@@ -85,3 +85,27 @@ def test_a_lost_last_checkpoint_continues_from_the_pass_snapshot_and_other_setti
         long_training.main([a.replace("bptt=8", "bptt=8 max_steps=5") for a in argv])
     with pytest.raises(LmmemError, match="must include 'full'"):
         long_training.main(argv[: argv.index("--variants") + 1] + ["hebbian"])
+
+
+def test_reference_pairs_and_notes_on_the_page(tmp_path):
+    """--reference V=REF puts V's Δ columns against REF (an untied variant against the untied full
+    softmax); --notes shows a text under the title; render keeps both (they live in the JSON)."""
+    def rec(seed, ppl):
+        rep = {"perplexity": ppl, "buckets": [{"name": "<100", "perplexity": 10 * ppl}, {"name": "100–1K", "perplexity": 2 * ppl}]}
+        return {"seed": seed, "train_minutes": 1.0, "passes": [{"pass": 1, "step": 10, "valid": rep}], "test": rep}
+
+    runs = {"full": [rec(1, 100.0)], "centred": [rec(1, 110.0)], "full-untied": [rec(1, 120.0)], "centred-untied": [rec(1, 126.0)]}
+    with pytest.raises(LmmemError, match="--reference"):
+        long_training.parse_references(["centred-untied=nope"], dict.fromkeys(runs))
+    refs = long_training.parse_references(["centred-untied=full-untied"], dict.fromkeys(runs))
+    results = {"name": "x", "passes": 1, "steps_per_pass": 10, "seeds": [1], "runs": runs, "references": refs,
+               "notes": "**In short.** words.", "bucket_names": ["<100", "100–1K"], "variants": {k: {} for k in runs},
+               "train_args": {}, "command": "c", "steps": [], "machine": {}}
+    text = long_training.markdown(results, None)
+    assert text.splitlines()[2] == "**In short.** words."
+    row = next(line for line in text.splitlines() if line.startswith("| 1 | 10 |"))
+    assert row.endswith("| +10.0% | +20.0% | +5.0% |")  # centred vs full, full-untied vs full, centred-untied vs full-untied
+    assert "Δ centred-untied vs full-untied" in text and "| centred-untied | 126.00 | +5.0% vs full-untied |" in text
+    page = tmp_path / "p.md"
+    page.with_suffix(".json").write_text(json.dumps(results))
+    assert long_training.main(["render", str(page)]) == 0 and page.read_text().startswith(text.split("![")[0][:200])

@@ -151,6 +151,8 @@ def run(args, argv: list[str]) -> int:
     variants = dict(parse_variant(v) for v in args.variants)
     if "full" not in variants:
         raise LmmemError("--variants must include 'full' (the reference)")
+    references = parse_references(args.reference, variants)
+    notes = Path(args.notes).read_text(encoding="utf-8").strip() if args.notes else ""
     probe = config_from_args({k: config_value(k, v) for k, v in {"data": str(data), **extra}.items()})
     spp = steps_per_pass(data, probe.batch_size, probe.bptt)
     buckets = FrequencyBuckets()
@@ -181,7 +183,7 @@ def run(args, argv: list[str]) -> int:
     results = {
         "name": args.name or args.corpus, "corpus": args.corpus, "source": Path(args.source).name, "prep_args": args.prep_args,
         "passes": args.passes, "steps_per_pass": spp, "seeds": args.seeds, "train_args": extra, "variants": variants,
-        "hebbian_rules": rules, "bucket_names": buckets.names, "runs": runs,
+        "hebbian_rules": rules, "bucket_names": buckets.names, "runs": runs, "references": references, "notes": notes,
         "command": _shown("python -m lmmem.experiments.long_training " + shlex.join(argv), work, args.page),
         "steps": [_shown(c, work, args.page) for c in commands],
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -217,8 +219,32 @@ def _mean_sd(vals: list[float]) -> str:
     return f"{format_perplexity(statistics.mean(vals))} ± {format_perplexity(statistics.stdev(vals))}"
 
 
+def parse_references(pairs: list[str], variants: dict) -> dict[str, str]:
+    """``--reference VARIANT=REF`` pairs: VARIANT's Δ columns against REF instead of ``full`` (e.g.
+    an untied variant against the untied full softmax: equal parameters)."""
+    refs = {}
+    for pair in pairs:
+        v, sep, ref = pair.partition("=")
+        if not sep or v not in variants or ref not in variants or v == ref:
+            raise LmmemError(f"--reference {pair!r} must be VARIANT=REF, two different labels of --variants ({', '.join(variants)})")
+        refs[v] = ref
+    return refs
+
+
+def _delta_columns(results: dict) -> list[tuple[str, str, str]]:
+    """(variant, its reference, column header) of every Δ column: each variant but ``full``
+    against its reference (``full`` unless --reference named another)."""
+    refs = results.get("references", {})
+    cols = []
+    for v in results["runs"]:
+        if v != "full":
+            ref = refs.get(v, "full")
+            cols.append((v, ref, f"Δ {v}" if ref == "full" else f"Δ {v} vs {ref}"))
+    return cols
+
+
 def relative(vals: list[float], ref: list[float]) -> float | None:
-    """Mean over seeds of a variant's perplexity relative to the full softmax's mean, minus 1."""
+    """Mean over seeds of a variant's perplexity relative to its reference's mean, minus 1."""
     return statistics.mean(vals) / statistics.mean(ref) - 1 if vals and ref else None
 
 
@@ -228,34 +254,38 @@ def _pct(x: float | None) -> str:
 
 def markdown(results: dict, chart: str | None) -> str:
     runs, passes = results["runs"], results["passes"]
-    others = [v for v in runs if v != "full"]
+    deltas = _delta_columns(results)
     seeds = ", ".join(map(str, results["seeds"]))
-    lines = [f"# Long training on {results['name']}: {passes} passes", "",
-             f"Valid perplexity at the end of every pass over the training split ({format_count(results['steps_per_pass'])} steps "
-             f"a pass, {format_count(passes * results['steps_per_pass'])} in all, one learning-rate schedule over the whole run); "
-             f"mean ± standard deviation over seeds {seeds}; Δ = the variant's mean relative to the full softmax's.", "",
-             "| pass | step | " + " | ".join(runs) + " | " + " | ".join(f"Δ {v}" for v in others) + " |",
-             "|---|---|" + "---|" * (len(runs) + len(others))]
+    lines = [f"# Long training on {results['name']}: {passes} passes", ""]
+    if results.get("notes"):
+        lines += [results["notes"], ""]
+    lines += [f"Valid perplexity at the end of every pass over the training split ({format_count(results['steps_per_pass'])} steps "
+              f"a pass, {format_count(passes * results['steps_per_pass'])} in all, one learning-rate schedule over the whole run); "
+              f"mean ± standard deviation over seeds {seeds}; Δ = the variant's mean relative to the full softmax's "
+              "(or to the variant named after \"vs\").", "",
+              "| pass | step | " + " | ".join(runs) + " | " + " | ".join(h for _, _, h in deltas) + " |",
+              "|---|---|" + "---|" * (len(runs) + len(deltas))]
     for k in range(1, passes + 1):
-        ref = _values(runs["full"], k, "valid")
         lines.append(f"| {k} | {format_count(k * results['steps_per_pass'])} | "
                      + " | ".join(_mean_sd(_values(rs, k, "valid")) for rs in runs.values()) + " | "
-                     + " | ".join(_pct(relative(_values(runs[v], k, "valid"), ref)) for v in others) + " |")
+                     + " | ".join(_pct(relative(_values(runs[v], k, "valid"), _values(runs[ref], k, "valid"))) for v, ref, _ in deltas) + " |")
     for bucket in RARE_BUCKETS:
         lines += ["", f"Valid perplexity of the {bucket} bucket (target words seen {bucket.replace('<', 'fewer than ')} times in training):", "",
-                  "| pass | " + " | ".join(runs) + " | " + " | ".join(f"Δ {v}" for v in others) + " |",
-                  "|---|" + "---|" * (len(runs) + len(others))]
+                  "| pass | " + " | ".join(runs) + " | " + " | ".join(h for _, _, h in deltas) + " |",
+                  "|---|" + "---|" * (len(runs) + len(deltas))]
         for k in range(1, passes + 1):
-            ref = _values(runs["full"], k, "valid", bucket)
             lines.append(f"| {k} | " + " | ".join(_mean_sd(_values(rs, k, "valid", bucket)) for rs in runs.values()) + " | "
-                         + " | ".join(_pct(relative(_values(runs[v], k, "valid", bucket), ref)) for v in others) + " |")
+                         + " | ".join(_pct(relative(_values(runs[v], k, "valid", bucket), _values(runs[ref], k, "valid", bucket)))
+                                      for v, ref, _ in deltas) + " |")
     if chart:
         lines += ["", f"![valid perplexity by pass]({chart})"]
     names = results["bucket_names"]
     lines += ["", f"Test perplexity at the end of pass {passes} (the last), mean ± standard deviation over seeds {seeds}:", "",
               "| model | test ppl | Δ | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    refs = {v: ref for v, ref, _ in deltas}
     for v, rs in runs.items():
-        delta = "" if v == "full" else _pct(relative(_values(rs, 0, "test"), _values(runs["full"], 0, "test")))
+        delta = "" if v == "full" else _pct(relative(_values(rs, 0, "test"), _values(runs[refs[v]], 0, "test"))) + (
+            "" if refs[v] == "full" else f" vs {refs[v]}")
         lines.append(f"| {v} | {_mean_sd(_values(rs, 0, 'test'))} | {delta} | " + " | ".join(_mean_sd(_values(rs, 0, "test", n)) for n in names) + " |")
     rules = results.get("hebbian_rules", {})
     lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items())
@@ -339,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a softmax name, or LABEL:key=value,... (TrainConfig fields); 'full' is the reference")
     p.add_argument("--train-args", default="preset=tiny", help="TrainConfig fields as KEY=VALUE pairs for every run")
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--reference", nargs="*", default=[], metavar="VARIANT=REF",
+                   help="compare VARIANT with REF instead of full (e.g. an untied variant with the untied full softmax)")
+    p.add_argument("--notes", help="a markdown file whose text the page shows under its title (what the numbers say)")
     p.add_argument("--name", help="corpus name on the page")
     p.add_argument("--page", help="also write the page here (with its .json and .png beside it)")
     return p
