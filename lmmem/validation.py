@@ -81,7 +81,7 @@ RULES: dict[str, Rule] = {
     "dropout": unit_interval("a dropout probability", hi_open=True),
     "output_dropout": unit_interval("a dropout probability", hi_open=True),
     "hebbian_gamma": unit_interval("the Hebbian mixing rate is a fraction of the row that is replaced"),
-    "hebbian_T": non_negative("the smoothing limit counts occurrences; 0: the rows learn from gradients only"),
+    "hebbian_T": Rule(lo=-1, why="the smoothing limit counts occurrences; 0: the rows learn from gradients only; -1: the rule's default"),
     "hebbian_mean_decay": unit_interval("the running mean's decay per step", hi_open=True),
     "hebbian_start_step": Rule(lo=-1, why="optimizer steps before the rule starts; -1: the rule's default"),
     # train.py: optimisation

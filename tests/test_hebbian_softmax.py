@@ -465,3 +465,27 @@ def test_torch_compile_of_surrounding_model_records_and_matches_eager(backend):
     torch.testing.assert_close(compiled_model.output.counts, eager.output.counts)
     assert int(eager.output.counts.sum()) == 2 * y.numel()
     torch.testing.assert_close(compiled_model.embedding.weight, eager.embedding.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_smoothing_limit_defaults_to_the_rules_own():
+    """T unset (-1) is the rule's: 100 for the centred rule (where λ = 1/(c+1) reaches γ = 0.01; the
+    earlier default 500 stays available by value), 500 for the paper's; an explicit T always wins,
+    from Python and from train.py's config, and a class seen T times is no longer written."""
+    from lmmem.output_layers.hebbian_softmax import DEFAULT_SMOOTHING_LIMIT
+    from lmmem.training import config_from_args
+
+    assert DEFAULT_SMOOTHING_LIMIT == {"centred": 100, "paper": 500}
+    assert HebbianSoftmax(4, 10).smoothing_limit == 100
+    assert HebbianSoftmax(4, 10, rule="paper").smoothing_limit == 500
+    assert HebbianSoftmax(4, 10, smoothing_limit=500).smoothing_limit == 500
+    assert HebbianSoftmax(4, 10, smoothing_limit=None).smoothing_limit is None
+    with pytest.raises(ValueError, match="smoothing_limit"):
+        HebbianSoftmax(4, 10, smoothing_limit=-2)
+    for flags, T in (({}, 100), ({"hebbian_rule": "paper"}, 500), ({"hebbian_T": 500}, 500), ({"hebbian_T": 0}, 0)):
+        cfg = config_from_args({"softmax": "hebbian", **flags})
+        assert cfg.model_config(10).softmax_options["smoothing_limit"] in (T, -1)
+        assert build_model(cfg.model_config(10)).output.smoothing_limit == T
+    layer = HebbianSoftmax(4, 3)
+    layer.counts.copy_(torch.tensor([98, 99, 100]))
+    lam = layer.mixing_rates(torch.arange(3), torch.float64)
+    assert lam.tolist() == [1 / 99, 0.01, 0.0]

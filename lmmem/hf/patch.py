@@ -159,6 +159,8 @@ def _apply(model: nn.Module, kind: str, layer_options: dict, loss_options: dict,
         # same GPT2Config), and the entry would make that model save and load as an lmmem one.
         config = _own_config(model, config)
         saved = {k: v for k, v in layer_options.items() if k not in _RUNTIME_OPTIONS}
+        if kind == "hebbian":  # the T in effect, so that a later change of the default does not change a saved model
+            saved["smoothing_limit"] = head.smoothing_limit
         setattr(config, CONFIG_KEY, {"layer": kind, "options": saved, "loss_options": dict(loss_options)})
     return model
 

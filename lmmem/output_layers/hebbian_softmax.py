@@ -45,8 +45,8 @@ holds the real number of occurrences, starting at 0. Consequences:
 
 Classes never seen are trained by the gradient only, and the bias always is (the rule touches no
 bias). With ``rescale=True``, ``h̄_i`` is first scaled to the norm of ``θ̂_i`` (off by default; the
-paper does not rescale). The paper's exact γ and T are not known to us; the defaults,
-``gamma=0.01`` and ``smoothing_limit=500``, are those of a public reimplementation.
+paper does not rescale). The paper's exact γ and T are not known to us; for the paper's rule the
+defaults, ``gamma=0.01`` and ``smoothing_limit=500``, are those of a public reimplementation.
 
 The centred rule (``rule="centred"``, the default)
 ---------------------------------------------------
@@ -167,7 +167,7 @@ from lmmem.output_layers.base import OutputLayer
 from lmmem.output_layers.hebbian_distributed import all_gather_class_statistics, distributed_sync_active
 
 # hebbian_lambda and hebbian_update_reference live in lmmem.kernels.hebbian_rule; importable from here too
-__all__ = ["DEFAULT_START_STEP", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax", "MissingHebbianUpdateWarning",
+__all__ = ["DEFAULT_SMOOTHING_LIMIT", "DEFAULT_START_STEP", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax", "MissingHebbianUpdateWarning",
            "hebbian_lambda", "hebbian_update_reference"]
 
 
@@ -187,6 +187,12 @@ FORGOTTEN_UPDATE_MESSAGE = (
 # a from-scratch model's first steps raise its training loss (docs/results/hebbian-rules.md,
 # "From-scratch guard"; tests/test_hebbian_rules.py checks it).
 DEFAULT_START_STEP = 50
+# T when not given, by rule. The centred rule stops writing a row at its 100th sighting, where
+# λ = 1/(c+1) would reach its floor γ = 0.01: a row's write is then the running mean of its first
+# 100 contexts and nothing more. With T = 500 (the earlier default, and the paper rule's) the rows of
+# words seen 100–500 times kept being pulled by γ at every sighting, and over several passes that
+# cost 2–6.5% valid perplexity against the full softmax (docs/results/long-training-wikitext-2.md).
+DEFAULT_SMOOTHING_LIMIT = {"centred": 100, "paper": 500}
 
 
 class HebbianSoftmax(OutputLayer):
@@ -197,7 +203,9 @@ class HebbianSoftmax(OutputLayer):
         in_features, num_classes, bias: as :class:`~lmmem.output_layers.full_softmax.FullSoftmax`.
         gamma: the floor γ of the mixing rate λ (default 0.01, from a public reimplementation).
         smoothing_limit: T; a class seen ``T`` or more times before a batch is no longer moved by
-            the rule (default 500, same source). ``None`` or ``inf``: never stop.
+            the rule. Default ``-1``: the rule's (:data:`DEFAULT_SMOOTHING_LIMIT`: 100 for
+            ``"centred"``, where λ reaches γ; 500 for ``"paper"``, from the same source as γ).
+            ``None`` or ``inf``: never stop.
         rescale: scale ``h̄_i`` to the norm of the row before mixing (default off).
         sync_distributed: under DDP, all-gather the batch statistics so replicas stay identical
             (default on; off only makes sense if each rank's model is meant to diverge).
@@ -233,7 +241,7 @@ class HebbianSoftmax(OutputLayer):
         in_features: int,
         num_classes: int,
         gamma: float = 0.01,
-        smoothing_limit: float | None = 500,
+        smoothing_limit: float | None = -1,
         bias: bool = True,
         rescale: bool = False,
         sync_distributed: bool = True,
@@ -243,10 +251,12 @@ class HebbianSoftmax(OutputLayer):
         mean_decay: float = 0.99,
         start_step: int | None = None,
     ):
-        if start_step is None:  # the paper's rule starts at once (bit-for-bit the paper's); see DEFAULT_START_STEP
-            start_step = DEFAULT_START_STEP if rule == "centred" else 0
         if rule not in HEBBIAN_RULES:
             raise ValueError(f"rule must be one of {', '.join(HEBBIAN_RULES)}, got {rule!r}")
+        if start_step is None:  # the paper's rule starts at once (bit-for-bit the paper's); see DEFAULT_START_STEP
+            start_step = DEFAULT_START_STEP if rule == "centred" else 0
+        if smoothing_limit == -1:
+            smoothing_limit = DEFAULT_SMOOTHING_LIMIT[rule]
         if write_norm not in WRITE_NORMS:
             raise ValueError(f"write_norm must be one of {', '.join(WRITE_NORMS)}, got {write_norm!r}")
         if rescale and rule != "paper":
@@ -258,7 +268,7 @@ class HebbianSoftmax(OutputLayer):
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if smoothing_limit is not None and smoothing_limit < 0:
-            raise ValueError(f"smoothing_limit must be >= 0 or None, got {smoothing_limit}")
+            raise ValueError(f"smoothing_limit must be >= 0, -1 (the rule's default) or None, got {smoothing_limit}")
         super().__init__(in_features, num_classes, bias=bias, backend=backend)
         self.gamma = float(gamma)
         self.smoothing_limit = smoothing_limit

@@ -69,7 +69,9 @@ class TrainConfig:
     output_dropout: float = field(default=0.1, metadata={"help": "dropout on the activations fed to the softmax"})
     tie_weights: bool = field(default=True, metadata={"help": "tie input embeddings and softmax weights"})
     hebbian_gamma: float = field(default=0.01, metadata={"help": "Hebbian softmax: minimum mixing rate gamma"})
-    hebbian_T: int = field(default=500, metadata={"help": "Hebbian softmax: smoothing limit T (occurrences after which only gradients train a row)"})
+    hebbian_T: int = field(default=-1, metadata={
+        "help": "Hebbian softmax: smoothing limit T (occurrences after which only gradients train a row); "
+                "-1: the rule's default (centred 100, paper 500; the centred rule's earlier default was 500)"})
     hebbian_rescale: bool = field(default=False, metadata={"help": "Hebbian softmax, --hebbian-rule paper only: scale the mean activation to the row's norm before mixing"})
     hebbian_rule: str = field(default="centred", metadata={
         "help": "Hebbian softmax update rule: centred (the default) writes h̄ minus the running mean of the activations, orthogonally "
