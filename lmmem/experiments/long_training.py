@@ -123,16 +123,17 @@ def _flags_text(flags: dict) -> str:
                     for k, v in flags.items())
 
 
-def _shown(text: str, work: Path, page: str | None) -> str:
+def _shown(text: str, work: Path, page: str | None, notes: str | None = None) -> str:
     """Commands as the page shows them, without paths of this machine: the work folder is WORK, and
-    a page outside the current folder is PAGE."""
+    a page (or --notes file) outside the current folder is PAGE (NOTES: its text is on the page)."""
     text = re.sub(re.escape(str(work)) + r"(?=[/\s']|$)", "WORK", text)
-    if page and Path(page).is_absolute():
-        try:
-            shown = Path(page).relative_to(Path.cwd()).as_posix()
-        except ValueError:
-            shown = "PAGE"
-        text = text.replace(page, shown)
+    for path, name in ((page, "PAGE"), (notes, "NOTES")):
+        if path and Path(path).is_absolute():
+            try:
+                shown = Path(path).relative_to(Path.cwd()).as_posix()
+            except ValueError:
+                shown = name
+            text = text.replace(path, shown)
     return text
 
 
@@ -184,7 +185,7 @@ def run(args, argv: list[str]) -> int:
         "name": args.name or args.corpus, "corpus": args.corpus, "source": Path(args.source).name, "prep_args": args.prep_args,
         "passes": args.passes, "steps_per_pass": spp, "seeds": args.seeds, "train_args": extra, "variants": variants,
         "hebbian_rules": rules, "bucket_names": buckets.names, "runs": runs, "references": references, "notes": notes,
-        "command": _shown("python -m lmmem.experiments.long_training " + shlex.join(argv), work, args.page),
+        "command": _shown("python -m lmmem.experiments.long_training " + shlex.join(argv), work, args.page, args.notes),
         "steps": [_shown(c, work, args.page) for c in commands],
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
