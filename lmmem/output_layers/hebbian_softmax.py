@@ -71,9 +71,12 @@ frequent words weighing most), ``"row"`` the norm of the row's own orthogonal pa
 row is small, so its write is weak), ``"none"`` unscaled. ``rescale`` belongs to the paper's rule
 only.
 
-When it writes: from the ``start_step``-th update on (default 50 for the centred rule, 0 for the
-paper's), because writes during a from-scratch model's first steps, while its activations are still
-changing fast, raise its training loss; before that, counts and running statistics advance but no
+When it writes: until a class has been seen ``T`` times (``smoothing_limit``, default 100 for the
+centred rule: where λ = 1/(c+1) reaches γ, so a row's write is the running mean of its first
+contexts; rows still mixed at λ = γ after the gradient had trained them made later passes over the
+data worse, see :data:`DEFAULT_SMOOTHING_LIMIT`), and from the ``start_step``-th update on
+(default 50 for the centred rule, 0 for the paper's), because writes during a from-scratch model's
+first steps, while its activations are still changing fast, raise its training loss; before that, counts and running statistics advance but no
 row is written. The running statistics are computed from the all-rank statistics, so DDP replicas
 stay identical; they and :attr:`updates` are persistent buffers (a checkpoint resumes exactly;
 checkpoints from before these buffers existed load with them fresh).
@@ -190,8 +193,8 @@ DEFAULT_START_STEP = 50
 # T when not given, by rule. The centred rule stops writing a row at its 100th sighting, where
 # λ = 1/(c+1) would reach its floor γ = 0.01: a row's write is then the running mean of its first
 # 100 contexts and nothing more. With T = 500 (the earlier default, and the paper rule's) the rows of
-# words seen 100–500 times kept being pulled by γ at every sighting, and over several passes that
-# cost 2–6.5% valid perplexity against the full softmax (docs/results/long-training-wikitext-2.md).
+# words seen 100–500 times kept being pulled by γ at every sighting after the gradient had trained
+# them, which made later passes over the data worse (docs/results/long-training-wikitext-2.md).
 DEFAULT_SMOOTHING_LIMIT = {"centred": 100, "paper": 500}
 
 
