@@ -202,3 +202,31 @@ def test_cli_rms_dynamic_evaluation_and_tune(small_corpus, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())  # strict JSON: no Infinity/NaN
     assert "+dynamic" in result["tuned"]["choice"] and "tuned on valid: +dynamic: lr " in proc.stdout
     assert np.isfinite(result["methods"]["+dynamic"]["perplexity"])
+
+
+def test_tuned_learning_rate_diverging_on_test_keeps_the_other_methods(small_corpus, tmp_path, capsys, monkeypatch):
+    """A learning rate chosen on valid that diverges on test is a result, not an error: the dynamic
+    rows are left out (and recorded as diverged), the static methods' numbers are written."""
+    import json
+
+    import lmmem.evaluation.run as run_module
+    from lmmem.cli import run_cli
+    from lmmem.evaluation.cli import main
+    from lmmem.evaluation.tuning import untuned_rows
+    from test_evaluate_methods import _checkpoint
+
+    def choose(ev, methods, knn, grid):  # valid "chose" a learning rate that diverges on test
+        return {"choice": {"+dynamic": {"lr": 1e6}}}, untuned_rows(methods, knn)
+
+    monkeypatch.setattr(run_module, "choose", choose)
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    out = tmp_path / "e.json"
+    code = run_cli(main, [str(ckpt), "--cache", "--dynamic", "--dynamic-method", "rms", "--tune", "--max-tokens", "200",
+                          "--batch-size", "2", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["diverged"]["dynamic_lr"] == 1e6 and result["diverged"]["split"] == "test"
+    assert set(result["diverged"]["methods"]) == {"+dynamic", "+dynamic+cache"}
+    assert "+cache" in result["methods"] and "plain" in result["methods"]
+    assert not any(m.startswith("+dynamic") for m in result["methods"])
+    assert "diverged on test at the learning rate chosen on valid" in capsys.readouterr().out

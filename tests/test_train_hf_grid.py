@@ -70,3 +70,19 @@ def test_a_call_for_other_corpora_keeps_the_records_of_earlier_calls():
     assert merged["runs"]["gutenberg"]["llama"] == [{"seed": 1, "x": 4}]
     assert merged["machine"] == {"m": 1} and old["runs"]["gutenberg"]["gpt2"][0]["x"] == 2  # old untouched
     assert merge_summaries({}, new)["runs"] == new["runs"]
+
+
+def test_a_method_that_diverged_on_test_is_shown_as_such():
+    from lmmem.experiments.real_text import METHODS, render_tables
+
+    def rec(seed, diverged):
+        rep = {"word_perplexity": 100.0 * seed, "token_perplexity": 90.0, "buckets": {"<100": 1000.0, ">10K": 10.0}}
+        methods = {m: rep for m in METHODS if not (diverged and m.startswith("+dynamic"))}
+        return {"seed": seed, "words": 5, "tokens": 6, "bucket_share": {"<100": 0.5, ">10K": 0.5}, "tuned": {},
+                "diverged": {"split": "test", "dynamic_lr": 6e-4, "methods": ["+dynamic", "+dynamic+cache+knn"]} if diverged else None,
+                "methods": methods}
+
+    one = render_tables({"runs": {"c": {"lstm": [rec(1, True)]}}, "settings": {"methods": METHODS}})
+    assert "| +dynamic | diverged on test (seed 1) | | |" in one and "| +all | diverged on test (seed 1) |" in one
+    two = render_tables({"runs": {"c": {"lstm": [rec(1, True), rec(2, False)]}}, "settings": {"methods": METHODS}})
+    assert "| +dynamic (diverged in seed 1; mean of the others) | 200.0 (" in two

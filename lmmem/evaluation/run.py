@@ -211,8 +211,15 @@ class Evaluation:
             desc = f"{self.config.split}{' +dynamic' if dynamic else ''}"
             result = self.run_pass(self.config.split, mem, desc=desc, dynamic=run, columns=points if want_columns else None)
             if result.diverged:
-                raise LmmemError(f"dynamic evaluation diverged on {self.config.split} at --dynamic-lr {run.cfg.lr:g}; give a "
-                                 "smaller one, or --tune to choose it on the valid split")
+                if tuned is None:  # the user's learning rate: say which flag to change
+                    raise LmmemError(f"dynamic evaluation diverged on {self.config.split} at --dynamic-lr {run.cfg.lr:g}; give a "
+                                     "smaller one, or --tune to choose it on the valid split")
+                # chosen on valid: that it diverges here is a result; the other methods' are kept
+                names = [r.name for r in part]
+                self.log(f"dynamic evaluation diverged on {self.config.split} at the learning rate chosen on valid "
+                         f"({run.cfg.lr:g}): {', '.join(names)} left out of the results")
+                meta["diverged"] = {"split": self.config.split, "dynamic_lr": run.cfg.lr, "methods": names}
+                continue
             for r in part:
                 reports[r.name] = MethodReport(result.sums.report(self.buckets, points[r.name]),
                                                params=_params(methods, knn, r, run.cfg if run else None))

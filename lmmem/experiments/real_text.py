@@ -246,7 +246,7 @@ def eval_record(result: dict) -> dict:
             "window": result["window"], "datastore": {k: result["datastore"][k] for k in ("count", "index")},
             "seconds": result["seconds"], "pass_seconds": result.get("pass_seconds"),
             "tuned": tuned.get("choice"), "valid_token_perplexity": tuned.get("valid_perplexity"),
-            "dynamic_lr_grid": tuned.get("dynamic_lr_grid"), "methods": methods}
+            "dynamic_lr_grid": tuned.get("dynamic_lr_grid"), "diverged": result.get("diverged"), "methods": methods}
 
 
 def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list[str], *, context: int = HF_CONTEXT,
@@ -305,14 +305,21 @@ def render_tables(summary: dict) -> str:
 
             def mean(method, key=None):
                 vals = [r["methods"][method]["word_perplexity"] if key is None else r["methods"][method]["buckets"][key]
-                        for r in runs]
+                        for r in runs if method in r["methods"]]
                 if any(v is None for v in vals):  # a bucket without words
                     return None
                 return math.exp(sum(math.log(v) for v in vals) / len(vals))
 
             for method, label in summary["settings"]["methods"].items():
-                if method not in first["methods"]:
+                lost = [r["seed"] for r in runs if method in ((r.get("diverged") or {}).get("methods") or ())]
+                if len(lost) == len(runs):  # dynamic evaluation diverged on test at the lr chosen on valid
+                    lines.append(f"| {label} | diverged on test (seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}) |"
+                                 + " |" * len(buckets))
                     continue
+                if not any(method in r["methods"] for r in runs):
+                    continue
+                if lost:
+                    label += f" (diverged in seed {', '.join(map(str, lost))}; mean of the others)"
                 cells = []
                 for key in [None, *buckets]:
                     v, base = mean(method, key), mean("plain", key)
