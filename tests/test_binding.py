@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lmmem.errors import LmmemError
 from lmmem.experiments import binding
@@ -51,3 +52,28 @@ def test_binding_end_to_end(small_corpus, tmp_path):
 def test_binding_needs_a_full_reference(small_corpus, tmp_path):
     with pytest.raises(LmmemError):
         binding.main(["--data", str(small_corpus), "--work", str(tmp_path), "--variants", "paper:softmax=hebbian"])
+
+
+def test_binding_from_a_hebbian_trunk_against_a_named_reference(small_corpus, tmp_path):
+    """--trunk softmax=hebbian: the trunk is trained with the rule (its checkpoints carry the rule's
+    counts), and --reference names the branch of the paired differences (here: writes switched off)."""
+    work = tmp_path / "work"
+    variants = ["writes-off:softmax=hebbian,hebbian_T=0", "default:softmax=hebbian,hebbian_start_step=2", "also-off:softmax=hebbian,hebbian_T=0"]
+    argv = ["--data", str(small_corpus), "--work", str(work), "--train-args", TINY, "--branch-points", "8",
+            "--branch-steps", "8", "--settle", "2", "--rare-below", "40", "--frequent-from", "300", "--bootstrap", "100",
+            "--trunk", "softmax=hebbian hebbian_start_step=2", "--reference", "writes-off", "--variants", *variants,
+            "--page", str(tmp_path / "page.md")]
+    assert binding.main(argv) == 0
+    trunk = torch.load(work / "trunk" / "step8.pt", map_location="cpu", weights_only=False)
+    state = trunk["model"]
+    assert int(state["output.counts"].sum()) > 0 and int(state["output.updates"]) == 8
+    rows = {r["label"]: r for r in json.loads((work / "binding.json").read_text())["summary"]}
+    assert rows["writes-off"]["delta_vs_full"] == {}  # the reference itself
+    for k in binding.K_NAMES:
+        if not np.isnan(rows["writes-off"]["k"][k][0]):
+            assert rows["also-off"]["delta_vs_full"][k][0] == 0.0
+    assert rows["default"]["valid_ppl"] != rows["writes-off"]["valid_ppl"]
+    text = (tmp_path / "page.md").read_text()
+    assert "Trunk: `softmax=hebbian,hebbian_start_step=2`" in text and "Paired difference to writes-off" in text
+    with pytest.raises(LmmemError):
+        binding.main(argv[:-len(variants) - 3] + ["--variants", "default:softmax=hebbian"])

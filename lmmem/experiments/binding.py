@@ -7,7 +7,10 @@ One command::
         --page docs/results/binding-gutenberg.md
 
 1. **Trunk.** A ``train.py`` run with a full softmax (``WORK/trunk``; constant learning rate after
-   the warm-up, so that branch points differ only in how far training got). A step hook keeps its
+   the warm-up, so that branch points differ only in how far training got). ``--trunk`` trains it
+   otherwise, e.g. ``--trunk softmax=hebbian`` for the question a long Hebbian run asks: from a
+   model trained *with* the rule, do its later writes help or hurt (against ``--reference`` = a
+   branch that stops writing, ``hebbian_T=0``)? A step hook keeps its
    checkpoint at every branch point (``WORK/trunk/step{P}.pt``, train.py's format); an interrupted
    trunk is continued as ``train.py --resume`` would.
 2. **Branches.** From each trunk checkpoint, one ``train.py`` run per variant (``WORK/branch-step{P}-LABEL``;
@@ -21,7 +24,7 @@ One command::
    is filed by its word's training frequency and by ``k``, the word's sightings in *earlier batches* of the stream (trunk included). Primary:
    rare words (fewer than ``--rare-below`` training occurrences) at k = 1, 2, 3–4, 5–9: mean over
    word types of each type's mean NLL, with bootstrap 95% intervals over types, and the paired
-   difference to the full-softmax branch (same types, same positions). Guards: k = 0 (never seen:
+   difference to the reference branch (``--reference``, default ``full``; same types, same positions). Guards: k = 0 (never seen:
    a rule cannot know these, so a gain there means mass was moved onto rare words in general),
    frequent words (``--frequent-from`` occurrences or more), and the probability mass the model puts
    on all rare words against their true share of the window's tokens. Secondary: bucketed valid
@@ -82,6 +85,8 @@ class BindingConfig:
     frequent_from: int = 1000
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     train_args: dict = field(default_factory=dict)  # TrainConfig fields for trunk and branches (preset, sizes, lr, ...)
+    trunk: dict = field(default_factory=lambda: {"softmax": "full"})  # TrainConfig fields for the trunk only
+    reference: str = "full"  # the branch label every paired difference is taken against
     bootstrap: int = 1000
     mass_every: int = 4  # measure the rare-word mass every this many steps (a full N × V softmax)
     eval_tokens: int = 0  # valid tokens for the bucketed perplexity, 0 = all
@@ -95,13 +100,14 @@ def _train_config(bc: BindingConfig, out: Path, overrides: dict) -> TrainConfig:
 
 
 def train_trunk(bc: BindingConfig, log=print) -> None:
-    """The full-softmax trunk: a train.py run in WORK/trunk whose checkpoint at every branch point
-    a step hook keeps as ``step{P}.pt``; continued as ``--resume`` would when interrupted."""
+    """The trunk (a full softmax unless ``bc.trunk`` says otherwise): a train.py run in WORK/trunk
+    whose checkpoint at every branch point a step hook keeps as ``step{P}.pt``; continued as
+    ``--resume`` would when interrupted."""
     out = Path(bc.work) / "trunk"
     points = sorted(bc.branch_points)
     if all((out / f"step{p}.pt").is_file() for p in points):
         return
-    cfg = _train_config(bc, out, {"softmax": "full", "max_steps": points[-1]})
+    cfg = _train_config(bc, out, {**bc.trunk, "max_steps": points[-1]})
     state = run_state(out, cfg)
     if state != "resumable":  # new settings (or a finished trunk missing a snapshot): train it again
         for old in out.glob("step*.pt"):
@@ -237,12 +243,13 @@ def bootstrap_mean(values: np.ndarray, n: int, rng: np.random.Generator) -> tupl
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarise(branches: list[dict], n_boot: int, seed: int = 0) -> list[dict]:
+def summarise(branches: list[dict], n_boot: int, seed: int = 0, reference: str = "full") -> list[dict]:
     """Per branch: each k bucket's mean over types with its interval, and the paired difference to
-    the ``full`` branch of the same point over the types both have (all of them: same stream)."""
+    the ``reference`` branch of the same point over the types both have (all of them: same stream);
+    the JSON key stays ``delta_vs_full`` whatever the reference is called."""
     # a fresh generator per statistic: identical inputs get identical intervals, whatever the order
     boot = lambda v: bootstrap_mean(v, n_boot, np.random.default_rng(seed))  # noqa: E731
-    full = {b["point"]: b for b in branches if b["label"] == "full"}
+    full = {b["point"]: b for b in branches if b["label"] == reference}
     rows = []
     for b in branches:
         row = {"label": b["label"], "point": b["point"], "k": {}, "delta_vs_full": {}}
@@ -271,13 +278,16 @@ def _ci(t) -> str:
 
 def render_page(results: dict) -> str:
     bc = results["config"]
+    reference = bc.get("reference", "full")
+    trunk = bc.get("trunk", {"softmax": "full"})
+    trunk_text = "full softmax" if trunk == {"softmax": "full"} else "`" + ",".join(f"{k}={v}" for k, v in trunk.items()) + "`"
     lines = [f"# Fast binding on {results['name']}", "",
-             f"Trunk: full softmax, `{bc['train_args'].get('preset', 'tiny')}` preset, constant lr after warm-up; branches at steps "
+             f"Trunk: {trunk_text}, `{bc['train_args'].get('preset', 'tiny')}` preset, constant lr after warm-up; branches at steps "
              f"{', '.join(map(str, bc['branch_points']))} for {bc['branch_steps']} steps each on identical batches; the first "
              f"{bc['settle']} steps of each branch excluded (settle-in). Rare = fewer than {bc['rare_below']} training occurrences, "
              f"frequent = {bc['frequent_from']} or more. k = sightings in earlier batches. Entries: mean over word types of "
              f"the type's mean training-stream NLL (nats), [bootstrap 95% interval over types, {bc['bootstrap']} resamples]; "
-             "Δ = paired difference to the full-softmax branch (negative = the rule binds faster).", ""]
+             f"Δ = paired difference to the `{reference}` branch (negative = the variant binds faster).", ""]
     for point in bc["branch_points"]:
         rows = [r for r in results["summary"] if r["point"] == point]
         lines += [f"## Branch point: step {point}", "",
@@ -286,7 +296,7 @@ def render_page(results: dict) -> str:
         for r in rows:
             cells = [_ci(r["k"][k]) + f" (n={r['k'][k][3]})" for k in K_NAMES]
             lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_ci(r['frequent'])} | {r['rare_mass']:.3f} / {r['rare_share']:.3f} | {r['valid_ppl']:.1f} |")
-        lines += ["", "Paired difference to full (Δ NLL, nats):", "",
+        lines += ["", f"Paired difference to {reference} (Δ NLL, nats):", "",
                   "| variant | " + " | ".join(f"k={k}" for k in K_NAMES) + " |", "|---|" + "---|" * len(K_NAMES)]
         for r in rows:
             if r["delta_vs_full"]:
@@ -326,7 +336,7 @@ def run(bc: BindingConfig, name: str = "", command: str = "", log=print) -> dict
 
     results = {"name": name or Path(bc.data).name, "config": bc.__dict__ | {"branch_points": list(bc.branch_points)},
                "command": command, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-               "minutes": sum(b["train_minutes"] for b in branches), "summary": summarise(branches, bc.bootstrap)}
+               "minutes": sum(b["train_minutes"] for b in branches), "summary": summarise(branches, bc.bootstrap, reference=bc.reference)}
     (work / "binding.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
 
@@ -341,8 +351,11 @@ def main(argv=None) -> int:
     p.add_argument("--settle", type=int, default=BindingConfig.settle)
     p.add_argument("--rare-below", type=int, default=BindingConfig.rare_below)
     p.add_argument("--frequent-from", type=int, default=BindingConfig.frequent_from)
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="LABEL:key=value,... (TrainConfig fields); 'full' is the reference")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="LABEL:key=value,... (TrainConfig fields)")
+    p.add_argument("--reference", default="full", help="the variant label the paired differences are taken against (default: full)")
     p.add_argument("--train-args", default="preset=tiny seed=1", help="TrainConfig fields as KEY=VALUE pairs for trunk and branches")
+    p.add_argument("--trunk", default="softmax=full",
+                   help="TrainConfig fields as KEY=VALUE pairs for the trunk only (default: softmax=full; e.g. softmax=hebbian)")
     p.add_argument("--bootstrap", type=int, default=BindingConfig.bootstrap)
     p.add_argument("--eval-tokens", type=int, default=0)
     p.add_argument("--page", help="write the results page here (markdown)")
@@ -350,8 +363,8 @@ def main(argv=None) -> int:
     check_flags(vars(args))
     if args.settle >= args.branch_steps:
         raise LmmemError("--settle must be smaller than --branch-steps")
-    if not any(parse_variant(v)[0] == "full" for v in args.variants):
-        raise LmmemError("--variants must include 'full' (the reference of the paired differences)")
+    if not any(parse_variant(v)[0] == args.reference for v in args.variants):
+        raise LmmemError(f"--variants must include {args.reference!r} (--reference: the branch of the paired differences)")
     data = args.data
     if data is None:
         data = str(Path(args.work) / "data")
@@ -360,6 +373,7 @@ def main(argv=None) -> int:
     bc = BindingConfig(data=data, work=args.work, branch_points=tuple(args.branch_points), branch_steps=args.branch_steps,
                        settle=args.settle, rare_below=args.rare_below, frequent_from=args.frequent_from, variants=args.variants,
                        train_args=parse_train_args(args.train_args), bootstrap=args.bootstrap,
+                       trunk=parse_train_args(args.trunk), reference=args.reference,
                        eval_tokens=args.eval_tokens)
     command = "python -m lmmem.experiments.binding " + shlex.join(argv if argv is not None else sys.argv[1:])
     results = run(bc, args.name or "", command)
