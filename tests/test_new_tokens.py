@@ -42,6 +42,9 @@ def test_new_tokens_end_to_end(tmp_path):
     text = page.read_text()
     assert new_tokens.main(["render", str(page)]) == 0 and page.read_text() == text
     assert "## What comes out" in text and "| hebbian |" in text and "One pretrained model (seed 1)" in text
+    # the Hebbian head's rule settings are recorded with each run and named on the page
+    assert runs["hebbian"]["rule"]["smoothing_limit"] == 100 and runs["stock-default"]["rule"] == {}
+    assert "(default rule, centred, T = 100, γ = 0.01," in text
     # a repeated command trains nothing again
     stamps = {p: p.stat().st_mtime_ns for p in [*work.glob("seed*/*.json"), *work.glob("seed*/pretrained/*"), work / "data.npz"]}
     assert new_tokens.main([*TINY, "--work", str(work)]) == 0

@@ -400,7 +400,10 @@ def finetune(cfg: NewTokensConfig, data: Data, seed: int, arm: str, log=print) -
             log(f"seed {seed} {arm} fine-tuning step {step + 1}/{cfg.finetune_steps}: loss {losses[-1]:.3f} "
                 f"({time.monotonic() - t0:.0f} s)")
     minutes = (time.monotonic() - t0) / 60
-    return {"arm": arm, "seed": seed, "minutes": round(minutes, 2), "sums": sums.tolist(), "cnts": cnts.tolist(),
+    head = model.get_output_embeddings()
+    # the rule's settings in effect (library defaults change; the page says what was run)
+    rule = {k: getattr(head, k) for k in ("rule", "smoothing_limit", "gamma", "write_norm", "start_step") if hasattr(head, "counts")}
+    return {"arm": arm, "seed": seed, "minutes": round(minutes, 2), "rule": rule, "sums": sums.tolist(), "cnts": cnts.tolist(),
             "old_stream": old, "new_mass": mass / positions, "new_share": new_targets / positions,
             "valid_before": before, "valid_after": valid_nll(model, data.news_valid, cfg, data.base_vocab),
             "losses": [round(v, 4) for v in losses]}
@@ -534,7 +537,8 @@ def render_page(results: dict, chart: str | None = None) -> str:
              "- `stock-default`: the stock head, new rows as transformers initialises them by default (`mean_resizing=True`: the mean "
              "of the old rows plus a spread scaled by 1e-9, i.e. the mean);",
              "- `stock-pieces-mean`: the stock head, each new row (input = output, tied) the mean of the rows of the word's BPE pieces;",
-             "- `hebbian`: `apply_hebbian_softmax(model, start_step=0)` (default rule, written from the first step as in the binding "
+             "- `hebbian`: `apply_hebbian_softmax(model, start_step=0)` (default rule" + _rule_text(results.get("rules", {}).get("hebbian"))
+             + ", written from the first step as in the binding "
              "experiment: the model is trained already), old rows' counts = their pretraining target counts, new rows as in "
              "`stock-default` and counted as never seen.", "",
              "k = the token's sightings as a target in earlier batches of fine-tuning; NLL from the forward before that step's update. "
@@ -615,6 +619,14 @@ def _check_settings(cfg: NewTokensConfig) -> None:
         _atomic_write(path, json.dumps(settings, indent=1))
 
 
+def _rule_text(rule: dict | None) -> str:
+    """", centred, T = 100" from a run's recorded rule settings; "" for runs from before they were recorded (T = 500)."""
+    if not rule:
+        return ""
+    limit = rule["smoothing_limit"]
+    return f", {rule['rule']}, T = {'∞' if limit is None else format(limit, 'g')}, γ = {rule['gamma']:g}"
+
+
 def run(cfg: NewTokensConfig, command: str = "", log=print) -> dict:
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -640,6 +652,7 @@ def run(cfg: NewTokensConfig, command: str = "", log=print) -> dict:
         "new_share_of_train": new_targets / len(data.news_train),
         "pretrain_valid_loss": _mean_sd([p[0] for p in pretrain_info]), "pretrain_minutes": sum(p[1] for p in pretrain_info) / 60,
         "summary": summary, "command": command,
+        "rules": {r["arm"]: r["rule"] for r in runs if r.get("rule")},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         "minutes": sum(r["minutes"] for r in runs),
     }
