@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import TrainerCallback
 
-from lmmem.output_layers.base import OutputLayer
+from lmmem.errors import LmmemError
+from lmmem.output_layers.base import OutputLayer, unwrap_optimizer
 
 
 def output_layers(model: nn.Module) -> list[OutputLayer]:
@@ -26,7 +27,13 @@ class HebbianSoftmaxCallback(TrainerCallback):
     batch, before the LR scheduler steps). Harmless for layers without a rule and if the layer is
     also attached to the optimizer (a second call finds nothing pending)."""
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None:
+            inner = None
+            if optimizer is not None:
+                try:
+                    inner = unwrap_optimizer(optimizer)
+                except LmmemError:  # a wrapper we cannot see into: the rule then leaves the optimizer state alone
+                    inner = None
             for layer in output_layers(model):
-                layer.on_optimizer_step()
+                layer.on_optimizer_step(inner)

@@ -38,6 +38,9 @@ from lmmem.constants import IGNORE_INDEX
 
 HEBBIAN_RULES = ("paper", "centred")
 WRITE_NORMS = ("row", "running", "none")
+WRITE_MOMENTUM = ("scale", "keep")
+# optimizer state entries that carry earlier gradients into later steps (Adam/AdamW, SGD/RMSprop momentum)
+FIRST_MOMENT_STATE = ("exp_avg", "momentum_buffer")
 
 # Per-class statistics of a batch: distinct class ids (U,) int64, their occurrences (U,) int64 and
 # activation sums (U, D) (at least fp32). Compare lmmem.kernels.hebbian.SlotStats (one slot per
@@ -171,6 +174,28 @@ def update_running_statistics_(activation_mean: torch.Tensor, running_row_norm: 
     batch_norm = (perp * w).sum() / w.sum()
     r = running_row_norm
     r.copy_((r.double() + rate * (batch_norm.to(r.device) - r.double())).to(r.dtype))
+
+
+@torch.no_grad()
+def scale_first_moment_(state: dict, weight_shape: torch.Size, ids: torch.Tensor, factor: torch.Tensor, slots: bool = False) -> None:
+    """Multiply the first moment of rows ``ids`` (distinct) in one parameter's optimizer ``state`` by
+    ``factor`` (U,): every :data:`FIRST_MOMENT_STATE` entry shaped like the weight (second moments are
+    left: they set a step's size, not its direction). ``slots``: Triton statistics, whose sentinel
+    slots (ids ≥ V) are skipped by building a (V,) factor vector rather than filtering (no host sync;
+    every sentinel lands on the extra entry V with the same value 1, so their order does not matter)."""
+    num_classes = weight_shape[0]
+    bufs = [b for b in (state.get(k) for k in FIRST_MOMENT_STATE) if isinstance(b, torch.Tensor) and b.shape == weight_shape]
+    if not bufs:
+        return
+    ids = ids.to(bufs[0].device)
+    if slots:
+        full = torch.ones(num_classes + 1, dtype=factor.dtype, device=bufs[0].device)
+        full.index_copy_(0, ids.clamp(max=num_classes), torch.where(ids < num_classes, factor.to(full.device), torch.ones_like(full[:1])))
+    for buf in bufs:
+        if slots:
+            buf.mul_(full[:num_classes].to(buf.dtype).unsqueeze(1))
+        else:
+            buf.index_copy_(0, ids, buf.index_select(0, ids) * factor.to(device=buf.device, dtype=buf.dtype).unsqueeze(1))
 
 
 def hebbian_update_reference(

@@ -132,8 +132,10 @@ class OutputLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         return self.loss(hidden, targets, reduction=reduction, ignore_index=ignore_index)
 
-    def on_optimizer_step(self) -> None:
-        """Called after every optimizer step. Plain softmax layers do nothing here."""
+    def on_optimizer_step(self, optimizer=None) -> None:
+        """Called after every optimizer step, with the optimizer that stepped when the caller has it
+        (a rule that adjusts the optimizer's state for the rows it writes needs it). Plain softmax
+        layers do nothing here."""
 
     def attach_to_optimizer(self, optimizer):
         """Run :meth:`on_optimizer_step` after every ``optimizer.step()``; returns the hook handle.
@@ -141,7 +143,8 @@ class OutputLayer(nn.Module):
         ``optimizer`` may be a wrapper (Accelerate's ``AcceleratedOptimizer``, an LR scheduler, other
         wrappers that keep the real optimizer as ``.optimizer``): the hook goes on the innermost
         ``torch.optim.Optimizer``, whose ``step()`` every wrapper ends in (see :func:`unwrap_optimizer`)."""
-        return unwrap_optimizer(optimizer).register_step_post_hook(lambda *_: self.on_optimizer_step())
+        inner = unwrap_optimizer(optimizer)
+        return inner.register_step_post_hook(lambda opt, *_: self.on_optimizer_step(opt))
 
 
 # Attribute names under which optimizer wrappers keep the optimizer they wrap: Accelerate's

@@ -83,31 +83,22 @@ checkpoints from before these buffers existed load with them fresh).
 
 Which activations
 -----------------
-The layer records exactly the ``hidden`` it is given in :meth:`HebbianSoftmax.loss`, i.e. the
-activations fed to the softmax; in lmmem's models that is *after* output dropout (dropped units are
-0 and kept ones scaled by ``1/(1-p)``). That is the activation that predicted the class, which is
-what the paper mixes in. Statistics are recorded only when ``self.training`` and gradients are
-enabled (so evaluation, ``torch.no_grad()`` and :meth:`target_log_probs` never record).
+The ``hidden`` given to :meth:`HebbianSoftmax.loss`, i.e. the activation that predicted the class
+(in lmmem's models after output dropout), as the paper mixes in; recorded only when ``self.training``
+and gradients are enabled (evaluation, ``torch.no_grad()`` and :meth:`target_log_probs` never record).
 
 Statistics
 ----------
-Per forward, only the classes present are kept: ``torch.unique(targets, return_inverse=True)`` and
-an ``index_add_`` of the detached activations into a ``(U, D)`` buffer (at least fp32, fp64 if the
-activations are fp64; bf16/fp16 activations under autocast are accumulated in fp32). No ``V × D``
-temporary is ever built. Ignored positions are mapped to a sentinel id ``num_classes`` rather
-than filtered by a boolean mask (one host sync fewer) and dropped when the update is applied.
-Several forwards before one optimizer step (gradient accumulation) accumulate: stored and new
-classes are merged by a second ``unique``. The statistics are transient: they are not in the
-``state_dict`` (a checkpoint is taken between steps, when none are pending); ``counts`` is a
-persistent buffer and is saved and restored.
+Per forward, only the classes present are kept (``torch.unique`` and an ``index_add_`` of the
+detached activations into a ``(U, D)`` buffer, at least fp32; never a ``V × D`` temporary). Ignored
+positions go to a sentinel id ``num_classes`` (no boolean mask: one host sync fewer), dropped when
+the update is applied. Forwards before one step (gradient accumulation) are merged. The statistics
+are transient, not in the ``state_dict`` (checkpoints are taken between steps); ``counts`` is saved.
 
 Backends: on CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton
-segmented-sum kernel instead (:mod:`lmmem.kernels.hebbian`): the classes present are found by
-sorting the targets, the buffers have one slot per position (sentinel ids past the last class), so
-there is no ``torch.unique`` and no host sync. The update is Triton too, for both rules: the paper's
-is one kernel over those slots; the centred rule's step (running mean, running norm, the write) is
-four (:mod:`lmmem.kernels.hebbian_centred`), with λ computed here (:meth:`HebbianSoftmax.mixing_rates`)
-and ``updates`` read on the device, so the step has no host sync either. A kernel variant that fails
+segmented-sum kernel (:mod:`lmmem.kernels.hebbian`; one slot per position, sentinel ids past the last
+class, no ``torch.unique``, no host sync), and the update is Triton for both rules (the centred
+rule's in :mod:`lmmem.kernels.hebbian_centred`, with λ from :meth:`HebbianSoftmax.mixing_rates`). A kernel variant that fails
 on the user's GPU falls back to the PyTorch statement with one warning. Same rule, same
 ``pending_statistics()``; the tests check both backends against
 :func:`~lmmem.kernels.hebbian_rule.hebbian_update_reference`.
@@ -115,15 +106,23 @@ on the user's GPU falls back to the PyTorch statement with one warning. Same rul
 Applying the update
 -------------------
 :meth:`HebbianSoftmax.hebbian_update_` (called by :meth:`on_optimizer_step`) writes the rows in
-place with ``index_copy_`` and integer indices. (A public reimplementation wrote through a
-boolean-mask index, ``W[mask] = ...`` on a copy, so its weights never changed; the tests check that
-rows really move.) Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once
+place with ``index_copy_`` and integer indices (the tests check that rows really move). Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once
 (wrappers such as Accelerate's ``AcceleratedOptimizer`` or an LR scheduler are unwrapped to the
 ``torch.optim.Optimizer`` inside; with the Hugging Face Trainer use ``lmmem.hf.HebbianSoftmaxCallback``).
 A training forward that finds statistics recorded before an optimizer step that applied no update
 warns once (:class:`MissingHebbianUpdateWarning`, see :meth:`HebbianSoftmax._check_forgotten_update`).
-Calling it twice after one step is harmless (the second call finds nothing pending). The optimizer's
-own state (momentum, Adam moments) is left as it is: the rule moves the rows, not the optimizer.
+Calling it twice after one step is harmless (the second call finds nothing pending).
+
+The optimizer's momentum
+------------------------
+With ``write_momentum="scale"`` (centred rule only; a variant of ours) a write of row ``i`` at rate
+``λ_i`` also multiplies the optimizer's first moment of that row (Adam's ``exp_avg``, SGD's
+``momentum_buffer``) by ``1 − λ_i``: that momentum sums gradients taken on the part of the row the
+write replaced (under Adam, for a rare word, full-size steps away from every context), and kept, it
+undoes the write over the next ~1/(1 − β₁) steps. ``"keep"`` (and the paper's rule) leave the
+optimizer as it is. The optimizer comes from its post-step hook (:meth:`attach_to_optimizer`),
+lmmem's trainer, :class:`lmmem.hf.HebbianSoftmaxCallback` or ``on_optimizer_step(optimizer)``;
+without it (or with a sharded optimizer's state) rows keep their momentum and the layer warns once.
 
 Under DDP (``torch.distributed`` initialised with world size > 1 and ``sync_distributed=True``, the
 default) every rank applies the statistics of the whole global batch
@@ -135,10 +134,8 @@ replica applies its own statistics and the replicas drift apart (and DDP's defau
 
 Tied embeddings
 ---------------
-With ``weight`` shared with the input embedding (``model.output.weight = model.embedding.weight``),
-the rule writes the shared matrix: the *embedding* rows of the batch's target words also move to the
-activations (on a first sighting the word's input embedding becomes the mean output activation that
-preceded it). Untie the weights to keep the embeddings trained by the gradient only.
+With ``weight`` shared with the input embedding, the rule writes the shared matrix: the target
+words' *embedding* rows move too. Untie the weights to keep the embeddings trained by the gradient only.
 
 Works under bf16 autocast (statistics and the mix in ≥ fp32, the row written back in the weight's
 dtype) and under ``torch.compile`` of the surrounding model (recording is a
@@ -163,15 +160,17 @@ from lmmem.kernels.hebbian_rule import (
     hebbian_lambda,
     hebbian_mix_,
     hebbian_update_reference,
+    WRITE_MOMENTUM,
     merge_class_statistics,
+    scale_first_moment_,
     update_running_statistics_,
 )
-from lmmem.output_layers.base import OutputLayer
+from lmmem.output_layers.base import OutputLayer, unwrap_optimizer
 from lmmem.output_layers.hebbian_distributed import all_gather_class_statistics, distributed_sync_active
 
 # hebbian_lambda and hebbian_update_reference live in lmmem.kernels.hebbian_rule; importable from here too
-__all__ = ["DEFAULT_SMOOTHING_LIMIT", "DEFAULT_START_STEP", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax", "MissingHebbianUpdateWarning",
-           "hebbian_lambda", "hebbian_update_reference"]
+__all__ = ["DEFAULT_SMOOTHING_LIMIT", "DEFAULT_START_STEP", "DEFAULT_WRITE_MOMENTUM", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax",
+           "MissingHebbianUpdateWarning", "hebbian_lambda", "hebbian_update_reference"]
 
 
 class MissingHebbianUpdateWarning(UserWarning):
@@ -190,12 +189,16 @@ FORGOTTEN_UPDATE_MESSAGE = (
 # a from-scratch model's first steps raise its training loss (docs/results/hebbian-rules.md,
 # "From-scratch guard"; tests/test_hebbian_rules.py checks it).
 DEFAULT_START_STEP = 50
-# T when not given, by rule. The centred rule stops writing a row at its 100th sighting, where
-# λ = 1/(c+1) would reach its floor γ = 0.01: a row's write is then the running mean of its first
-# 100 contexts and nothing more. With T = 500 (the earlier default, and the paper rule's) the rows of
-# words seen 100–500 times kept being pulled by γ at every sighting after the gradient had trained
-# them, which made later passes over the data worse (docs/results/long-training-wikitext-2.md).
+# T when not given, by rule. Centred: 100, where λ = 1/(c+1) reaches γ = 0.01 (a row's write is the
+# running mean of its first 100 contexts); T = 500 made later passes worse (long-training-wikitext-2.md).
 DEFAULT_SMOOTHING_LIMIT = {"centred": 100, "paper": 500}
+# What a centred write does to the optimizer's momentum of the rows it writes (the module docstring,
+# "The optimizer's momentum").
+DEFAULT_WRITE_MOMENTUM = {"centred": "keep", "paper": "keep"}
+MOMENTUM_UNSEEN_MESSAGE = (
+    "HebbianSoftmax(write_momentum='scale') cannot see the optimizer's state of its weight, so the written rows keep their "
+    "momentum: pass the optimizer (layer.on_optimizer_step(optimizer), or layer.attach_to_optimizer(optimizer) once), or "
+    "write_momentum='keep' to silence this")
 
 
 class HebbianSoftmax(OutputLayer):
@@ -226,6 +229,10 @@ class HebbianSoftmax(OutputLayer):
         mean_decay: centred rule: EMA decay of μ and of the running row norm (default 0.99).
         start_step: updates before the rule writes rows (counts and running statistics advance
             meanwhile); default ``None``: 50 for ``"centred"``, 0 for ``"paper"``.
+        write_momentum: centred rule: what a write does to the optimizer's momentum of the row
+            (Adam's ``exp_avg``, SGD's ``momentum_buffer``): ``"scale"`` multiplies it by ``1 − λ``,
+            ``"keep"`` leaves it (see the module docstring, "The optimizer's momentum"). Default
+            ``None``: the rule's (:data:`DEFAULT_WRITE_MOMENTUM`).
     """
 
     counts: torch.Tensor
@@ -253,6 +260,7 @@ class HebbianSoftmax(OutputLayer):
         write_norm: str = "running",
         mean_decay: float = 0.99,
         start_step: int | None = None,
+        write_momentum: str | None = None,
     ):
         if rule not in HEBBIAN_RULES:
             raise ValueError(f"rule must be one of {', '.join(HEBBIAN_RULES)}, got {rule!r}")
@@ -268,6 +276,12 @@ class HebbianSoftmax(OutputLayer):
             raise ValueError(f"mean_decay must be in [0, 1), got {mean_decay}")
         if int(start_step) < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if write_momentum is None:
+            write_momentum = DEFAULT_WRITE_MOMENTUM[rule]
+        if write_momentum not in WRITE_MOMENTUM:
+            raise ValueError(f"write_momentum must be one of {', '.join(WRITE_MOMENTUM)}, got {write_momentum!r}")
+        if write_momentum != "keep" and rule != "centred":
+            raise ValueError("write_momentum applies to rule='centred' only; the paper's rule leaves the optimizer as it is (write_momentum='keep')")
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if smoothing_limit is not None and smoothing_limit < 0:
@@ -281,6 +295,9 @@ class HebbianSoftmax(OutputLayer):
         self.write_norm = write_norm
         self.mean_decay = float(mean_decay)
         self.start_step = int(start_step)
+        self.write_momentum = write_momentum
+        self._optimizer = None  # a weakref to the optimizer attach_to_optimizer was given
+        self._momentum_warned = False
         self.process_group = None  # None: the default group
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64), persistent=True)
         # State of the centred rule (kept, and saved, under every rule so that a checkpoint resumes
@@ -312,7 +329,8 @@ class HebbianSoftmax(OutputLayer):
             f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
             f"gamma={self.gamma}, smoothing_limit={self.smoothing_limit}, rule={self.rule!r}, "
             + (f"rescale={self.rescale}" if self.rule == "paper" else
-               f"write_norm={self.write_norm!r}, mean_decay={self.mean_decay}, start_step={self.start_step}")
+               f"write_norm={self.write_norm!r}, mean_decay={self.mean_decay}, start_step={self.start_step}, "
+               f"write_momentum={self.write_momentum!r}")
         )
 
     # -- distribution -----------------------------------------------------------------------------
@@ -398,7 +416,7 @@ class HebbianSoftmax(OutputLayer):
 
     # -- the update -------------------------------------------------------------------------------
     @torch.no_grad()
-    def hebbian_update_(self) -> None:
+    def hebbian_update_(self, optimizer=None) -> None:
         """Apply the rule with the statistics recorded since the last call (after ``optimizer.step()``),
         then clear them. A no-op when nothing is pending (except that under DDP every rank takes part
         in the all-gather, so no rank can hang waiting for another)."""
@@ -414,7 +432,7 @@ class HebbianSoftmax(OutputLayer):
         if stats is None:
             return
         if self.rule == "centred":
-            self._centred_update_(stats, triton)
+            self._centred_update_(stats, triton, optimizer)
             return
         # (start_step == 0 is decided without reading `updates`: the Triton path stays free of host syncs)
         write = self.start_step == 0 or int(self.updates) >= self.start_step
@@ -427,17 +445,39 @@ class HebbianSoftmax(OutputLayer):
         mix = hebbian_mix_triton_ if triton else hebbian_mix_
         mix(self.weight.data, self.counts, *stats, self.gamma, self.smoothing_limit, self.rescale)
 
-    def _centred_update_(self, stats: ClassStats | SlotStats, triton: bool) -> None:
-        """The centred rule's step: running statistics, then (from ``start_step`` on) the write, then
+    def _centred_update_(self, stats: ClassStats | SlotStats, triton: bool, optimizer=None) -> None:
+        """The centred rule's step: running statistics, then (from ``start_step`` on) the write and,
+        with ``write_momentum="scale"``, the written rows' momentum scaled by ``1 − λ``, then
         ``updates += 1``; the four Triton kernels or their PyTorch statement
         (:mod:`lmmem.kernels.hebbian_centred`). The Triton path reads ``updates`` on the device only."""
         ids, n, sums = stats
         mix_dtype = torch.promote_types(torch.promote_types(self.weight.dtype, sums.dtype), torch.float32)
         lam = self.mixing_rates(ids, mix_dtype)
+        if self.write_momentum == "scale":
+            # λ of the rows this step writes (0 before start_step), read before the write advances the counts
+            writing = (self.updates >= self.start_step).to(lam.dtype)
+            self._scale_momentum_(optimizer, ids, 1.0 - lam * writing, slots=triton)
         hebbian_centred_update_(self.weight.data, self.counts, ids, n, sums, lam, self.activation_mean,
                                 self.running_row_norm, self.updates, self.start_step, self.mean_decay,
                                 self.write_norm, use_triton=triton)
         self.updates += 1
+
+    def _scale_momentum_(self, optimizer, ids: torch.Tensor, factor: torch.Tensor, slots: bool = False) -> None:
+        """:func:`~lmmem.kernels.hebbian_rule.scale_first_moment_` on the state the optimizer keeps for
+        the weight (given, or the one :meth:`attach_to_optimizer` saw); warns once when there is none."""
+        optimizer = optimizer if optimizer is not None else (self._optimizer() if self._optimizer is not None else None)
+        state = None if optimizer is None else optimizer.state.get(self.weight)
+        if not state:
+            if not self._momentum_warned:
+                self._momentum_warned = True
+                warnings.warn(MOMENTUM_UNSEEN_MESSAGE, stacklevel=4)
+            return
+        scale_first_moment_(state, self.weight.shape, ids, factor, slots)
+
+    def attach_to_optimizer(self, optimizer):
+        handle = super().attach_to_optimizer(optimizer)
+        self._optimizer = weakref.ref(unwrap_optimizer(optimizer))
+        return handle
 
     def mixing_rates(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The centred rule's λ for the statistics slots ``ids`` (sentinel ids allowed; their λ is never
@@ -455,5 +495,5 @@ class HebbianSoftmax(OutputLayer):
         update_running_statistics_(self.activation_mean, self.running_row_norm, self.weight, ids, n, sums,
                                    int(self.updates), self.mean_decay)
 
-    def on_optimizer_step(self) -> None:
-        self.hebbian_update_()
+    def on_optimizer_step(self, optimizer=None) -> None:
+        self.hebbian_update_(optimizer)

@@ -19,6 +19,7 @@ from lmmem.models import ARCHITECTURES
 from lmmem.models.config import ModelConfig
 from lmmem.output_layers import OUTPUT_LAYERS
 from lmmem.output_layers.base import BACKENDS
+from lmmem.output_layers.hebbian_softmax import DEFAULT_WRITE_MOMENTUM, WRITE_MOMENTUM
 from lmmem.validation import check_flags
 
 
@@ -80,6 +81,10 @@ class TrainConfig:
         "help": "Hebbian softmax, centred rule: norm of the written part: running is a running token-weighted mean of the rows' norms, "
                 "row the row's own, none leaves it", "choices": WRITE_NORMS})
     hebbian_mean_decay: float = field(default=0.99, metadata={"help": "Hebbian softmax, centred rule: decay of the running mean of the activations"})
+    hebbian_write_momentum: str = field(default="auto", metadata={
+        "help": "Hebbian softmax, centred rule: scale multiplies the optimizer's momentum of each written row by 1 - lambda "
+                "(the momentum came from gradients on the part of the row the write replaced); keep leaves it; auto: the rule's default",
+        "choices": ("auto", *WRITE_MOMENTUM)})
     hebbian_start_step: int = field(default=-1, metadata={
         "help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance); "
                 "-1: the rule's default (centred 50, paper 0)"})
@@ -114,7 +119,10 @@ class TrainConfig:
             if self.hebbian_rule == "paper":
                 softmax_options["rescale"] = self.hebbian_rescale
             else:
-                softmax_options.update(write_norm=self.hebbian_write_norm, mean_decay=self.hebbian_mean_decay)
+                softmax_options.update(write_norm=self.hebbian_write_norm, mean_decay=self.hebbian_mean_decay,
+                                       # resolved here, so a saved run keeps it when the default changes
+                                       write_momentum=DEFAULT_WRITE_MOMENTUM[self.hebbian_rule] if self.hebbian_write_momentum == "auto"
+                                       else self.hebbian_write_momentum)
         return ModelConfig(
             arch=self.arch,
             vocab_size=vocab_size,

@@ -177,7 +177,7 @@ def train_step(net, model, optimizer, x, y, state, *, clip: float, device: torch
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
-    model.output.on_optimizer_step()
+    model.output.on_optimizer_step(optimizer)
     return loss.detach(), state
 
 
