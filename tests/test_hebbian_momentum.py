@@ -164,3 +164,27 @@ def test_hf_callback_passes_the_trainer_optimizer_and_the_setting_is_saved(tmp_p
     assert torch.equal(after[others], first[others])
     model.save_pretrained(tmp_path)
     assert model.config.lmmem_head["options"]["write_momentum"] == "scale"
+
+
+def test_a_run_saved_before_the_option_resumes_and_is_reused_as_it_was_trained(tmp_path, small_corpus):
+    """Runs saved without hebbian_write_momentum were trained with 'keep': resume_config fills that,
+    not today's default, and run_state still recognises them (and full-softmax runs) as these settings."""
+    from lmmem.checkpoints import load_checkpoint, save_checkpoint
+    from lmmem.training import train
+    from lmmem.training.run_folder import resume_config, run_state
+
+    tiny = dict(data=str(small_corpus), preset="tiny", batch_size=4, bptt=8, embed_dim=16, hidden_dim=24, proj_dim=16,
+                max_steps=3, eval_interval=0, progress=False, warmup_steps=1)
+    for softmax in ("hebbian", "full"):
+        out = tmp_path / softmax
+        cfg = TrainConfig(out=str(out), softmax=softmax, **tiny)
+        train(cfg)
+        for name in ("last.pt", "best.pt"):
+            ckpt = load_checkpoint(out / name)
+            assert ckpt["train_config"].pop("hebbian_write_momentum") == "auto"
+            ckpt["model_config"]["softmax_options"].pop("write_momentum", None)
+            save_checkpoint({k: v for k, v in ckpt.items() if k not in ("kind", "format_version")}, out / name)
+        assert run_state(out, TrainConfig(out=str(out), softmax=softmax, **tiny)) == "finished"
+        if softmax == "hebbian":
+            assert resume_config(out, {"max_steps": 5}).hebbian_write_momentum == "keep"
+            assert run_state(out, TrainConfig(out=str(out), softmax=softmax, hebbian_write_momentum="scale", **tiny)) == "new"

@@ -276,7 +276,10 @@ def from_pretrained(path: str | os.PathLike, *model_args, model_class=None, **kw
     head_keys = _saved_head_state_keys(path)
     with _quiet_about_keys(head_keys):
         model = model_class.from_pretrained(path, *model_args, **kwargs)
-    _apply(model, spec["layer"], spec.get("options", {}), spec.get("loss_options", {}), verify=False)
+    options = dict(spec.get("options", {}))
+    if spec["layer"] == "hebbian" and options.get("rule", "centred") == "centred":
+        options.setdefault("write_momentum", "keep")  # saved before the option existed: trained with "keep"
+    _apply(model, spec["layer"], options, spec.get("loss_options", {}), verify=False)
     load_head_state(model, path)
     return model
 

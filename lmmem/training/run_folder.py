@@ -16,6 +16,7 @@ from lmmem.data import synthetic
 from lmmem.errors import CheckpointError, LmmemError
 from lmmem.paths import absolute, recorded_path_candidates
 from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
+from lmmem.output_layers.hebbian_softmax import DEFAULT_WRITE_MOMENTUM
 from lmmem.training.config import TrainConfig, validate
 
 # Fields that define the model or the data stream: a resumed run must keep them.
@@ -25,6 +26,16 @@ FIXED_ON_RESUME = (
     "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T", "hebbian_rescale",
 )
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")  # what --overwrite deletes
+# Fields added to TrainConfig after runs existed, with the value that reproduces those runs (not the
+# current default, which may differ): a run saved without the field resumes as it was trained.
+LEGACY_VALUES = {"hebbian_write_momentum": "keep"}
+
+
+def saved_train_config(train_config: dict) -> dict:
+    """A checkpoint's ``train_config`` restricted to today's TrainConfig fields, with
+    :data:`LEGACY_VALUES` for fields it predates."""
+    known = {f.name for f in fields(TrainConfig)}
+    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in train_config}, **{k: v for k, v in train_config.items() if k in known}}
 RUN_TEMP_PATTERNS = (*TEMP_PATTERNS, ".metrics.jsonl.*.tmp", ".config.json.*.tmp")
 
 
@@ -35,7 +46,7 @@ def resume_config(out: str | Path, overrides: dict) -> TrainConfig:
     if not last.is_file():
         raise CheckpointError(no_last_message(Path(out)))
     ckpt = load_checkpoint(last, require=RESUME_KEYS)
-    saved = dict(ckpt["train_config"])
+    saved = saved_train_config(ckpt["train_config"])
     if overrides.get("overwrite"):
         raise LmmemError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     preset = overrides.get("preset")
@@ -75,19 +86,28 @@ def run_state(out: Path, cfg: TrainConfig) -> str:
     if not last.is_file():
         return "new"
     ckpt = load_checkpoint(last)
-    known = {f.name for f in fields(TrainConfig)}
     ignore = ("resume", "overwrite", "progress", "out")
-    # fill options added since the run was made with their defaults
-    saved = {k: v for k, v in TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known}).to_dict().items() if k not in ignore}
+    # fill options added since the run was made: the value it was trained with, else today's default
+    saved = {k: v for k, v in TrainConfig(**saved_train_config(ckpt["train_config"])).to_dict().items() if k not in ignore}
     data = recorded_data(ckpt["train_config"], out)
     saved["data"] = absolute(data) if data else data
     wanted = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     wanted["data"] = absolute(cfg.data or synthetic.default_dir())  # the corpus train.py would use
-    if saved != wanted:
+    if _effective(saved) != _effective(wanted):
         return "new"
     if ckpt["progress"]["step"] >= cfg.max_steps and (out / "best.pt").is_file():
         return "finished"
     return "resumable"
+
+
+def _effective(settings: dict) -> dict:
+    """Settings as the run uses them: ``hebbian_write_momentum="auto"`` resolved to the rule's default,
+    and dropped where it has no effect (no Hebbian softmax, or the paper's rule)."""
+    out = dict(settings)
+    momentum = out.pop("hebbian_write_momentum", None)
+    if out.get("softmax") == "hebbian" and out.get("hebbian_rule") == "centred":
+        out["hebbian_write_momentum"] = DEFAULT_WRITE_MOMENTUM["centred"] if momentum == "auto" else momentum
+    return out
 
 
 def recorded_data(train_config: dict, run_dir: Path) -> str:
