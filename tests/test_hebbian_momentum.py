@@ -168,7 +168,8 @@ def test_hf_callback_passes_the_trainer_optimizer_and_the_setting_is_saved(tmp_p
 
 def test_a_run_saved_before_the_option_resumes_and_is_reused_as_it_was_trained(tmp_path, small_corpus):
     """Runs saved without hebbian_write_momentum were trained with 'keep': resume_config fills that,
-    not today's default, and run_state still recognises them (and full-softmax runs) as these settings."""
+    not today's default ('scale'), and run_state compares what the runs used (full-softmax runs are
+    unaffected by the option)."""
     from lmmem.checkpoints import load_checkpoint, save_checkpoint
     from lmmem.training import train
     from lmmem.training.run_folder import resume_config, run_state
@@ -184,7 +185,28 @@ def test_a_run_saved_before_the_option_resumes_and_is_reused_as_it_was_trained(t
             assert ckpt["train_config"].pop("hebbian_write_momentum") == "auto"
             ckpt["model_config"]["softmax_options"].pop("write_momentum", None)
             save_checkpoint({k: v for k, v in ckpt.items() if k not in ("kind", "format_version")}, out / name)
-        assert run_state(out, TrainConfig(out=str(out), softmax=softmax, **tiny)) == "finished"
-        if softmax == "hebbian":
-            assert resume_config(out, {"max_steps": 5}).hebbian_write_momentum == "keep"
-            assert run_state(out, TrainConfig(out=str(out), softmax=softmax, hebbian_write_momentum="scale", **tiny)) == "new"
+        if softmax == "full":  # the option does nothing there: the run is these settings
+            assert run_state(out, TrainConfig(out=str(out), softmax=softmax, **tiny)) == "finished"
+            continue
+        assert resume_config(out, {"max_steps": 5}).hebbian_write_momentum == "keep"
+        assert run_state(out, TrainConfig(out=str(out), softmax=softmax, hebbian_write_momentum="keep", **tiny)) == "finished"
+        # today's default ("auto" = the rule's, "scale") is not what the run was trained with
+        assert run_state(out, TrainConfig(out=str(out), softmax=softmax, **tiny)) == "new"
+        assert run_state(out, TrainConfig(out=str(out), softmax=softmax, hebbian_write_momentum="scale", **tiny)) == "new"
+
+
+def test_an_hf_head_saved_before_the_option_loads_as_it_was_trained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from lmmem.hf import apply_hebbian_softmax, from_pretrained, lmmem_head
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=23, n_positions=32))
+    apply_hebbian_softmax(model)
+    assert lmmem_head(model).write_momentum == "scale"  # today's default for the centred rule
+    model.save_pretrained(tmp_path)
+    assert lmmem_head(from_pretrained(tmp_path)).write_momentum == "scale"
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["lmmem_head"]["options"]["write_momentum"]  # as lmmem wrote it before the option existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert lmmem_head(from_pretrained(tmp_path)).write_momentum == "keep"

@@ -194,7 +194,7 @@ DEFAULT_START_STEP = 50
 DEFAULT_SMOOTHING_LIMIT = {"centred": 100, "paper": 500}
 # What a centred write does to the optimizer's momentum of the rows it writes (the module docstring,
 # "The optimizer's momentum").
-DEFAULT_WRITE_MOMENTUM = {"centred": "keep", "paper": "keep"}
+DEFAULT_WRITE_MOMENTUM = {"centred": "scale", "paper": "keep"}
 MOMENTUM_UNSEEN_MESSAGE = (
     "HebbianSoftmax(write_momentum='scale') cannot see the optimizer's state of its weight, so the written rows keep their "
     "momentum: pass the optimizer (layer.on_optimizer_step(optimizer), or layer.attach_to_optimizer(optimizer) once), or "
