@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 # 1. kernel tests on the GPU: bf16/fp16 vs PyTorch's own error, bf16 autocast determinism, V = 267,735,
 #    int64 offsets, peak memory; the centred rule's kernels (bf16/fp16, V = 267,735 deterministic, no host
 #    sync in the layer's update); the kernel-health table must show no fallback
-step tests $PY -m pytest -q -rs -x tests/test_kernels.py tests/test_hebbian_kernel.py tests/test_hebbian_softmax.py \
+step tests $PY -m pytest -q -rs -x tests/test_kernels.py tests/test_hebbian_kernel.py tests/test_hebbian_softmax.py tests/test_hebbian_momentum.py \
   --junitxml="$RES/gpu_tests_cuda.xml"
 # 2. tuning: rows per chunk, then the step kernel's BLOCK_V / num_warps (JSON: every setting and the best)
 step tune $PY benchmarks/tune_linear_cross_entropy.py --N 8192 --D 512 --V 267735 --dtype bf16-autocast

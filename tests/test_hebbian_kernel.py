@@ -290,6 +290,29 @@ def test_layer_triton_update_equals_torch_update_and_reference(gen, write_norm, 
     assert any(v[0] == "hebbian_centred" for v in kernel_health()) and all(kernel_health().values())
 
 
+def test_layer_triton_path_scales_the_momentum_as_the_torch_path(gen):
+    """write_momentum="scale" (the default) under Adam: the Triton statistics carry sentinel slots, the
+    torch path filtered ids; both scale the same rows of exp_avg by 1 − λ, over warm-up and writes."""
+    seed = gen.initial_seed()
+    layers = []
+    for backend in ("triton", "torch"):
+        torch.manual_seed(seed)
+        layer = HebbianSoftmax(23, 31, gamma=GAMMA, smoothing_limit=T, rule="centred", start_step=1, backend=backend).to(DEVICE).train()
+        layers.append((layer, torch.optim.Adam(layer.parameters(), lr=0.05)))
+    assert layers[0][0].write_momentum == "scale"
+    for _ in range(4):
+        h, t = make_batch(gen, 17, 23, 31)
+        for layer, opt in layers:
+            opt.zero_grad()
+            layer.loss(h.to(DEVICE), t.to(DEVICE)).backward()
+            opt.step()
+            layer.on_optimizer_step(opt)
+    (a, opt_a), (b, opt_b) = layers
+    torch.testing.assert_close(opt_a.state[a.weight]["exp_avg"], opt_b.state[b.weight]["exp_avg"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.weight.detach(), b.weight.detach(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.counts, b.counts)
+
+
 def test_mixing_rates_are_the_schedule_and_ignore_sentinels():
     layer = HebbianSoftmax(4, 6, gamma=0.1, smoothing_limit=5)
     layer.counts.copy_(torch.tensor([0, 1, 3, 5, 9, 2]))
@@ -356,13 +379,15 @@ def test_layer_update_has_no_host_sync(gen, rule):
     """After the first call (which probes the kernels, with syncs), the update — the centred rule's
     warm-up and writes, the paper rule's writes — never waits for the GPU."""
     layer = HebbianSoftmax(64, 1000, rule=rule, start_step=2 if rule == "centred" else 0).to(DEVICE).train()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)  # the centred rule also scales its momentum
     for step in range(4):
         h, t = torch.randn(300, 64, device=DEVICE), _zipf_targets(gen, 300, 1000).to(DEVICE)
         layer.loss(h, t).backward()
+        opt.step()
         if step >= 1:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            layer.hebbian_update_()
+            layer.hebbian_update_(opt)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert int(layer.updates) == 4 and all(kernel_health().values()), kernel_health()

@@ -210,3 +210,4 @@ def test_an_hf_head_saved_before_the_option_loads_as_it_was_trained(tmp_path):
     del config["lmmem_head"]["options"]["write_momentum"]  # as lmmem wrote it before the option existed
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert lmmem_head(from_pretrained(tmp_path)).write_momentum == "keep"
+
