@@ -44,7 +44,7 @@ def test_new_tokens_end_to_end(tmp_path):
     assert "## What comes out" in text and "| hebbian |" in text and "One pretrained model (seed 1)" in text
     # the Hebbian head's rule settings are recorded with each run and named on the page
     assert runs["hebbian"]["rule"]["smoothing_limit"] == 100 and runs["stock-default"]["rule"] == {}
-    assert "(default rule, centred, T = 100, γ = 0.01," in text
+    assert "(default rule, centred, T = 100, γ = 0.01, momentum scaled," in text
     # a repeated command trains nothing again
     stamps = {p: p.stat().st_mtime_ns for p in [*work.glob("seed*/*.json"), *work.glob("seed*/pretrained/*"), work / "data.npz"]}
     assert new_tokens.main([*TINY, "--work", str(work)]) == 0

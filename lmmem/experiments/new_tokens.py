@@ -402,7 +402,8 @@ def finetune(cfg: NewTokensConfig, data: Data, seed: int, arm: str, log=print) -
     minutes = (time.monotonic() - t0) / 60
     head = model.get_output_embeddings()
     # the rule's settings in effect (library defaults change; the page says what was run)
-    rule = {k: getattr(head, k) for k in ("rule", "smoothing_limit", "gamma", "write_norm", "start_step") if hasattr(head, "counts")}
+    rule = {k: getattr(head, k) for k in ("rule", "smoothing_limit", "gamma", "write_norm", "start_step", "write_momentum")
+            if hasattr(head, "counts")}
     return {"arm": arm, "seed": seed, "minutes": round(minutes, 2), "rule": rule, "sums": sums.tolist(), "cnts": cnts.tolist(),
             "old_stream": old, "new_mass": mass / positions, "new_share": new_targets / positions,
             "valid_before": before, "valid_after": valid_nll(model, data.news_valid, cfg, data.base_vocab),
@@ -624,7 +625,8 @@ def _rule_text(rule: dict | None) -> str:
     if not rule:
         return ""
     limit = rule["smoothing_limit"]
-    return f", {rule['rule']}, T = {'∞' if limit is None else format(limit, 'g')}, γ = {rule['gamma']:g}"
+    momentum = f", momentum {'scaled' if rule['write_momentum'] == 'scale' else 'kept'}" if "write_momentum" in rule else ""
+    return f", {rule['rule']}, T = {'∞' if limit is None else format(limit, 'g')}, γ = {rule['gamma']:g}{momentum}"
 
 
 def run(cfg: NewTokensConfig, command: str = "", log=print) -> dict:
