@@ -155,12 +155,12 @@ from lmmem.kernels.hebbian import SlotStats, hebbian_mix_triton_, hebbian_statis
 from lmmem.kernels.hebbian_centred import hebbian_centred_update_
 from lmmem.kernels.hebbian_rule import (
     HEBBIAN_RULES,
+    WRITE_MOMENTUM,
     WRITE_NORMS,
     ClassStats,
     hebbian_lambda,
     hebbian_mix_,
     hebbian_update_reference,
-    WRITE_MOMENTUM,
     merge_class_statistics,
     scale_first_moment_,
     update_running_statistics_,

@@ -14,12 +14,12 @@ from typing import Any
 from lmmem.checkpoints import DEFAULT_RUN
 from lmmem.cli import ArgumentParser, add_dataclass_arguments
 from lmmem.errors import LmmemError
-from lmmem.kernels.hebbian_rule import HEBBIAN_RULES, WRITE_NORMS
+from lmmem.kernels.hebbian_rule import HEBBIAN_RULES, WRITE_MOMENTUM, WRITE_NORMS
 from lmmem.models import ARCHITECTURES
 from lmmem.models.config import ModelConfig
 from lmmem.output_layers import OUTPUT_LAYERS
 from lmmem.output_layers.base import BACKENDS
-from lmmem.output_layers.hebbian_softmax import DEFAULT_WRITE_MOMENTUM, WRITE_MOMENTUM
+from lmmem.output_layers.hebbian_softmax import DEFAULT_WRITE_MOMENTUM
 from lmmem.validation import check_flags
 
 
@@ -41,6 +41,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                         warmup_steps=1000, eval_interval=2000, checkpoint_interval=1000, eval_batch_size=32,
                         log_interval=100),
 }
+
+
+def write_momentum_in_effect(softmax: str, rule: str, value: str) -> str | None:
+    """What ``hebbian_write_momentum`` does for these settings: ``"auto"`` resolved to the rule's
+    default; None where the option has no effect (no Hebbian softmax, or the paper's rule)."""
+    if softmax != "hebbian" or rule != "centred":
+        return None
+    return DEFAULT_WRITE_MOMENTUM[rule] if value == "auto" else value
 
 
 @dataclass
@@ -121,8 +129,7 @@ class TrainConfig:
             else:
                 softmax_options.update(write_norm=self.hebbian_write_norm, mean_decay=self.hebbian_mean_decay,
                                        # resolved here, so a saved run keeps it when the default changes
-                                       write_momentum=DEFAULT_WRITE_MOMENTUM[self.hebbian_rule] if self.hebbian_write_momentum == "auto"
-                                       else self.hebbian_write_momentum)
+                                       write_momentum=write_momentum_in_effect(self.softmax, self.hebbian_rule, self.hebbian_write_momentum))
         return ModelConfig(
             arch=self.arch,
             vocab_size=vocab_size,

@@ -16,8 +16,7 @@ from lmmem.data import synthetic
 from lmmem.errors import CheckpointError, LmmemError
 from lmmem.paths import absolute, recorded_path_candidates
 from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
-from lmmem.output_layers.hebbian_softmax import DEFAULT_WRITE_MOMENTUM
-from lmmem.training.config import TrainConfig, validate
+from lmmem.training.config import TrainConfig, validate, write_momentum_in_effect
 
 # Fields that define the model or the data stream: a resumed run must keep them.
 # (--data is not among them: the corpus may move; its vocabulary fingerprint is checked instead.)
@@ -104,9 +103,8 @@ def _effective(settings: dict) -> dict:
     """Settings as the run uses them: ``hebbian_write_momentum="auto"`` resolved to the rule's default,
     and dropped where it has no effect (no Hebbian softmax, or the paper's rule)."""
     out = dict(settings)
-    momentum = out.pop("hebbian_write_momentum", None)
-    if out.get("softmax") == "hebbian" and out.get("hebbian_rule") == "centred":
-        out["hebbian_write_momentum"] = DEFAULT_WRITE_MOMENTUM["centred"] if momentum == "auto" else momentum
+    out["hebbian_write_momentum"] = write_momentum_in_effect(out.get("softmax"), out.get("hebbian_rule"),
+                                                             out.get("hebbian_write_momentum"))
     return out
 
 
