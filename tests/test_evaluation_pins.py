@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation_pins import (CACHE, DYNAMIC, EDGES, LAMBDAS, MBPA, PINS, PREFILL, SGD, STREAMS, THETAS, float64_checkpoints,
                              read_word_probs, save, train_tiny, write_corpus)
@@ -28,7 +29,17 @@ BUCKETS = ",".join(map(str, EDGES))
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pins")
+    # the pins were written with 2 torch threads, and a float64 reduction's order follows the thread
+    # count: train with 2 whatever OMP_NUM_THREADS says (the tests themselves run on one thread)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _train_all(tmp_path_factory.mktemp("pins"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_all(tmp):
     data = write_corpus(tmp / "words")
     out = {"data": data}
     for arch, softmax in (("lstm", "full"), ("transformer", "hebbian")):
