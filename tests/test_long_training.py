@@ -3,6 +3,8 @@ schedule over the whole run, snapshots every pass end, and a run trained in stag
 trained straight through."""
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -109,3 +111,45 @@ def test_reference_pairs_and_notes_on_the_page(tmp_path):
     page = tmp_path / "p.md"
     page.with_suffix(".json").write_text(json.dumps(results))
     assert long_training.main(["render", str(page)]) == 0 and page.read_text().startswith(text.split("![")[0][:200])
+
+
+def test_validating_while_training_changes_no_weight_and_the_page_averages_each_pass_end(tmp_path):
+    """--eval-every N: the trainer validates every N steps; the pass snapshots are bit for bit those
+    of a run that never validated, and the page's last-quarter table is computed from the curve."""
+    def argv(work, page, *extra):
+        a = _argv(work, page, *extra)
+        a[a.index("--passes") + 1] = "2"
+        a[a.index("--seeds") + 1 : a.index("--seeds") + 3] = ["1"]
+        return a
+
+    corpus = tmp_path / "corpus"
+    write_prepared_corpus(corpus, vocab_size=100, tokens={"train": 700, "valid": 200, "test": 200})
+    for name in ("plain", "validated"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").symlink_to(corpus)
+    assert long_training.main(argv(tmp_path / "plain", tmp_path / "plain.md")) == 0
+    page = tmp_path / "docs" / "v.md"
+    assert long_training.main(argv(tmp_path / "validated", page, "--eval-every", "3")) == 0
+    results = json.loads(page.with_suffix(".json").read_text())
+    spp = results["steps_per_pass"]
+    for label in ("full", "centred"):
+        a = load_checkpoint(tmp_path / "plain" / f"{label}-seed1" / "pass-2.pt")["model"]
+        b = load_checkpoint(tmp_path / "validated" / f"{label}-seed1" / "pass-2.pt")["model"]
+        assert all(torch.equal(v, b[k]) for k, v in a.items()), label
+        curve = results["runs"][label][0]["curve"]
+        steps = [s for s, _ in curve]
+        assert steps == sorted(set(steps)) and set(range(3, 2 * spp, 3)) <= set(steps) and {spp, 2 * spp} <= set(steps)
+        # the last validation of a pass is the pass snapshot's own valid loss (its evaluation at batch 2 may differ a little)
+        end = dict(map(tuple, curve))[spp]
+        assert end == pytest.approx(math.log(results["runs"][label][0]["passes"][0]["valid"]["perplexity"]), rel=0.05)
+    window = {label: [math.exp(statistics.mean(x for s, x in rs[0]["curve"] if (k - 0.25) * spp < s <= k * spp)) for k in (1, 2)]
+              for label, rs in results["runs"].items()}
+    text = page.read_text()
+    for k in (1, 2):
+        delta = window["centred"][k - 1] / window["full"][k - 1] - 1
+        assert f"| {k} | {window['full'][k - 1]:.2f} | {window['centred'][k - 1]:.2f} | {100 * delta:+.1f}% |" in text
+    assert (page.parent / "v-curves.png").is_file() and "](v-curves.png)" in text
+    # a run folder trained without validations is reused as it is (eval_interval is not a training setting)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "plain").glob("*-seed*/pass-*.pt")}
+    assert long_training.main(argv(tmp_path / "plain", tmp_path / "plain.md", "--eval-every", "3")) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "plain").glob("*-seed*/pass-*.pt")} == stamps

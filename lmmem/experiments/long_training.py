@@ -55,8 +55,9 @@ from lmmem.validation import check_flags
 
 # flags the runner sets itself (a --train-args entry for one of them would break the pass bookkeeping)
 _RUNNER_FLAGS = ("data", "out", "seed", "max_steps", "max_epochs", "resume", "overwrite", "time_budget")
-# settings that may differ between a run's passes (the rest must match the run folder's last.pt)
-_PER_CALL = ("resume", "overwrite", "progress", "out", "max_epochs", "data")
+# settings that may differ between a run's passes (the rest must match the run folder's last.pt);
+# validating during training changes nothing in the model (tests/test_long_training.py)
+_PER_CALL = ("resume", "overwrite", "progress", "out", "max_epochs", "data", "eval_interval")
 RARE_BUCKETS = ("<100", "100–1K")
 
 
@@ -101,6 +102,24 @@ def train_by_pass(flags: dict, out: Path, passes: int, spp: int, log=print) -> b
             raise LmmemError(f"{out}: pass {k} ended at step {result.progress.step}, expected {k * spp}")
         _copy_atomic(last, snap)
     return True
+
+
+def valid_curve(metrics: Path, last_step: int) -> list[list[float]]:
+    """[step, valid loss] of every validation the trainer logged (``--eval-every``), by step; a step
+    validated twice (a pass end, again when the next pass resumed) counts once."""
+    by_step = {}
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if "val_loss" in r and r["step"] <= last_step:
+            by_step[r["step"]] = r["val_loss"]
+    return [[s, by_step[s]] for s in sorted(by_step)]
+
+
+def window_loss(curve: list[list[float]], k: int, spp: int) -> float | None:
+    """Mean valid loss over the validations in the last quarter of pass ``k`` (steps in
+    (k − ¼)·spp … k·spp]): a pass-end number that one snapshot's luck moves less."""
+    vals = [loss for step, loss in curve if (k - 0.25) * spp < step <= k * spp]
+    return statistics.mean(vals) if vals else None
 
 
 def evaluate_pass(snap: Path, split: str, batch_size: int, buckets: FrequencyBuckets) -> dict:
@@ -163,7 +182,7 @@ def run(args, argv: list[str]) -> int:
         for label, overrides in variants.items():
             out = work / f"{label}-seed{seed}"
             flags = {k: config_value(k, v) for k, v in {"data": str(data), "seed": seed, "max_steps": args.passes * spp,
-                                                   "eval_interval": 0, "progress": False, **extra, **overrides}.items()}
+                                                   "eval_interval": args.eval_every, "progress": False, **extra, **overrides}.items()}
             rule = _rule_name(config_from_args(flags))
             if rule:
                 rules[label] = rule
@@ -176,6 +195,8 @@ def run(args, argv: list[str]) -> int:
                 record["passes"].append({"pass": k, "step": k * spp,
                                          "valid": evaluate_pass(out / f"pass-{k}.pt", "valid", args.eval_batch_size, buckets)})
             record["test"] = evaluate_pass(out / f"pass-{args.passes}.pt", "test", args.eval_batch_size, buckets)
+            if args.eval_every:
+                record["curve"] = valid_curve(out / "metrics.jsonl", args.passes * spp)
             runs[label].append(record)
             print(f"{label} seed {seed}: valid ppl by pass " + ", ".join(f"{p['valid']['perplexity']:.2f}" for p in record["passes"])
                   + f"; test ppl {record['test']['perplexity']:.2f}")
@@ -183,7 +204,7 @@ def run(args, argv: list[str]) -> int:
     commands.append(f"python evaluate.py RUN/pass-{args.passes}.pt --split test --batch-size {args.eval_batch_size}")
     results = {
         "name": args.name or args.corpus, "corpus": args.corpus, "source": Path(args.source).name, "prep_args": args.prep_args,
-        "passes": args.passes, "steps_per_pass": spp, "seeds": args.seeds, "train_args": extra, "variants": variants,
+        "passes": args.passes, "steps_per_pass": spp, "eval_every": args.eval_every, "seeds": args.seeds, "train_args": extra, "variants": variants,
         "hebbian_rules": rules, "bucket_names": buckets.names, "runs": runs, "references": references, "notes": notes,
         "command": _shown("python -m lmmem.experiments.long_training " + shlex.join(argv), work, args.page, args.notes),
         "steps": [_shown(c, work, args.page) for c in commands],
@@ -278,6 +299,7 @@ def markdown(results: dict, chart: str | None) -> str:
             lines.append(f"| {k} | " + " | ".join(_mean_sd(_values(rs, k, "valid", bucket)) for rs in runs.values()) + " | "
                          + " | ".join(_pct(relative(_values(runs[v], k, "valid", bucket), _values(runs[ref], k, "valid", bucket)))
                                       for v, ref, _ in deltas) + " |")
+    lines += _window_lines(results, deltas)
     if chart:
         lines += ["", f"![valid perplexity by pass]({chart})"]
     names = results["bucket_names"]
@@ -303,6 +325,64 @@ def markdown(results: dict, chart: str | None) -> str:
     lines += ["", "## Commands", "", "```", results["command"], *results["steps"], "```", "",
               "## Machine", "", "```", json.dumps(results["machine"], indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _window_values(records: list[dict], k: int, spp: int) -> list[float]:
+    losses = [window_loss(r["curve"], k, spp) for r in records if r.get("curve")]
+    return [math.exp(x) for x in losses if x is not None]
+
+
+def _window_lines(results: dict, deltas: list) -> list[str]:
+    """The table of :func:`window_loss` (runs made with ``--eval-every``), and the curves' chart."""
+    runs, spp = results["runs"], results["steps_per_pass"]
+    if not any(r.get("curve") for rs in runs.values() for r in rs):
+        return []
+    lines = ["", f"Valid perplexity averaged over the last quarter of each pass: exp of the mean valid loss of the validations "
+                 f"every {results['eval_every']} steps in steps (K − ¼)·{format_count(spp)} … K·{format_count(spp)} of pass K (the pass end "
+                 "included), then mean ± standard deviation over seeds. Not the issue's measure (one snapshot at the pass end), which "
+                 "the tables above report: the same comparison with less of one snapshot's luck in it.", "",
+             "| pass | " + " | ".join(runs) + " | " + " | ".join(h for _, _, h in deltas) + " |",
+             "|---|" + "---|" * (len(runs) + len(deltas))]
+    for k in range(1, results["passes"] + 1):
+        lines.append(f"| {k} | " + " | ".join(_mean_sd(_window_values(rs, k, spp)) for rs in runs.values()) + " | "
+                     + " | ".join(_pct(relative(_window_values(runs[v], k, spp), _window_values(runs[ref], k, spp))) for v, ref, _ in deltas)
+                     + " |")
+    if results.get("curves_chart"):
+        lines += ["", f"![valid perplexity every {results['eval_every']} steps]({results['curves_chart']})"]
+    return lines
+
+
+def plot_curves(results: dict, path: Path) -> Path | None:
+    """Valid perplexity at every validation, one panel per seed, one line per variant; dotted lines
+    at the pass ends. None without matplotlib or without curves."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    seeds = [r["seed"] for r in next(iter(results["runs"].values())) if r.get("curve")]
+    if not seeds:
+        return None
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.6 * len(seeds), 3.4), layout="constrained", sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        for colour, (v, rs) in zip(PALETTE, results["runs"].items()):
+            for r in rs:
+                if r["seed"] == seed and r.get("curve"):
+                    ax.plot([s for s, _ in r["curve"]], [math.exp(x) for _, x in r["curve"]], color=colour, lw=1, label=v)
+        for k in range(1, results["passes"] + 1):
+            ax.axvline(k * results["steps_per_pass"], color="grey", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"seed {seed}", fontsize=10)
+        ax.set_xlabel("step (dotted: pass ends)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("valid perplexity")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{results['name']}: valid perplexity every {results['eval_every']} steps", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(results: dict, path: Path) -> Path | None:
@@ -342,7 +422,8 @@ def write_outputs(results: dict, page: Path) -> None:
     page.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(page.with_suffix(".json"), dumps(results, what="the results", indent=1) + "\n")
     chart = plot(results, page.with_suffix(".png"))
-    write_text_atomic(page, markdown(results, chart.name if chart else None))
+    curves = plot_curves(results, page.with_name(f"{page.stem}-curves.png"))
+    write_text_atomic(page, markdown({**results, "curves_chart": curves.name if curves else None}, chart.name if chart else None))
 
 
 def render_main(argv: list[str]) -> int:
@@ -370,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a softmax name, or LABEL:key=value,... (TrainConfig fields); 'full' is the reference")
     p.add_argument("--train-args", default="preset=tiny", help="TrainConfig fields as KEY=VALUE pairs for every run")
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also validate every N steps while training (the trainer's --eval-interval; the model is unchanged): the page "
+                        "adds the valid perplexity averaged over each pass's last quarter, and a chart of the curves")
     p.add_argument("--reference", nargs="*", default=[], metavar="VARIANT=REF",
                    help="compare VARIANT with REF instead of full (e.g. an untied variant with the untied full softmax)")
     p.add_argument("--notes", help="a markdown file whose text the page shows under its title (what the numbers say)")
