@@ -167,6 +167,7 @@ RULES: dict[str, Rule] = {
     "frequent_from": at_least_one("a frequent word has at least this many training occurrences"),
     "bootstrap": at_least_one("at least one bootstrap resample"),
     "passes": at_least_one("train at least one pass over the training split"),
+    "eval_every": non_negative("steps between validations while training; 0 means none"),
 }
 
 # (flag a, flag b, holds(a, b), message): checked when both are given.
