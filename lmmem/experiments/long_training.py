@@ -352,15 +352,23 @@ def _window_lines(results: dict, deltas: list) -> list[str]:
     return lines
 
 
-def plot_curves(results: dict, path: Path) -> Path | None:
-    """Valid perplexity at every validation, one panel per seed, one line per variant; dotted lines
-    at the pass ends. None without matplotlib or without curves."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(results: dict, path: Path) -> Path | None:
+    """Valid perplexity at every validation, one panel per seed, one line per variant; dotted lines
+    at the pass ends. None without matplotlib or without curves."""
+    plt = _pyplot()
+    if plt is None:
         return None
     seeds = [r["seed"] for r in next(iter(results["runs"].values())) if r.get("curve")]
     if not seeds:
@@ -388,12 +396,8 @@ def plot_curves(results: dict, path: Path) -> Path | None:
 def plot(results: dict, path: Path) -> Path | None:
     """Valid perplexity (overall and the two rare buckets) against the pass, one line per variant
     (mean over seeds, bars: standard deviation). None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     panels = [("all words", None), *((f"{b} bucket", b) for b in RARE_BUCKETS)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), layout="constrained")
