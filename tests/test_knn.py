@@ -400,36 +400,76 @@ def wait(pid: int, timeout: float = 120.0) -> int:
     raise AssertionError("a build child hung")
 
 
+DURABLE_STEPS = ("fsync", "rename", "replace")  # the calls a crash-safe build orders its writes by
+
+
+def build_killed_at(out: Path, version: int, step: int, before: bool, count_file: Path | None = None) -> None:
+    """:func:`build_version` in a child that SIGKILLs itself just before (or just after) its ``step``-th
+    durable step: the moments where a wrong order of writes would show. ``count_file`` gets the number
+    of steps a build that was not killed took."""
+    seen = [0]
+
+    def hooked(real):
+        def call(*args, **kwargs):
+            seen[0] += 1
+            if before and seen[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = real(*args, **kwargs)
+            if not before and seen[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+        return call
+
+    for name in DURABLE_STEPS:  # the child's own os module: the parent's stays as it was
+        setattr(os, name, hooked(getattr(os, name)))
+    build_version(out, version)
+    if count_file is not None:
+        count_file.write_text(str(seen[0]))
+
+
+def check_after_kill(tmp_path: Path, out: Path, reference: dict, version: int, previous: int, trial) -> None:
+    # whatever moment it died: the previous complete datastore, or the new complete one
+    held = Datastore.open(out).manifest["built"]["model_fingerprint"]
+    assert held in (f"v{previous}", f"v{version}") and datastore_bytes(out) == reference[int(held[1:])], trial
+    with pytest.raises(LmmemError, match="half-built"):  # the staging folder, if any, never opens
+        Datastore.open(tmp_path / ".ds.staging")
+    assert wait(in_child(build_version, out, version)) == 0, trial  # the same build again: resumes, completes
+    assert datastore_bytes(out) == reference[version], trial
+    assert not (tmp_path / ".ds.staging").exists(), trial
+
+
 @pytest.mark.slow
 def test_kill_9_of_a_build_never_leaves_a_datastore_that_opens_half_built(tmp_path):
     out = tmp_path / "ds"
     reference = {}
-    t0 = time.monotonic()
     assert wait(in_child(build_version, out, 0)) == 0
-    t1 = time.monotonic()
     reference[0] = datastore_bytes(out)
-    assert wait(in_child(build_version, out, 1)) == 0  # replaces version 0
-    # kill times are drawn from the faster of the two builds: the first one also pays one-off start-up
-    # costs, and a duration taken from it alone let half the kills land after the build had finished
-    duration = min(t1 - t0, time.monotonic() - t1)
+    t0 = time.monotonic()
+    count_file = tmp_path / "steps"
+    assert wait(in_child(build_killed_at, out, 1, 0, False, count_file)) == 0  # replaces version 0, counted
+    duration = time.monotonic() - t0
     reference[1] = datastore_bytes(out)
+    steps = int(count_file.read_text())
+    assert steps >= 20, steps  # 12 commits of 3 files, the state file, the index and the swap
+    # Kills at chosen durable steps (every trial dies inside its build, whatever the machine's speed),
+    # spread from the first step to the last, alternately just before and just after one.
+    for trial, step in enumerate(sorted({round(1 + i * (steps - 1) / 13) for i in range(14)})):
+        version = trial % 2  # each trial replaces the version the folder holds
+        pid = in_child(build_killed_at, out, version, step, trial % 2 == 0)
+        assert wait(pid) == -signal.SIGKILL, (trial, step)
+        check_after_kill(tmp_path, out, reference, version, 1 - version, (trial, step))
+    # Kills at random moments reach the middle of a write too; how many land inside a build depends on
+    # the machine's load, so their count is not asserted.
     rng = random.Random(11)
-    killed = 0
-    for trial in range(20):
-        version, previous = trial % 2, 1 - trial % 2  # each trial replaces the version the folder holds
+    held = int(Datastore.open(out).manifest["built"]["model_fingerprint"][1:])
+    for trial in range(6):
+        version = 1 - held
         pid = in_child(build_version, out, version)
-        time.sleep(rng.uniform(0.0, 1.1 * duration))
+        time.sleep(rng.uniform(0.0, duration))
         os.kill(pid, signal.SIGKILL)
-        killed += wait(pid) == -signal.SIGKILL
-        # whatever moment it died: the previous complete datastore, or the new complete one
-        held = Datastore.open(out).manifest["built"]["model_fingerprint"]
-        assert held in (f"v{previous}", f"v{version}") and datastore_bytes(out) == reference[int(held[1:])], trial
-        with pytest.raises(LmmemError, match="half-built"):  # the staging folder, if any, never opens
-            Datastore.open(tmp_path / ".ds.staging")
-        assert wait(in_child(build_version, out, version)) == 0  # the same build again: resumes and completes
-        assert datastore_bytes(out) == reference[version], trial
-        assert not (tmp_path / ".ds.staging").exists()
-    assert killed >= 10, killed  # most kills landed inside a build
+        wait(pid)
+        check_after_kill(tmp_path, out, reference, version, held, ("random", trial))
+        held = version
 
 
 def test_search_routing_by_device(tmp_path, monkeypatch):
