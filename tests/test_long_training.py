@@ -12,7 +12,7 @@ import torch
 from conftest import write_prepared_corpus
 
 from lmmem.errors import LmmemError
-from lmmem.experiments import long_training
+from lmmem.experiments import long_training, long_training_page
 from lmmem.training import config_from_args, load_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,7 +103,7 @@ def test_reference_pairs_and_notes_on_the_page(tmp_path):
     results = {"name": "x", "passes": 1, "steps_per_pass": 10, "seeds": [1], "runs": runs, "references": refs,
                "notes": "**In short.** words.", "bucket_names": ["<100", "100–1K"], "variants": {k: {} for k in runs},
                "train_args": {}, "command": "c", "steps": [], "machine": {}}
-    text = long_training.markdown(results, None)
+    text = long_training_page.markdown(results, None)
     assert text.splitlines()[2] == "**In short.** words."
     row = next(line for line in text.splitlines() if line.startswith("| 1 | 10 |"))
     assert row.endswith("| +10.0% | +20.0% | +5.0% |")  # centred vs full, full-untied vs full, centred-untied vs full-untied
@@ -149,7 +149,30 @@ def test_validating_while_training_changes_no_weight_and_the_page_averages_each_
         delta = window["centred"][k - 1] / window["full"][k - 1] - 1
         assert f"| {k} | {window['full'][k - 1]:.2f} | {window['centred'][k - 1]:.2f} | {100 * delta:+.1f}% |" in text
     assert (page.parent / "v-curves.png").is_file() and "](v-curves.png)" in text
+    # by position within the pass: the paired difference at equal steps, each fifth of the pass, then the whole pass
+    full, centred = (dict(map(tuple, results["runs"][v][0]["curve"])) for v in ("full", "centred"))
+    for k in (1, 2):
+        cells = []
+        for lo, hi in [((k - 1 + i / 5) * spp, (k - 1 + (i + 1) / 5) * spp) for i in range(5)] + [((k - 1) * spp, k * spp)]:
+            gaps = [centred[s] - full[s] for s in full if lo < s <= hi]
+            cells.append(f"{100 * (math.exp(statistics.mean(gaps)) - 1):+.1f}%" if gaps else "–")
+        assert f"| {k} | " + " | ".join(cells) + " |" in text, k
     # a run folder trained without validations is reused as it is (eval_interval is not a training setting)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "plain").glob("*-seed*/pass-*.pt")}
     assert long_training.main(argv(tmp_path / "plain", tmp_path / "plain.md", "--eval-every", "3")) == 0
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "plain").glob("*-seed*/pass-*.pt")} == stamps
+
+
+def test_phase_deltas_pair_seeds_and_steps():
+    """Per seed the mean gap over the stretch's shared steps, then the mean over seeds; a step the
+    reference lacks is left out, and a stretch without validations is None."""
+    ref = [{"seed": 1, "curve": [[2, 1.0], [4, 1.0], [6, 2.0], [8, 2.0]]}, {"seed": 2, "curve": [[2, 3.0], [6, 3.0], [8, 3.0]]}]
+    var = [{"seed": 2, "curve": [[2, 3.5], [4, 9.0], [6, 3.1], [8, 3.3]]}, {"seed": 1, "curve": [[2, 1.2], [4, 0.8], [6, 2.4], [8, 2.0]]}]
+    out = long_training_page.phase_deltas(var, ref, 1, 10)  # fifths of steps 0–10: (0, 2], (2, 4], (4, 6], (6, 8], (8, 10]
+    assert out[0] == pytest.approx(math.exp((0.2 + 0.5) / 2) - 1)
+    assert out[1] == pytest.approx(math.exp(-0.2) - 1)  # seed 2's step 4 has no reference validation
+    assert out[2] == pytest.approx(math.exp((0.4 + 0.1) / 2) - 1)
+    assert out[3] == pytest.approx(math.exp((0.0 + 0.3) / 2) - 1)
+    assert out[4] is None
+    seed1, seed2 = statistics.mean([0.2, -0.2, 0.4, 0.0]), statistics.mean([0.5, 0.1, 0.3])
+    assert out[5] == pytest.approx(math.exp((seed1 + seed2) / 2) - 1)

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
 import shlex
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -44,8 +42,8 @@ from lmmem.data.batching import StreamBatcher
 from lmmem.data.corpus import PreparedCorpus
 from lmmem.errors import LmmemError
 from lmmem.evaluation import FrequencyBuckets, evaluate
-from lmmem.evaluation.report import PALETTE, format_count, format_perplexity
 from lmmem.experiments.softmax_comparison import prepare
+from lmmem.experiments.long_training_page import write_outputs
 from lmmem.experiments.variants import parse_train_args, parse_variant
 from lmmem.jsonio import dumps
 from lmmem.safety import write_text_atomic
@@ -58,7 +56,6 @@ _RUNNER_FLAGS = ("data", "out", "seed", "max_steps", "max_epochs", "resume", "ov
 # settings that may differ between a run's passes (the rest must match the run folder's last.pt);
 # validating during training changes nothing in the model (tests/test_long_training.py)
 _PER_CALL = ("resume", "overwrite", "progress", "out", "max_epochs", "data", "eval_interval")
-RARE_BUCKETS = ("<100", "100–1K")
 
 
 def steps_per_pass(data: Path, batch_size: int, bptt: int) -> int:
@@ -113,13 +110,6 @@ def valid_curve(metrics: Path, last_step: int) -> list[list[float]]:
         if "val_loss" in r and r["step"] <= last_step:
             by_step[r["step"]] = r["val_loss"]
     return [[s, by_step[s]] for s in sorted(by_step)]
-
-
-def window_loss(curve: list[list[float]], k: int, spp: int) -> float | None:
-    """Mean valid loss over the validations in the last quarter of pass ``k`` (steps in
-    (k − ¼)·spp … k·spp]): a pass-end number that one snapshot's luck moves less."""
-    vals = [loss for step, loss in curve if (k - 0.25) * spp < step <= k * spp]
-    return statistics.mean(vals) if vals else None
 
 
 def evaluate_pass(snap: Path, split: str, batch_size: int, buckets: FrequencyBuckets) -> dict:
@@ -218,29 +208,6 @@ def run(args, argv: list[str]) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# the page
-
-
-def _values(records: list[dict], k: int, what: str, bucket: str | None = None) -> list[float]:
-    out = []
-    for r in records:
-        rep = r["passes"][k - 1]["valid"] if what == "valid" else r["test"]
-        if bucket is None:
-            out.append(rep["perplexity"])
-        else:
-            out += [b["perplexity"] for b in rep["buckets"] if b["name"] == bucket and b["perplexity"] is not None]
-    return out
-
-
-def _mean_sd(vals: list[float]) -> str:
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return format_perplexity(vals[0])
-    return f"{format_perplexity(statistics.mean(vals))} ± {format_perplexity(statistics.stdev(vals))}"
-
-
 def parse_references(pairs: list[str], variants: dict) -> dict[str, str]:
     """``--reference VARIANT=REF`` pairs: VARIANT's Δ columns against REF instead of ``full`` (e.g.
     an untied variant against the untied full softmax: equal parameters)."""
@@ -251,183 +218,6 @@ def parse_references(pairs: list[str], variants: dict) -> dict[str, str]:
             raise LmmemError(f"--reference {pair!r} must be VARIANT=REF, two different labels of --variants ({', '.join(variants)})")
         refs[v] = ref
     return refs
-
-
-def _delta_columns(results: dict) -> list[tuple[str, str, str]]:
-    """(variant, its reference, column header) of every Δ column: each variant but ``full``
-    against its reference (``full`` unless --reference named another)."""
-    refs = results.get("references", {})
-    cols = []
-    for v in results["runs"]:
-        if v != "full":
-            ref = refs.get(v, "full")
-            cols.append((v, ref, f"Δ {v}" if ref == "full" else f"Δ {v} vs {ref}"))
-    return cols
-
-
-def relative(vals: list[float], ref: list[float]) -> float | None:
-    """Mean over seeds of a variant's perplexity relative to its reference's mean, minus 1."""
-    return statistics.mean(vals) / statistics.mean(ref) - 1 if vals and ref else None
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:+.1f}%"
-
-
-def markdown(results: dict, chart: str | None) -> str:
-    runs, passes = results["runs"], results["passes"]
-    deltas = _delta_columns(results)
-    seeds = ", ".join(map(str, results["seeds"]))
-    lines = [f"# Long training on {results['name']}: {passes} passes", ""]
-    if results.get("notes"):
-        lines += [results["notes"], ""]
-    lines += [f"Valid perplexity at the end of every pass over the training split ({format_count(results['steps_per_pass'])} steps "
-              f"a pass, {format_count(passes * results['steps_per_pass'])} in all, one learning-rate schedule over the whole run); "
-              f"mean ± standard deviation over seeds {seeds}; Δ = the variant's mean relative to the full softmax's "
-              "(or to the variant named after \"vs\").", "",
-              "| pass | step | " + " | ".join(runs) + " | " + " | ".join(h for _, _, h in deltas) + " |",
-              "|---|---|" + "---|" * (len(runs) + len(deltas))]
-    for k in range(1, passes + 1):
-        lines.append(f"| {k} | {format_count(k * results['steps_per_pass'])} | "
-                     + " | ".join(_mean_sd(_values(rs, k, "valid")) for rs in runs.values()) + " | "
-                     + " | ".join(_pct(relative(_values(runs[v], k, "valid"), _values(runs[ref], k, "valid"))) for v, ref, _ in deltas) + " |")
-    for bucket in RARE_BUCKETS:
-        lines += ["", f"Valid perplexity of the {bucket} bucket (target words seen {bucket.replace('<', 'fewer than ')} times in training):", "",
-                  "| pass | " + " | ".join(runs) + " | " + " | ".join(h for _, _, h in deltas) + " |",
-                  "|---|" + "---|" * (len(runs) + len(deltas))]
-        for k in range(1, passes + 1):
-            lines.append(f"| {k} | " + " | ".join(_mean_sd(_values(rs, k, "valid", bucket)) for rs in runs.values()) + " | "
-                         + " | ".join(_pct(relative(_values(runs[v], k, "valid", bucket), _values(runs[ref], k, "valid", bucket)))
-                                      for v, ref, _ in deltas) + " |")
-    lines += _window_lines(results, deltas)
-    if chart:
-        lines += ["", f"![valid perplexity by pass]({chart})"]
-    names = results["bucket_names"]
-    lines += ["", f"Test perplexity at the end of pass {passes} (the last), mean ± standard deviation over seeds {seeds}:", "",
-              "| model | test ppl | Δ | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
-    refs = {v: ref for v, ref, _ in deltas}
-    for v, rs in runs.items():
-        delta = "" if v == "full" else _pct(relative(_values(rs, 0, "test"), _values(runs[refs[v]], 0, "test"))) + (
-            "" if refs[v] == "full" else f" vs {refs[v]}")
-        lines.append(f"| {v} | {_mean_sd(_values(rs, 0, 'test'))} | {delta} | " + " | ".join(_mean_sd(_values(rs, 0, "test", n)) for n in names) + " |")
-    rules = results.get("hebbian_rules", {})
-    lines += ["", "Models: " + "; ".join(f"`{k}` = " + ", ".join(f"{a}={b}" for a, b in v.items())
-                                         + (f" (Hebbian rule: {rules[k]})" if k in rules and "hebbian_rule" not in v else "")
-                                         for k, v in results["variants"].items())
-              + (f"; every run with {', '.join(f'{a}={b}' for a, b in results['train_args'].items())}" if results["train_args"] else "") + ".",
-              "", "Per seed (valid perplexity at each pass end; test at the last; training minutes of wall time):", "",
-              "| model | seed | " + " | ".join(f"pass {k}" for k in range(1, passes + 1)) + " | test | train min |",
-              "|---|---|" + "---|" * (passes + 2)]
-    for v, rs in runs.items():
-        for r in rs:
-            lines.append(f"| {v} | {r['seed']} | " + " | ".join(format_perplexity(p["valid"]["perplexity"]) for p in r["passes"])
-                         + f" | {format_perplexity(r['test']['perplexity'])} | {r['train_minutes']:.1f} |")
-    lines += ["", "## Commands", "", "```", results["command"], *results["steps"], "```", "",
-              "## Machine", "", "```", json.dumps(results["machine"], indent=1), "```", ""]
-    return "\n".join(lines)
-
-
-def _window_values(records: list[dict], k: int, spp: int) -> list[float]:
-    losses = [window_loss(r["curve"], k, spp) for r in records if r.get("curve")]
-    return [math.exp(x) for x in losses if x is not None]
-
-
-def _window_lines(results: dict, deltas: list) -> list[str]:
-    """The table of :func:`window_loss` (runs made with ``--eval-every``), and the curves' chart."""
-    runs, spp = results["runs"], results["steps_per_pass"]
-    if not any(r.get("curve") for rs in runs.values() for r in rs):
-        return []
-    lines = ["", f"Valid perplexity averaged over the last quarter of each pass: exp of the mean valid loss of the validations "
-                 f"every {results['eval_every']} steps in steps (K − ¼)·{format_count(spp)} … K·{format_count(spp)} of pass K (the pass end "
-                 "included), then mean ± standard deviation over seeds. Not the issue's measure (one snapshot at the pass end), which "
-                 "the tables above report: the same comparison with less of one snapshot's luck in it.", "",
-             "| pass | " + " | ".join(runs) + " | " + " | ".join(h for _, _, h in deltas) + " |",
-             "|---|" + "---|" * (len(runs) + len(deltas))]
-    for k in range(1, results["passes"] + 1):
-        lines.append(f"| {k} | " + " | ".join(_mean_sd(_window_values(rs, k, spp)) for rs in runs.values()) + " | "
-                     + " | ".join(_pct(relative(_window_values(runs[v], k, spp), _window_values(runs[ref], k, spp))) for v, ref, _ in deltas)
-                     + " |")
-    if results.get("curves_chart"):
-        lines += ["", f"![valid perplexity every {results['eval_every']} steps]({results['curves_chart']})"]
-    return lines
-
-
-def _pyplot():
-    """matplotlib's pyplot on the file-only backend, or None where matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_curves(results: dict, path: Path) -> Path | None:
-    """Valid perplexity at every validation, one panel per seed, one line per variant; dotted lines
-    at the pass ends. None without matplotlib or without curves."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    seeds = [r["seed"] for r in next(iter(results["runs"].values())) if r.get("curve")]
-    if not seeds:
-        return None
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.6 * len(seeds), 3.4), layout="constrained", sharey=True, squeeze=False)
-    for ax, seed in zip(axes[0], seeds):
-        for colour, (v, rs) in zip(PALETTE, results["runs"].items()):
-            for r in rs:
-                if r["seed"] == seed and r.get("curve"):
-                    ax.plot([s for s, _ in r["curve"]], [math.exp(x) for _, x in r["curve"]], color=colour, lw=1, label=v)
-        for k in range(1, results["passes"] + 1):
-            ax.axvline(k * results["steps_per_pass"], color="grey", ls=":", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_title(f"seed {seed}", fontsize=10)
-        ax.set_xlabel("step (dotted: pass ends)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("valid perplexity")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{results['name']}: valid perplexity every {results['eval_every']} steps", fontsize=10)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot(results: dict, path: Path) -> Path | None:
-    """Valid perplexity (overall and the two rare buckets) against the pass, one line per variant
-    (mean over seeds, bars: standard deviation). None without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
-        return None
-    panels = [("all words", None), *((f"{b} bucket", b) for b in RARE_BUCKETS)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), layout="constrained")
-    ks = list(range(1, results["passes"] + 1))
-    for ax, (title, bucket) in zip(axes, panels):
-        for colour, (v, rs) in zip(PALETTE, results["runs"].items()):
-            vals = [_values(rs, k, "valid", bucket) for k in ks]
-            means = [statistics.mean(x) for x in vals]
-            sds = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in vals]
-            ax.errorbar(ks, means, yerr=sds, color=colour, marker="o", markersize=3, capsize=2, label=v)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("pass")
-        ax.set_xticks(ks)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("valid perplexity")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['name']}: valid perplexity at each pass end (mean ± sd over seeds)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(results: dict, page: Path) -> None:
-    """PAGE (markdown), PAGE with .json, and its chart PAGE with .png."""
-    page.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(page.with_suffix(".json"), dumps(results, what="the results", indent=1) + "\n")
-    chart = plot(results, page.with_suffix(".png"))
-    curves = plot_curves(results, page.with_name(f"{page.stem}-curves.png"))
-    write_text_atomic(page, markdown({**results, "curves_chart": curves.name if curves else None}, chart.name if chart else None))
 
 
 def render_main(argv: list[str]) -> int:
