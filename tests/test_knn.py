@@ -20,7 +20,6 @@ from lmmem.errors import LmmemError
 from lmmem.memories import knn_index
 from lmmem.memories.knn import (
     Datastore, ivfpq_params, DatastoreWriter, FaissMissingWarning, KNNConfig, knn_interpolate, knn_log_probs, knn_target_log_probs)
-from lmmem.safety import FolderBusy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 INFO = {"model_fingerprint": "model-a", "tokenizer_fingerprint": "tok-a", "key_source": "test"}

@@ -11,7 +11,6 @@ is recorded as ``null``. Valid split by default: choosing settings on test would
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time

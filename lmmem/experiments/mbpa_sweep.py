@@ -14,7 +14,6 @@ combination. Valid split only by default: choosing settings on test would be tun
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
