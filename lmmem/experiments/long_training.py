@@ -21,7 +21,8 @@ an interrupted one is continued from its ``last.pt``, so an interrupted command 
 a run folder made with other settings is refused (use another ``--work``).
 
 ``python -m lmmem.experiments.long_training render PAGE...`` rewrites pages and charts from the
-JSON beside them (PAGE with ``.json``), without training or evaluating.
+JSON beside them (PAGE with ``.json``), without training or evaluating; the page itself is
+:mod:`lmmem.experiments.long_training_page`.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="also validate every N steps while training (the trainer's --eval-interval; the model is unchanged): the page "
-                        "adds the valid perplexity averaged over each pass's last quarter, and a chart of the curves")
+                        "adds the valid perplexity averaged over each pass's last quarter, the gap to the reference by position "
+                        "within the pass, and a chart of the curves")
     p.add_argument("--reference", nargs="*", default=[], metavar="VARIANT=REF",
                    help="compare VARIANT with REF instead of full (e.g. an untied variant with the untied full softmax)")
     p.add_argument("--notes", help="a markdown file whose text the page shows under its title (what the numbers say)")

@@ -4,7 +4,7 @@ results dictionary alone, so ``long_training render`` rewrites a page without tr
 Besides the pass-end snapshots (the issue's measure) a run validated during training (``--eval-every``)
 gets two views of its valid curve: the mean over each pass's last quarter, and the paired difference
 to the reference by position within the pass. The second asks whether a pass-end snapshot lands where
-the comparison is typical for the pass: on Gutenberg (one play as the valid split) it is not.
+the comparison is typical for the pass, or in a stretch of the training stream that favours one head.
 """
 
 from __future__ import annotations
