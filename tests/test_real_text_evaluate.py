@@ -58,3 +58,20 @@ def test_evaluate_without_runs_is_one_line(tmp_path, capsys):
     assert run_cli(real_text.main, ["evaluate", "--work", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "train first" in err and "Traceback" not in err
+
+
+def test_tables_over_seeds_are_geometric_means_with_each_seed_beside_them():
+    def run(seed, base, knn):
+        share = {">10K": 0.5, "<100": 0.5}
+        return {"seed": seed, "words": 100, "tokens": 120, "bucket_share": share, "tuned": {},
+                "methods": {"plain": {"word_perplexity": base, "buckets": {">10K": base / 2, "<100": base * 2}},
+                            "+knn": {"word_perplexity": knn, "buckets": {">10K": knn / 2, "<100": knn * 2}}}}
+    summary = {"settings": {"methods": {"plain": "base", "+knn": "+kNN"}},
+               "runs": {"news-abc": {"gpt2": [run(1, 100.0, 80.0), run(2, 400.0, 360.0)]}}}
+    text = real_text.render_tables(summary)
+    assert "(seeds 1, 2;" in text and "| method | word ppl | >10K ppl | <100 ppl | per seed |" in text
+    base, knn = math.sqrt(100 * 400), math.sqrt(80 * 360)
+    assert f"| base | {base:.1f} | {base / 2:.1f} | {base * 2:.1f} | 100.0 / 400.0 |" in text
+    assert f"| +kNN | {knn:.1f} ({100 * (knn / base - 1):+.1f}%) |" in text and "| -20.0% / -10.0% |" in text
+    one = real_text.render_tables({**summary, "runs": {"news-abc": {"gpt2": [run(1, 100.0, 80.0)]}}})
+    assert "per seed" not in one and "| +kNN | 80.0 (-20.0%) | 40.0 (-20.0%) | 160.0 (-20.0%) |" in one

@@ -291,7 +291,9 @@ def _fmt(x: float) -> str:
 
 def render_tables(summary: dict) -> str:
     """Markdown: per corpus and model, test word perplexity overall and by bucket for every method
-    (mean over the seeds; a memory's cell gives its change from the base in %), and the tuned values."""
+    (geometric mean over the seeds; a memory's cell gives its change from the base in %), with more
+    than one seed each seed's own word perplexity (base) or change (a memory) beside it, and the
+    tuned values."""
     lines = []
     for corpus, by_model in summary["runs"].items():
         for model, runs in by_model.items():
@@ -300,8 +302,8 @@ def render_tables(summary: dict) -> str:
             buckets = list(first["bucket_share"])
             lines += [f"**{corpus}, {model}** (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
                       f"{first['words']:,} test words, {first['tokens']:,} tokens)", "",
-                      "| method | word ppl | " + " | ".join(f"{b} ppl" for b in buckets) + " |",
-                      "|---|" + "---:|" * (len(buckets) + 1)]
+                      "| method | word ppl | " + " | ".join(f"{b} ppl" for b in buckets) + " |" + (" per seed |" if len(seeds) > 1 else ""),
+                      "|---|" + "---:|" * (len(buckets) + 1) + ("---:|" if len(seeds) > 1 else "")]
 
             def mean(method, key=None):
                 vals = [r["methods"][method]["word_perplexity"] if key is None else r["methods"][method]["buckets"][key]
@@ -314,7 +316,7 @@ def render_tables(summary: dict) -> str:
                 lost = [r["seed"] for r in runs if method in ((r.get("diverged") or {}).get("methods") or ())]
                 if len(lost) == len(runs):  # dynamic evaluation diverged on test at the lr chosen on valid
                     lines.append(f"| {label} | diverged on test (seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}) |"
-                                 + " |" * len(buckets))
+                                 + " |" * (len(buckets) + (len(seeds) > 1)))
                     continue
                 if not any(method in r["methods"] for r in runs):
                     continue
@@ -325,13 +327,25 @@ def render_tables(summary: dict) -> str:
                     v, base = mean(method, key), mean("plain", key)
                     cells.append("–" if v is None else _fmt(v) if method == "plain"
                                  else f"{_fmt(v)} ({100 * (v / base - 1):+.1f}%)")
+                if len(seeds) > 1:
+                    cells.append(" / ".join(_seed_cell(r, method) for r in runs))
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             shares = " | ".join(f"{100 * first['bucket_share'][b]:.1f}%" for b in buckets)
-            lines += [f"| word share | 100% | {shares} |", ""]
+            lines += [f"| word share | 100% | {shares} |" + (" |" if len(seeds) > 1 else ""), ""]
             for r in runs:
                 lines.append(f"tuned on valid (seed {r['seed']}): " + _tuned_text(r["tuned"] or {}))
             lines.append("")
     return "\n".join(lines)
+
+
+def _seed_cell(run: dict, method: str) -> str:
+    """One seed's word perplexity (the base) or change from its own base (a memory); – where missing."""
+    m, base = run["methods"].get(method), run["methods"]["plain"]
+    if m is None:
+        return "–"
+    if method == "plain":
+        return _fmt(m["word_perplexity"])
+    return f"{100 * (m['word_perplexity'] / base['word_perplexity'] - 1):+.1f}%"
 
 
 def _tuned_text(choice: dict) -> str:
