@@ -43,6 +43,8 @@ def test_evaluate_grid_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         assert method["word_perplexity"] == pytest.approx(math.exp(words["loss"]), rel=1e-12)
         assert method["buckets"] == {b["name"]: b["perplexity"] for b in words["buckets"]}
     assert record["words"] == raw["words"]["tokens"] < record["tokens"]
+    assert real_text._hf_words(work / "eval" / "news-abc", 1) == record["words"]  # what the LSTM would score
+    assert real_text._hf_words(work / "eval" / "news-abc", 2) is None
     assert set(record["tuned"]) == {"+cache", "+knn", "+cache+knn", "+dynamic", "+dynamic+cache+knn"}
     assert any(c.startswith("python -m lmmem datastore WORK/runs/news-abc/gpt2-seed1") for c in summary["commands"])
     page = (tmp_path / "out" / "real-text-evaluation.md").read_text()
@@ -75,3 +77,14 @@ def test_tables_over_seeds_are_geometric_means_with_each_seed_beside_them():
     assert f"| +kNN | {knn:.1f} ({100 * (knn / base - 1):+.1f}%) |" in text and "| -20.0% / -10.0% |" in text
     one = real_text.render_tables({**summary, "runs": {"news-abc": {"gpt2": [run(1, 100.0, 80.0)]}}})
     assert "per seed" not in one and "| +kNN | 80.0 (-20.0%) | 40.0 (-20.0%) | 160.0 (-20.0%) |" in one
+
+
+def test_lstm_alone_with_max_tokens_waits_for_an_hf_evaluation(tmp_path, monkeypatch, capsys):
+    """With --max-tokens the LSTM scores as many words as the HF models of its seed did; a call with
+    --models lstm before any HF evaluation says so instead of scoring a different amount of text."""
+    work = tmp_path / "work"
+    (work / "runs" / "news-abc" / "lstm-seed1").mkdir(parents=True)
+    (work / "runs" / "news-abc" / "lstm-seed1" / "best.pt").write_bytes(b"")
+    monkeypatch.setattr(real_text, "run_one", lambda *a: pytest.fail("the LSTM was evaluated"))
+    summary = real_text.evaluate_grid(work, ["news-abc"], [1], ["lstm"], max_tokens=1000)
+    assert summary["runs"] == {} and "evaluate gpt2 or llama of seed 1 first" in capsys.readouterr().out

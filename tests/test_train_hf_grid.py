@@ -86,3 +86,28 @@ def test_a_method_that_diverged_on_test_is_shown_as_such():
     assert "| +dynamic | diverged on test (seed 1) | | |" in one and "| +all | diverged on test (seed 1) |" in one
     two = render_tables({"runs": {"c": {"lstm": [rec(1, True), rec(2, False)]}}, "settings": {"methods": METHODS}})
     assert "| +dynamic (diverged in seed 1; mean of the others) | 200.0 (" in two
+
+
+def test_two_grid_processes_writing_the_summary_keep_each_others_records(tmp_path, monkeypatch):
+    """Two `train` processes for different corpora share WORK/training.json. Each finishes runs
+    while the other trains; a merge into a copy read at start-up dropped the other's newer records
+    (it once did). Here the other process's record lands while this one trains."""
+    from lmmem.experiments import real_text
+
+    work = tmp_path / "work"
+    (work / "data" / "news-abc").mkdir(parents=True)
+    (work / "data" / "news-abc" / "meta.json").write_text("{}")
+    other = {"commands": ["other"], "runs": {"gutenberg": {"gpt2": [{"seed": 2, "x": 7}]}}, "machine": {}}
+
+    def fake_train(cmd, log, extra):  # the run, and meanwhile the other process's write
+        real_text.update_summary(work / "training.json", other)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "run.json").write_text("{}")
+
+    monkeypatch.setattr(real_text, "run_one", fake_train)
+    monkeypatch.setattr(real_text, "hf_record", lambda out: {"x": 1})
+    real_text.train_grid(work, tmp_path, ["news-abc"], [2], ["gpt2"])
+    runs = json.loads((work / "training.json").read_text())["runs"]
+    assert runs["gutenberg"]["gpt2"] == [{"seed": 2, "x": 7}]
+    assert runs["news-abc"]["gpt2"] == [{"seed": 2, "out": "runs/news-abc/gpt2-seed2", "x": 1}]

@@ -43,6 +43,7 @@ from lmmem.cli import ArgumentParser, run_cli
 from lmmem.errors import LmmemError
 from lmmem.experiments.paths import portable_command
 from lmmem.jsonio import write_json
+from lmmem.safety import FolderLock
 
 REPO = Path(__file__).resolve().parents[2]
 # data_prep arguments (after the corpus's source folder) and training steps, as in the reproduction
@@ -132,7 +133,6 @@ def train_grid(work: Path, shared: Path, corpora: list[str], seeds: list[int], m
     """Prepare the corpora and train every (seed, corpus, model) not finished yet, seed by seed (so
     that an early stop leaves whole seeds); returns the records of the finished runs."""
     data, runs, logs = work / "data", work / "runs", work / "logs"
-    old = _read_summary(work / "training.json")
     commands = []
     for corpus in corpora:
         cmd = prepare_command(corpus, shared, data)
@@ -163,9 +163,8 @@ def train_grid(work: Path, shared: Path, corpora: list[str], seeds: list[int], m
                         print(f"  done in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
                     record = hf_record(out)
                 records.setdefault(corpus, {}).setdefault(model, []).append({"seed": seed, "out": _rel(out, work), **record})
-                summary = merge_summaries(old, _summary(commands, records, work, shared))
-                write_json(summary, work / "training.json")  # after every run
-    return merge_summaries(old, _summary(commands, records, work, shared))
+                update_summary(work / "training.json", _summary(commands, records, work, shared))  # after every run
+    return update_summary(work / "training.json", _summary(commands, records, work, shared))
 
 
 def _summary(commands, records, work: Path, shared: Path) -> dict:
@@ -175,6 +174,18 @@ def _summary(commands, records, work: Path, shared: Path) -> dict:
 
 def _read_summary(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_summary(path: Path, new: dict) -> dict:
+    """Merge ``new`` into the summary file at ``path`` and write it; returns the merged summary.
+
+    The file is re-read under an exclusive lock at every write, not once at the start: two grid
+    processes (say ``--corpora gutenberg`` and ``--corpora wikitext-2``) each finish runs while the
+    other trains, and a merge into a copy read at start-up dropped the other's newer records."""
+    with FolderLock(path.with_name(path.name + ".lock"), str(path), wait=True):
+        merged = merge_summaries(_read_summary(path), new)
+        write_json(merged, path)
+    return merged
 
 
 def merge_summaries(old: dict, new: dict) -> dict:
@@ -264,10 +275,15 @@ def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list
                     continue  # not trained (yet)
                 ds, out = work / "ds" / corpus / name, work / "eval" / corpus / f"{name}.json"
                 # the word-level LSTM scores as many words as the HF models did (their --max-tokens
-                # counts BPE tokens), so that all three are scored on the same text
-                hf_words = [r["words"] for m, rs in records.get(corpus, {}).items() if m != "lstm" for r in rs
-                            if r["seed"] == seed]
-                limit = hf_words[0] if model == "lstm" and max_tokens and hf_words else max_tokens
+                # counts BPE tokens), so that all three are scored on the same text; read from the HF
+                # evaluation on disk, so that a call with --models lstm alone counts the same words
+                limit = max_tokens
+                if model == "lstm" and max_tokens:
+                    limit = _hf_words(work / "eval" / corpus, seed)
+                    if limit is None:
+                        print(f"skipping {name} ({corpus}): evaluate gpt2 or llama of seed {seed} first "
+                              "(with --max-tokens the LSTM scores as many words as they did)", flush=True)
+                        continue
                 steps = [(datastore_command(model, run, data, ds, context), ds / "manifest.json"),
                          (evaluate_command(model, run, data, ds, out, name=name, context=context,
                                            max_tokens=limit, extra=extra), out)]
@@ -283,6 +299,15 @@ def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list
     settings = {"split": "test", "tuned_on": "valid", "max_tokens": max_tokens,
                 "hf_window": f"sliding, context {context}" if context else "bptt", "lstm_window": "bptt", "methods": METHODS}
     return {"commands": commands, "runs": records, "machine": _machine(), "settings": settings}
+
+
+def _hf_words(folder: Path, seed: int) -> int | None:
+    """Words scored by the first HF model evaluated for ``seed`` in ``folder``, or None."""
+    for model in MODELS:
+        path = folder / f"{model}-seed{seed}.json"
+        if model != "lstm" and path.is_file():
+            return eval_record(json.loads(path.read_text()))["words"]
+    return None
 
 
 def _fmt(x: float) -> str:
@@ -400,8 +425,7 @@ def main(argv=None) -> int:
         summary = evaluate_grid(work, args.corpora, args.seeds, args.models, context=args.context,
                                 max_tokens=args.max_tokens, extra=tuple(shlex.split(args.extra)))
         out = Path(args.out or work)
-        summary = merge_summaries(_read_summary(out / "real-text-evaluation.json"), summary)
-        write_json(summary, out / "real-text-evaluation.json")
+        summary = update_summary(out / "real-text-evaluation.json", summary)
         (out / "real-text-evaluation.md").write_text(render_tables(summary) + "\n", encoding="utf-8")
         print(render_tables(summary))
         print(f"wrote {out / 'real-text-evaluation.json'} and .md")
