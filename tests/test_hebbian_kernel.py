@@ -29,7 +29,7 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 
 from lmmem.kernels import hebbian_centred as centred_mod  # noqa: E402
 from lmmem.kernels.hebbian import hebbian_statistics  # noqa: E402
-from lmmem.kernels.hebbian_centred import hebbian_centred_update_, hebbian_centred_update_torch_  # noqa: E402
+from lmmem.kernels.hebbian_centred import hebbian_centred_update_  # noqa: E402
 from lmmem.kernels.hebbian_rule import hebbian_lambda, hebbian_update_reference  # noqa: E402
 from lmmem.kernels.runtime import KernelFallbackWarning, kernel_health, reset_kernel_health  # noqa: E402
 from lmmem.output_layers import HebbianSoftmax  # noqa: E402

@@ -16,12 +16,9 @@ import torch
 
 from lmmem.errors import LmmemError
 from lmmem.evaluation.adapters import LmmemAdapter
-from lmmem.evaluation.buckets import (  # noqa: F401  (re-exported: the trainer and experiments import them from here)
-    DEFAULT_BUCKET_EDGES, BucketResult, FrequencyBuckets, PerplexityReport, autocast_context,
-)
 from lmmem.evaluation.engine import run_pass
 from lmmem.evaluation.methods import MemorySet
-from lmmem.evaluation.sinks import GridSums, TokenLogProbs  # noqa: F401
+from lmmem.evaluation.sinks import GridSums
 from lmmem.evaluation.windows import BpttWindows
 from lmmem.progress import Progress
 

@@ -28,7 +28,7 @@ from lmmem.evaluation.engine import DynamicRun, run_pass, training_pairs
 from lmmem.evaluation.hf_adapter import prefix_token_id
 from lmmem.evaluation.knn import open_datastore
 from lmmem.evaluation.methods import CacheMemory, KNNMemory, KNNVariants, MbPAMemory, MemorySet
-from lmmem.evaluation.results import EvaluationResult, MethodReport, Row, assemble, row_name
+from lmmem.evaluation.results import EvaluationResult, MethodReport, Row, assemble
 from lmmem.evaluation.sinks import GridSums, TokenColumns
 from lmmem.evaluation.sources import LoadedModel, load_model, open_data, training_bptt
 from lmmem.evaluation.tuning import choose, untuned_rows

@@ -85,7 +85,6 @@ class StreamMemory:
     def candidates(self, keys: torch.Tensor, values: torch.Tensor):
         """Stored pairs followed by a chunk's ``(B, T, D)`` keys / ``(B, T)`` values, and the
         ``(B, T, size + T)`` mask of the candidates each query of the chunk may use."""
-        T = keys.shape[1]
         cand_k = torch.cat([self.keys, keys.to(self.keys.dtype)], dim=1)
         cand_v = torch.cat([self.values, values], dim=1)
         return cand_k, cand_v, self.allowed(values)
