@@ -9,6 +9,8 @@ trains the grid into WORK/runs/CORPUS/{lstm,gpt2,llama}-seedS, one run at a time
 process with its log in WORK/logs. Finished runs are skipped and interrupted ones continued, so
 the command is simply repeated after an interruption. It writes WORK/training.json: per run the
 steps, tokens, words, wall time and best validation loss and perplexity (per token and per word).
+Two calls for different corpora or seeds may run at once: the summary files are merged under a
+lock, re-read at every write.
 
     python -m lmmem.experiments.real_text evaluate --work /work/exp/NAME [--out DIR] [--max-tokens N]
 
@@ -20,7 +22,9 @@ evaluations are skipped (a datastore build interrupted is continued by ``lmmem d
 It writes OUT/real-text-evaluation.json (portable: no path of this machine) and the tables of the
 results page (``.md``). The HF models read windows of their context (256) advancing by half of it
 (``--window sliding --context 128``), for the datastore as for the evaluation, so every token is
-predicted from at least 128 tokens; the LSTM reads lmmem's bptt rows and carries its state.
+predicted from at least 128 tokens; the LSTM reads lmmem's bptt rows and carries its state. With
+``--max-tokens`` the LSTM scores as many words as the HF evaluation of its seed on disk did (it is
+skipped, with a line saying so, until there is one).
 
 The HF models read the prepared corpus as text (:meth:`PreparedCorpus.text_units`), so every model
 of a corpus is scored on the same words (per-word numbers: the sum of a word's BPE tokens'
