@@ -83,8 +83,32 @@ def test_lstm_alone_with_max_tokens_waits_for_an_hf_evaluation(tmp_path, monkeyp
     """With --max-tokens the LSTM scores as many words as the HF models of its seed did; a call with
     --models lstm before any HF evaluation says so instead of scoring a different amount of text."""
     work = tmp_path / "work"
-    (work / "runs" / "news-abc" / "lstm-seed1").mkdir(parents=True)
-    (work / "runs" / "news-abc" / "lstm-seed1" / "best.pt").write_bytes(b"")
+    run = work / "runs" / "news-abc" / "lstm-seed1"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"")
+    (run / "last.pt").write_bytes(b"")
     monkeypatch.setattr(real_text, "run_one", lambda *a: pytest.fail("the LSTM was evaluated"))
+    monkeypatch.setattr(real_text, "steps_done", lambda last: real_text.CORPORA["news-abc"]["lstm_steps"])
     summary = real_text.evaluate_grid(work, ["news-abc"], [1], ["lstm"], max_tokens=1000)
     assert summary["runs"] == {} and "evaluate gpt2 or llama of seed 1 first" in capsys.readouterr().out
+
+
+def test_an_interrupted_lstm_run_is_not_evaluated(tmp_path, monkeypatch, capsys):
+    """An LSTM run has a best.pt from its first validation on: a run stopped at step 200 of 2,000
+    must not be scored as if it were trained (it once would have been)."""
+    import torch
+
+    work = tmp_path / "work"
+    run = work / "runs" / "news-abc" / "lstm-seed1"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"")
+    monkeypatch.setattr(real_text, "run_one", lambda *a: pytest.fail("an unfinished run was evaluated"))
+    monkeypatch.setattr(real_text, "steps_done", lambda last: torch.load(last)["progress"]["step"])
+    steps = real_text.CORPORA["news-abc"]["lstm_steps"]
+    for step in (None, 200, steps - 1):
+        if step is not None:
+            torch.save({"progress": {"step": step}}, run / "last.pt")
+        assert real_text.evaluate_grid(work, ["news-abc"], [1], ["lstm"])["runs"] == {}
+        assert "its training has not finished" in capsys.readouterr().out
+    torch.save({"progress": {"step": steps}}, run / "last.pt")
+    assert real_text.trained("lstm", "news-abc", run) and not real_text.trained("gpt2", "news-abc", run)

@@ -106,6 +106,21 @@ def run_one(cmd: list[str], log: Path, extra: list[str]) -> None:
         raise LmmemError(f"{shlex.join(cmd + extra)} exited with {rc}; see {log}")
 
 
+def trained(model: str, corpus: str, run: Path) -> bool:
+    """Whether ``run`` finished training: an HF run writes run.json at its end; an LSTM run has a
+    best.pt from its first validation on, so its last.pt must have reached the grid's step count
+    (an interrupted run is not evaluated as if it were finished)."""
+    if model != "lstm":
+        return (run / "run.json").is_file()
+    return (run / "best.pt").is_file() and (run / "last.pt").is_file() and steps_done(run / "last.pt") >= CORPORA[corpus]["lstm_steps"]
+
+
+def steps_done(last: Path) -> int:
+    from lmmem.training import load_checkpoint
+
+    return load_checkpoint(last)["progress"]["step"]
+
+
 def lstm_record(out: Path) -> dict:
     from lmmem.training import load_checkpoint
 
@@ -275,8 +290,10 @@ def evaluate_grid(work: Path, corpora: list[str], seeds: list[int], models: list
             for model in models:
                 name = f"{model}-seed{seed}"
                 run, data = work / "runs" / corpus / name, work / "data" / corpus
-                if not ((run / "run.json").is_file() or (run / "best.pt").is_file()):
-                    continue  # not trained (yet)
+                if not trained(model, corpus, run):
+                    if run.exists():
+                        print(f"skipping {name} ({corpus}): its training has not finished", flush=True)
+                    continue
                 ds, out = work / "ds" / corpus / name, work / "eval" / corpus / f"{name}.json"
                 # the word-level LSTM scores as many words as the HF models did (their --max-tokens
                 # counts BPE tokens), so that all three are scored on the same text; read from the HF
