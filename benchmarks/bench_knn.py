@@ -12,7 +12,10 @@ Ground truth: the exact top-``max(--ks)`` by the torch exact search over the mem
 the fallback's throughput. For each k, ``nprobe`` is swept until recall@k (the share of the exact
 top-k that the search returns) reaches ``--target-recall``; throughput is then measured at that
 ``nprobe`` for each ``--batch-sizes`` (queries per call, as an evaluation batches them), with the
-index's distances and with exact ones recomputed from the stored keys.
+index's distances and with exact ones recomputed from the stored keys. Then the exact scan of the
+IVF lists (``backend="scan"``, :mod:`lmmem.memories.knn_scan`) at its calibrated nprobe for each k:
+recall on the same queries, and queries/s against PQ + re-ranking at its calibrated setting on the
+same fresh batches, in the same run.
 
     python benchmarks/bench_knn.py --entries 100000 --root /tmp/knn-bench          # minutes
     python benchmarks/bench_knn.py --root /work/exp/NAME/knn-bench --threads 2     # 1M × 768: 1.5 GB of keys
@@ -147,6 +150,31 @@ def throughput(ds: Datastore, mix: Mixture, args, calibration: dict) -> list:
     return rows
 
 
+def scan_throughput(path: Path, mix: Mixture, args, calibration: dict, queries, truth) -> tuple[dict, list]:
+    """The exact scan against PQ + re-ranking (both at their calibrated settings, exact distances):
+    recall on ``queries``, then queries/s per k and batch size on the same fresh batches."""
+    scan_ds, pq_ds = Datastore.open(path, backend="scan"), Datastore.open(path, backend="faiss")
+    _, wall, cpu = timed(scan_ds._lists)
+    lists = {"build_seconds": wall, "build_cpu_seconds": cpu, "peak_rss_mib": peak_rss_mib()}
+    print(f"scan: lists with fp32 keys built in {wall:.1f} s; {scan_ds.describe_search()}", flush=True)
+    g = torch.Generator().manual_seed(args.seed + 4)
+    rows = []
+    for k in args.ks:
+        nprobe = knn_index.scan_setting_for({"calibration": calibration}, k)
+        _, ids = scan_ds.search_ids(queries, k, nprobe=nprobe)
+        found = recall(ids, truth[:, :k])
+        for batch in args.batch_sizes:
+            q = mix.sample(batch, g)
+            _, w_scan, c_scan = timed(scan_ds.search_ids, q, k, nprobe=nprobe)
+            _, w_pq, c_pq = timed(pq_ds.search_ids, q, k, distances="exact")
+            rows.append({"k": k, "scan_nprobe": nprobe, "scan_recall": found, "batch": batch,
+                         "scan_queries_per_cpu_s": batch / c_scan, "pq_queries_per_cpu_s": batch / c_pq,
+                         "scan_queries_per_s": batch / w_scan, "pq_queries_per_s": batch / w_pq,
+                         "pq_over_scan_cpu": c_pq / c_scan})
+            print(f"  {rows[-1]}", flush=True)
+    return lists, rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--entries", type=int, default=1_000_000)
@@ -162,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-recall", type=float, default=0.9)
     p.add_argument("--threads", type=int, default=2, help="torch and faiss threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-sweep", action="store_true", help="skip the nprobe sweep and the PQ-only throughput table")
     p.add_argument("--out", default=str(RESULTS_JSON))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -177,7 +206,7 @@ def main(argv=None) -> int:
         build = {"entries": args.entries, "dim": args.dim, "reused": True}
     else:
         build = build_datastore(args, out, mix)
-    ds = Datastore.open(out, expect={"model_fingerprint": f"mixture-{args.seed}", "dim": args.dim})
+    ds = Datastore.open(out, expect={"model_fingerprint": f"mixture-{args.seed}", "dim": args.dim}, backend="faiss")
     calibration = ds.manifest["index"]["calibration"]
     if build.get("reused"):  # calibrated again with this code's rules (the index itself is the same)
         (calibration, wall, _) = timed(ds.calibrate, target=args.target_recall, ks=args.ks, seed=args.seed)
@@ -190,8 +219,9 @@ def main(argv=None) -> int:
     torch_exact = {"k": max(args.ks), "queries": args.queries, "queries_per_s": args.queries / wall,
                    "queries_per_cpu_s": args.queries / cpu}
     print(f"torch exact search (the ground truth; the no-faiss path): {torch_exact}", flush=True)
-    sweep_rows = sweep(ds, queries, truth, args)
-    rows = throughput(ds, mix, args, calibration)
+    sweep_rows = [] if args.no_sweep else sweep(ds, queries, truth, args)
+    rows = [] if args.no_sweep else throughput(ds, mix, args, calibration)
+    lists, scan_rows = scan_throughput(out, mix, args, calibration, queries, truth)
     peak = peak_rss_mib()
     crossing = {}
     for r in sweep_rows:
@@ -202,11 +232,14 @@ def main(argv=None) -> int:
     print()
     print(markdown_table(rows, ["k", "setting", "nprobe", "rerank", "batch", "index_queries_per_s", "exact_queries_per_s",
                                 "exact_queries_per_cpu_s", "recompute_ms_per_query", "exact_over_index_cpu"]))
+    print(markdown_table(scan_rows, ["k", "scan_nprobe", "scan_recall", "batch", "scan_queries_per_cpu_s",
+                                     "pq_queries_per_cpu_s", "pq_over_scan_cpu"]))
     print(f"\nbuild: {build}\ncrossing recall {args.target_recall}: {crossing}\npeak RSS {peak:,.0f} MiB")
     payload = {"shapes": {"entries": args.entries, "dim": args.dim, "queries": args.queries, "ks": args.ks},
                "faiss": knn_index.faiss_version(), "threads": args.threads, "build": build,
                "index": ds.manifest["index"], "calibration": calibration, "torch_exact": torch_exact, "sweep": sweep_rows,
-               "crossing": crossing, "throughput": rows, "peak_rss_mib": peak, "target_recall": args.target_recall,
+               "crossing": crossing, "throughput": rows,
+               "scan": {"lists": lists, "throughput": scan_rows}, "peak_rss_mib": peak, "target_recall": args.target_recall,
                # no paths of this machine in the committed JSON
                "command": " ".join(["python benchmarks/bench_knn.py", *(a if a not in (args.root, args.out) else "PATH"
                                                                          for a in (argv if argv is not None else sys.argv[1:]))])}

@@ -12,7 +12,8 @@ Models (random weights serve for timing):
 Methods (``--methods``): ``plain``; ``cache`` (W = 2000); ``mbpa`` (restricted, the default
 N = 128; K = 32, 5 steps, memory 2000); ``cache+mbpa``; ``mbpa-exact`` (every output row adapted,
 on ``--exact-tokens``); ``knn@K`` (kNN-LM with k = K over ``--datastore``, exact distances by
-default, ``--knn-distances``). The stream is Zipf-distributed token ids. Each method is timed on the
+default, ``--knn-distances``; the datastore's default search: the exact scan of the IVF lists where
+it fits in memory); ``knn-pq@K`` (the same over PQ codes + exact re-ranking, ``backend="faiss"``). The stream is Zipf-distributed token ids. Each method is timed on the
 same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
 time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
 
@@ -43,6 +44,7 @@ from lmmem.evaluation.sinks import GridSums  # noqa: E402
 from lmmem.evaluation.windows import BpttWindows  # noqa: E402
 from lmmem.experiments.paths import portable_command  # noqa: E402
 from lmmem.memories import CacheConfig, MbPAConfig  # noqa: E402
+from lmmem.memories.knn import Datastore  # noqa: E402
 
 
 def build_model(name: str, vocab: int):
@@ -61,7 +63,7 @@ def build_model(name: str, vocab: int):
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=1024, **size)).eval(), None
 
 
-def memories(method: str, args, datastore) -> MemorySet:
+def memories(method: str, args, stores: dict) -> MemorySet:
     cache = CacheMemory(CacheConfig(window=2000), [0.3], [0.1])
     mbpa = MbPAMemory(MbPAConfig(vocab=args.mbpa_vocab), [0.1])
     if method == "plain":
@@ -74,9 +76,10 @@ def memories(method: str, args, datastore) -> MemorySet:
         return MemorySet([cache, mbpa])
     if method == "mbpa-exact":
         return MemorySet([MbPAMemory(MbPAConfig(vocab=0), [0.1])])
-    if method.startswith("knn@"):
-        k = int(method[4:])
-        return MemorySet([KNNMemory(datastore, KNNVariants([k], [1.0]), [0.25], distances=args.knn_distances,
+    if method.startswith(("knn@", "knn-pq@")):
+        k = int(method.split("@")[1])
+        store = stores[method.split("@")[0]]
+        return MemorySet([KNNMemory(store, KNNVariants([k], [1.0]), [0.25], distances=args.knn_distances,
                                     nprobe=args.knn_nprobe)])
     raise SystemExit(f"unknown method {method}")
 
@@ -108,17 +111,18 @@ def main(argv=None) -> int:
     model = model.to(dev)
     adapter = adapter_for(model)
     bptt = bptt or args.window
-    datastore = None
+    datastore, stores = None, {}
     if args.datastore:
-        from lmmem.memories.knn import Datastore
-
         datastore = Datastore.open(args.datastore, expect={"dim": adapter.dim})
+        stores = {"knn": datastore, "knn-pq": Datastore.open(args.datastore, backend="faiss")}
+        for store in stores.values():  # untimed: read the index, build the scan's fp32 lists
+            store.search(torch.zeros(1, adapter.dim, device=dev), 1)
     rng = np.random.default_rng(0)
     prob = 1.0 / np.arange(1, vocab + 1) ** 1.1
     stream = rng.choice(vocab, size=max(args.tokens, args.exact_tokens) + 1, p=prob / prob.sum()).astype("<u4")
 
     def timed(method: str, tokens: np.ndarray):
-        mem = memories(method, args, datastore)
+        mem = memories(method, args, stores)
         groups = BpttWindows(tokens, batch_size=args.batch_size, bptt=bptt).groups()
         sums = GridSums(mem.grid.size, 1, device=dev, bucket_of_vocab=np.zeros(vocab, dtype=np.int64))
         if dev.type == "cuda":

@@ -9,7 +9,9 @@ For a query ``q`` (the hidden state the output layer reads) with retrieved neigh
 
 The paper's WikiText-103 setting: k = 1,024, T = 1, λ = 0.25, IVFPQ with 4,096 lists, 64-byte
 codes and 32 probes. Here an IVFPQ datastore's probes and exact re-ranking depth are instead
-calibrated when it is built, to find ≥ 90% of the exact neighbours (see ``knn_index.calibrate``);
+calibrated when it is built, to find ≥ 90% of the exact neighbours (see ``knn_index.calibrate``),
+and on a CPU with the memory for it a large-k search scans the probed lists exactly instead of
+reading PQ codes (``knn_scan``; faster at k = 1,024, and it needs no re-ranking);
 ``KNNConfig(nprobe=32, rerank=1, distances="index")`` is the paper's search. Everything here is in log space (``logsumexp``) and float64, so a temperature
 sweep with tiny T or a far neighbour never under- or overflows; a target no neighbour holds gets
 ``log p_kNN = −inf`` exactly (its mixture is then ``log(1 − λ) + log p_LM``).
@@ -49,8 +51,9 @@ class KNNConfig:
         "help": "IVF lists probed per query (IVFPQ datastores; default: the setting calibrated at build time for "
                 "recall ≥ 0.9 at this k; the paper used 32)"})
     rerank: int | None = field(default=None, metadata={
-        "help": "IVFPQ with exact distances: fetch rerank·max(k, 64) candidates (rerank ≥ 2), keep the k nearest by exact "
-                "distance (default: the calibrated setting; 1: no re-ranking, the paper's)"})
+        "help": "IVFPQ searched by its PQ codes with exact distances: fetch rerank·max(k, 64) candidates (rerank ≥ 2), "
+                "keep the k nearest by exact distance (default: the calibrated setting; 1: no re-ranking, the paper's; "
+                "an exact scan of the lists needs none)"})
 
     def __post_init__(self):
         if self.k < 1:

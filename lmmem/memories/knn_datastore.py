@@ -8,6 +8,13 @@ Each failure is one :class:`LmmemError` line naming the fix.
 Where a search runs (``backend="auto"``), per call, from the queries' device:
 
 * CPU queries: the FAISS index (IVFPQ from ``index.faiss``; Flat filled from the keys on first use).
+  An IVFPQ datastore searched with exact distances is scanned instead (``"scan"``,
+  :mod:`lmmem.memories.knn_scan`): the index's lists, every key of the probed ones at its exact
+  distance, one matmul per list for a whole batch of queries. It reaches the recall target at fewer
+  lists than PQ + re-ranking and several times its speed at large k, and holds the keys in fp32
+  (twice the keys file), so it is chosen while that takes at most ``SCAN_RAM_FRACTION`` of physical
+  memory, and for searches where its matmuls are large enough to pay for the loop over lists
+  (``k ≥ SCAN_MIN_K`` or keys ``≥ SCAN_MIN_DIM`` wide); ``backend="faiss"`` keeps PQ + re-ranking.
 * CUDA queries: FAISS's GPU build where installed (``faiss.get_num_gpus() > 0``; a GPU copy of the
   index, made once); otherwise the exact torch search on the GPU with the keys copied there once
   (fp16) when they take at most half its free memory (exact beats IVFPQ's recall, and a GPU
@@ -31,15 +38,20 @@ import numpy as np
 import torch
 
 from lmmem.errors import LmmemError
-from lmmem.memories import knn_index
+from lmmem.memories import knn_index, knn_scan
 from lmmem.memories.knn_store import (
     BUILD_FILE, FORMAT_VERSION, INDEX_FILE, KEYS_FILE, MANIFEST_FILE, VALUES_FILE, rebuild_hint, lock_path,
     staging_path)
 from lmmem.safety import FolderLock, recover_swap, retired_name
 
 DISTANCES = ("auto", "exact", "index")
-BACKENDS = ("auto", "faiss", "torch")
+BACKENDS = ("auto", "faiss", "scan", "torch")
 EXACT_RAM_FRACTION = 0.5  # distances="auto" recomputes exactly while keys.f16 ≤ this share of RAM
+SCAN_RAM_FRACTION = 0.25  # backend="auto" scans IVF lists exactly while their fp32 keys take ≤ this share of RAM
+# ... and for k ≥ SCAN_MIN_K or keys ≥ SCAN_MIN_DIM wide: below both, the per-list matmuls are too
+# small to pay for their loop (the benchmark at 1M × 64: the scan is 0.5–0.7× PQ's speed at k = 8)
+SCAN_MIN_K = 256
+SCAN_MIN_DIM = 512
 GPU_MAX_K = 2048  # FAISS's GPU search returns at most this many neighbours
 GPU_KEYS_FRACTION = 0.5  # the torch search copies the keys to a GPU while they take ≤ this share of its free memory
 
@@ -77,14 +89,16 @@ class Datastore:
         self._gpu_index: dict[str, tuple] = {}  # device → (index, its GPU resources)
         self._device_keys: dict[str, torch.Tensor] = {}
         self._device_values: dict[str, torch.Tensor] = {}
+        self._scan_lists: knn_scan.IVFLists | None = None
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path, *, expect: dict | None = None, backend: str = "auto") -> "Datastore":
         """Open the datastore folder ``path`` after the checks of the module docstring.
         ``expect``: manifest fields this use needs (e.g. ``model_fingerprint``, ``dim``); looked up
-        at the manifest's top level, then under ``built``. ``backend``: ``"auto"``, ``"faiss"`` or
-        ``"torch"`` (exact search everywhere)."""
+        at the manifest's top level, then under ``built``. ``backend``: ``"auto"``, ``"faiss"`` (the
+        index as built: PQ codes + re-ranking for IVFPQ), ``"scan"`` (IVFPQ: the exact scan of its
+        lists on CPU, whatever the memory) or ``"torch"`` (exact search everywhere)."""
         if backend not in BACKENDS:
             raise LmmemError(f"unknown datastore backend {backend!r}; choose {', '.join(BACKENDS)}")
         path = Path(path)
@@ -102,7 +116,8 @@ class Datastore:
         (N, k) int64), on the queries' device; past the stored count: (+inf, -1). ``nprobe`` and
         ``rerank`` (IVFPQ: fetch ``knn_index.candidates(k, rerank)``, keep the ``k`` nearest by exact distance)
         default to the values calibrated for this k when the datastore was built (its manifest's
-        ``index.calibration``; see ``knn_index.setting_for``)."""
+        ``index.calibration``; see ``knn_index.setting_for``; a scan uses its own calibrated nprobe,
+        ``knn_index.scan_setting_for``, and no re-ranking)."""
         dists, ids = self.search_ids(queries, k, distances=distances, nprobe=nprobe, rerank=rerank)
         return dists, self.values_of(ids)
 
@@ -120,9 +135,13 @@ class Datastore:
         if queries.shape[0] == 0:
             return torch.empty((0, k), device=dev), torch.empty((0, k), dtype=torch.int64, device=dev)
         exact = self.uses_exact_distances(distances)
-        where = self.search_plan(dev)
+        where = self.search_plan(dev, distances=distances, k=k)
         if where == "faiss-gpu" and k > GPU_MAX_K:
             where = "faiss"  # beyond what FAISS's GPU search returns: its CPU index
+        if where == "scan":
+            dists, ids = knn_scan.scan_search(self._lists(), queries, k,
+                                              nprobe or knn_index.scan_setting_for(self.manifest["index"], k))
+            return dists.to(dev), ids.to(dev)
         if where == "torch":
             dists, ids = knn_index.torch_exact_search(self._keys_for(dev), queries, k)
         else:
@@ -161,8 +180,9 @@ class Datastore:
             return distances == "exact"
         return self.keys.nbytes <= EXACT_RAM_FRACTION * _physical_memory()
 
-    def search_plan(self, device: torch.device | str = "cpu") -> str:
-        """Which search runs for queries on ``device``: ``"faiss"``, ``"faiss-gpu"`` or ``"torch"``."""
+    def search_plan(self, device: torch.device | str = "cpu", *, distances: str = "auto", k: int | None = None) -> str:
+        """Which search runs for ``k`` neighbours (None: an evaluation's default, 1,024) of queries on
+        ``device``: ``"faiss"``, ``"faiss-gpu"``, ``"scan"`` or ``"torch"``."""
         device = torch.device(device)
         if self._faiss is None:
             return "torch"
@@ -171,16 +191,25 @@ class Datastore:
                 return "faiss-gpu"
             if self.backend == "auto" and self._fits_on(device):
                 return "torch"
+        if self.index_type == "ivfpq" and (self.backend == "scan" or (
+                self.backend == "auto" and self.uses_exact_distances(distances)
+                and ((k or 1024) >= SCAN_MIN_K or self.dim >= SCAN_MIN_DIM) and (
+                    self._scan_lists is not None
+                    or knn_scan.scan_bytes(self.size, self.dim) <= SCAN_RAM_FRACTION * _physical_memory()))):
+            return "scan"
         return "faiss"
 
     def describe_search(self, device: torch.device | str = "cpu", *, distances: str = "auto",
                         nprobe: int | None = None) -> str:
         """One line for results files: what a search on ``device`` does."""
-        plan = self.search_plan(device)
+        plan = self.search_plan(device, distances=distances)
         exact = "exact distances" if self.uses_exact_distances(distances) else "index distances"
         if plan == "torch":
             return f"torch exact search over {self.size:,} keys on {torch.device(device).type}, {exact}"
         idx = self.manifest["index"]
+        if plan == "scan":
+            return (f"scan of IVF lists ({knn_index.faiss_version()} nlist {idx['nlist']}, nprobe "
+                    f"{nprobe or 'calibrated per k'}) over {self.size:,} fp32 keys, exact distances")
         shape = "Flat" if idx["type"] == "flat" else (
             f"IVFPQ nlist {idx['nlist']} m {idx['m']}×{idx['nbits']}b nprobe {nprobe or idx.get('nprobe')} "
             f"rerank {idx.get('rerank', 1)}")
@@ -204,6 +233,12 @@ class Datastore:
             self._device_keys[str(device)] = copy
         return self._device_keys.get(str(device), self.keys)
 
+    def _lists(self) -> knn_scan.IVFLists:
+        """The index's lists with their keys in fp32 (:func:`knn_scan.ivf_lists`), built on first use."""
+        if self._scan_lists is None:
+            self._scan_lists = knn_scan.ivf_lists(self._faiss_index(None), self.keys)
+        return self._scan_lists
+
     def _faiss_index(self, gpu: torch.device | None):
         if self._cpu_index is None:
             if self.index_type == "flat":
@@ -219,6 +254,7 @@ class Datastore:
     def close(self) -> None:
         """Drop the index, the device copies and the memmap."""
         self._cpu_index = None
+        self._scan_lists = None
         self._gpu_index.clear()
         self._device_keys.clear()
         self._device_values.clear()

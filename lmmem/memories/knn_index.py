@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from lmmem.errors import LmmemError
+from lmmem.memories import knn_scan
 from lmmem.progress import Progress
 
 FLAT_MAX_MACS = 2**26  # rows × dim up to which finish(index="auto") keeps the exact Flat index
@@ -340,7 +341,9 @@ def calibrate(index, keys: np.ndarray, *, target: float = 0.9, ks=CALIBRATION_KS
     codes scanned, ``nprobe/nlist · count · m``, plus the keys re-read, ``candidates · 6 · dim``
     (fp16 row and its fp32 copy). A k whose recall stops rising (by less than ``SATURATED`` over a
     doubling of nprobe) without reaching the target gets the cheapest setting within
-    ``RECALL_SLACK`` of the best recall seen, with ``met = False`` (not a scan of every list)."""
+    ``RECALL_SLACK`` of the best recall seen, with ``met = False`` (not a scan of every list).
+    Each k also gets ``scan_nprobe``: the nprobe at which the exact scan of the lists reaches the
+    target (:func:`knn_scan.calibrate_scan`, on the same queries and exact neighbours)."""
     count, dim = keys.shape
     ks = sorted({max(1, min(k, count - 1)) for k in ks})
     rows = torch.from_numpy(sample_rows(count, min(queries, count), seed + 1))
@@ -380,6 +383,8 @@ def calibrate(index, keys: np.ndarray, *, target: float = 0.9, ks=CALIBRATION_KS
             reachable = max(t[3] for t in tried[k])
             chosen = min(t for t in tried[k] if t[3] >= reachable - RECALL_SLACK)
         by_k[str(k)] = {"nprobe": chosen[1], "rerank": chosen[2], "recall": round(chosen[3], 4), "met": k in best}
+    for k, scan in knn_scan.calibrate_scan(knn_scan.ivf_lists(index), q, truth, ks, target).items():
+        by_k[str(k)].update(scan_nprobe=scan["nprobe"], scan_recall=scan["recall"])
     top = by_k[str(ks[-1])]
     return {"nprobe": top["nprobe"], "rerank": top["rerank"], "target": target, "met": all(v["met"] for v in by_k.values()),
             "queries": len(rows), "by_k": by_k}
@@ -394,6 +399,19 @@ def setting_for(index_record: dict, k: int) -> tuple[int | None, int]:
     ks = sorted(int(c) for c in by_k)
     pick = next((c for c in ks if c >= k), ks[-1])
     return by_k[str(pick)]["nprobe"], by_k[str(pick)]["rerank"]
+
+
+def scan_setting_for(index_record: dict, k: int) -> int | None:
+    """The nprobe an exact scan of the lists (:mod:`knn_scan`) uses for ``k`` by default: the
+    calibrated ``scan_nprobe`` of the smallest calibrated k ≥ ``k``; for a datastore calibrated
+    before scans existed, the IVFPQ setting's nprobe, whose recall the scan matches or beats (it
+    finds every neighbour in the lists that re-ranking draws its candidates from)."""
+    by_k = (index_record.get("calibration") or {}).get("by_k") or {}
+    if not by_k:
+        return index_record.get("nprobe")
+    ks = sorted(int(c) for c in by_k)
+    pick = by_k[str(next((c for c in ks if c >= k), ks[-1]))]
+    return pick.get("scan_nprobe", pick["nprobe"])
 
 
 def _drop_own(ids: torch.Tensor, own: torch.Tensor) -> torch.Tensor:

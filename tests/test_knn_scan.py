@@ -1,0 +1,106 @@
+"""The exact scan of an IVFPQ datastore's lists (lmmem.memories.knn_scan) against a float64 brute
+force, its recall model against its own searches, and where Datastore routes to it (issue 20)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmmem.memories import knn_index, knn_scan
+from lmmem.memories import knn_datastore
+from lmmem.memories.knn import Datastore
+from test_knn import brute_force, build, clustered
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def ivfpq_store(tmp_path, keys, *, nlist=16, **options):
+    values = torch.randint(0, 97, (len(keys),), generator=torch.Generator().manual_seed(5))
+    return Datastore.open(build(tmp_path / "ds", keys, values, index="ivfpq", nlist=nlist, m=1, chunk=500,
+                                recall_ks=(8, 64), **options))
+
+
+@pytest.mark.parametrize("n, dim, nq, k, block", [(1237, 37, 53, 17, None), (1237, 37, 20, 3, 2), (250, 6, 9, 300, 1),
+                                                  (600, 11, 31, 64, 5)])
+def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, n, dim, nq, k, block):
+    """nprobe = nlist: every key at its exact distance. Odd shapes; k below the list sizes (the
+    per-list top-k), above the count (padding); blocks of a few queries; repeated keys (ties);
+    queries that are stored keys (distance 0)."""
+    g = torch.Generator().manual_seed(n + dim)
+    keys = clustered(n, dim, clusters=9, seed=n)
+    keys[n // 2:n // 2 + 7] = keys[3]  # repeated keys: tied distances
+    ds = ivfpq_store(tmp_path, keys)
+    if block is not None:
+        monkeypatch.setattr(knn_scan, "SCAN_ELEMENTS", block * 16 * max(1, min(k, n)))
+    queries = torch.cat([keys[:4].half().float(), keys[5:5 + nq - 4] + 0.2 * torch.randn(nq - 4, dim, generator=g)])
+    lists = ds._lists()
+    d, ids = knn_scan.scan_search(lists, queries, k, lists.nlist)
+    ref_d, _ = brute_force(keys, queries, k)
+    kk = ref_d.shape[1]
+    torch.testing.assert_close(d[:, :kk].double(), ref_d, rtol=1e-5, atol=1e-4)
+    assert (d[:, kk:] == float("inf")).all() and (ids[:, kk:] == -1).all()
+    # each returned id is at the distance reported (ties may pick other ids than the reference)
+    true_d = ((queries.double()[:, None, :] - keys.half().double()[ids[:, :kk]]) ** 2).sum(-1)
+    torch.testing.assert_close(d[:, :kk].double(), true_d, rtol=1e-5, atol=1e-4)
+    assert all(len(set(row.tolist())) == kk for row in ids[:, :kk])  # no id twice
+    assert (d[:4, 0] < 1e-4).all()
+
+
+def test_scan_recall_is_what_the_scan_finds(tmp_path):
+    """scan_recall (from the lists that hold the exact neighbours) equals the share of them each
+    nprobe's search returns, and it falls short of 1 at small nprobe (the check can fail)."""
+    keys = clustered(3000, 16, clusters=40, seed=2, spread=2.0)  # overlapping clusters: lists split neighbourhoods
+    ds = ivfpq_store(tmp_path, keys, nlist=32)
+    queries = keys[:60] + 0.3 * torch.randn(60, 16, generator=torch.Generator().manual_seed(1))
+    _, truth = brute_force(keys, queries, 50)
+    lists = ds._lists()
+    seen = []
+    for nprobe in (1, 2, 4, 32):
+        _, ids = knn_scan.scan_search(lists, queries, 50, nprobe)
+        found = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, truth)) / truth.numel()
+        assert knn_scan.scan_recall(lists, queries, truth, nprobe) == pytest.approx(found, abs=1e-12)
+        seen.append(found)
+    assert seen[0] < 0.9 and seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_calibration_records_the_scan_nprobe(tmp_path):
+    keys = clustered(3000, 16, clusters=40, seed=4)
+    ds = ivfpq_store(tmp_path, keys, nlist=32)
+    by_k = ds.manifest["index"]["calibration"]["by_k"]
+    for k in ("8", "64"):
+        assert by_k[k]["scan_recall"] >= 0.9 + knn_scan.SCAN_MARGIN
+        assert by_k[k]["scan_nprobe"] in knn_scan.scan_nprobes(32)
+        assert knn_index.scan_setting_for(ds.manifest["index"], int(k)) == by_k[k]["scan_nprobe"]
+    smaller = [n for n in knn_scan.scan_nprobes(32) if n < by_k["64"]["scan_nprobe"]]
+    if smaller:  # the next smaller nprobe misses the goal: the calibration takes the smallest that meets it
+        lists = ds._lists()
+        rows = torch.from_numpy(knn_index.sample_rows(len(keys), 256, 1))
+        q = keys[rows].half().float()
+        truth = knn_index._drop_own(knn_index.torch_exact_search(ds.keys, q, 65)[1], rows.unsqueeze(1))
+        assert knn_scan.scan_recall(lists, q, truth[:, :64], smaller[-1]) < 0.9 + knn_scan.SCAN_MARGIN
+    # a datastore calibrated before scans existed: the IVFPQ nprobe (the scan's recall there is at least as high)
+    old = {"nprobe": 5, "calibration": {"by_k": {"64": {"nprobe": 12, "rerank": 4}}}}
+    assert knn_index.scan_setting_for(old, 8) == 12 and knn_index.scan_setting_for({"nprobe": 5}, 8) == 5
+
+
+def test_search_routing_to_the_scan(tmp_path, monkeypatch):
+    keys = clustered(2000, 8, clusters=20, seed=6)
+    ds = ivfpq_store(tmp_path, keys)
+    assert ds.search_plan("cpu") == "scan" and "scan of IVF lists" in ds.describe_search("cpu")
+    assert ds.search_plan("cpu", k=1024) == "scan" and ds.search_plan("cpu", k=64) == "faiss"  # small k, narrow keys
+    assert ds.search_plan("cpu", distances="index") == "faiss"  # PQ distances asked for: the index
+    assert Datastore.open(tmp_path / "ds", backend="faiss").search_plan("cpu") == "faiss"
+    monkeypatch.setattr(knn_datastore, "SCAN_RAM_FRACTION", 0.0)  # fp32 keys too large for RAM: PQ + re-ranking
+    fresh = Datastore.open(tmp_path / "ds")
+    assert fresh.search_plan("cpu") == "faiss"
+    assert Datastore.open(tmp_path / "ds", backend="scan").search_plan("cpu", distances="index") == "scan"
+    # the scan and PQ + re-ranking at the same nprobe: the scan finds at least as many exact neighbours
+    queries = keys[:40] + 0.3 * torch.randn(40, 8, generator=torch.Generator().manual_seed(3))
+    _, truth = brute_force(keys, queries, 64)
+    recall = {}
+    for backend in ("scan", "faiss"):
+        _, ids = Datastore.open(tmp_path / "ds", backend=backend).search_ids(queries, 64, nprobe=2, rerank=2)
+        recall[backend] = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, truth)) / truth.numel()
+    assert recall["scan"] >= recall["faiss"]
+    dists, values = ds.search(queries, 64, nprobe=2)
+    assert values.dtype == torch.int64 and dists.shape == (40, 64) and (dists[:, 1:] >= dists[:, :-1]).all()
