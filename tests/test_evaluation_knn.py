@@ -115,6 +115,7 @@ def test_datastore_cli_tune_and_bad_datastores(small_corpus, tmp_path):
     out = json.loads((tmp_path / "e.json").read_text())
     assert set(out["methods"]) == {"plain", "+knn"} and "+knn" in out["tuned"]["choice"] and "λ_knn" in proc.stdout
     assert out["datastore"]["count"] == 2000  # --max-tokens 2000: the first 2,001 tokens, 2,000 targets
+    assert "over 2,000 keys, exact distances" in out["datastore"]["search"]  # what the search did, in the results
     other = _checkpoint(small_corpus, tmp_path / "other.pt")  # another model, same vocabulary
     bad = knn_eval(other, "--knn", tmp_path / "ds", "--max-tokens", "50", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "model_fingerprint" in bad.stderr, bad.stderr

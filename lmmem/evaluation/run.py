@@ -113,7 +113,10 @@ class Evaluation:
         tuned, rows = (choose(self, methods, knn, grid) if grid is not None else (None, untuned_rows(methods, knn)))
         reports, meta = self._score(methods, knn, rows, tuned, word_probs)
         if knn is not None:
-            meta["datastore"] = {"path": str(knn.datastore.path), "count": knn.datastore.size, "index": knn.datastore.index_type}
+            store, cfg = knn.datastore, knn.config
+            meta["datastore"] = {"path": str(store.path), "count": store.size, "index": store.index_type,
+                                 "search": store.describe_search(self.adapter.device, distances=cfg.distances,
+                                                                 nprobe=cfg.nprobe, k=cfg.k)}
         meta["seconds"] = round(time.monotonic() - t0, 3)
         return EvaluationResult(reports, meta, name=self._display_name())
 

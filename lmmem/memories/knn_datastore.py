@@ -200,9 +200,9 @@ class Datastore:
         return "faiss"
 
     def describe_search(self, device: torch.device | str = "cpu", *, distances: str = "auto",
-                        nprobe: int | None = None) -> str:
-        """One line for results files: what a search on ``device`` does."""
-        plan = self.search_plan(device, distances=distances)
+                        nprobe: int | None = None, k: int | None = None) -> str:
+        """One line for results files: what a search for ``k`` neighbours on ``device`` does."""
+        plan = self.search_plan(device, distances=distances, k=k)
         exact = "exact distances" if self.uses_exact_distances(distances) else "index distances"
         if plan == "torch":
             return f"torch exact search over {self.size:,} keys on {torch.device(device).type}, {exact}"
