@@ -351,9 +351,10 @@ def render_tables(summary: dict) -> str:
                       "| method | word ppl | " + " | ".join(f"{b} ppl" for b in buckets) + " |" + (" per seed |" if len(seeds) > 1 else ""),
                       "|---|" + "---:|" * (len(buckets) + 1) + ("---:|" if len(seeds) > 1 else "")]
 
-            def mean(method, key=None):
+            def mean(method, key=None, among=None):
+                """Geometric mean over the runs that have ``among`` (default: ``method``)."""
                 vals = [r["methods"][method]["word_perplexity"] if key is None else r["methods"][method]["buckets"][key]
-                        for r in runs if method in r["methods"]]
+                        for r in runs if (among or method) in r["methods"]]
                 if any(v is None for v in vals):  # a bucket without words
                     return None
                 return math.exp(sum(math.log(v) for v in vals) / len(vals))
@@ -367,10 +368,10 @@ def render_tables(summary: dict) -> str:
                 if not any(method in r["methods"] for r in runs):
                     continue
                 if lost:
-                    label += f" (diverged in seed {', '.join(map(str, lost))}; mean of the others)"
+                    label += f" (diverged in seed {', '.join(map(str, lost))}; mean of the others, change from their base)"
                 cells = []
                 for key in [None, *buckets]:
-                    v, base = mean(method, key), mean("plain", key)
+                    v, base = mean(method, key), mean("plain", key, among=method)  # the same seeds' base
                     cells.append("–" if v is None else _fmt(v) if method == "plain"
                                  else f"{_fmt(v)} ({100 * (v / base - 1):+.1f}%)")
                 if len(seeds) > 1:
