@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmmem.errors import LmmemError
 from lmmem.memories import knn_index, knn_scan
 from lmmem.memories import knn_datastore
 from lmmem.memories.knn import Datastore
@@ -104,3 +105,27 @@ def test_search_routing_to_the_scan(tmp_path, monkeypatch):
     assert recall["scan"] >= recall["faiss"]
     dists, values = ds.search(queries, 64, nprobe=2)
     assert values.dtype == torch.int64 and dists.shape == (40, 64) and (dists[:, 1:] >= dists[:, :-1]).all()
+
+
+def test_recalibrate_gives_an_older_datastore_its_scan_nprobe(tmp_path):
+    """A manifest calibrated before the scan existed (no scan_nprobe): the scan uses the PQ nprobe;
+    recalibrate() stores the scan's own, in place, and leaves the rest of the manifest as it was."""
+    import json
+
+    keys = clustered(3000, 16, clusters=40, seed=4)
+    ds = ivfpq_store(tmp_path, keys, nlist=32)
+    path = tmp_path / "ds" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for v in manifest["index"]["calibration"]["by_k"].values():
+        v.pop("scan_nprobe"), v.pop("scan_recall")
+    path.write_text(json.dumps(manifest))
+    old = Datastore.open(tmp_path / "ds")
+    assert knn_index.scan_setting_for(old.manifest["index"], 64) == manifest["index"]["calibration"]["by_k"]["64"]["nprobe"]
+    cal = old.recalibrate(ks=(8, 64))
+    again = json.loads(path.read_text())
+    assert again["index"]["calibration"]["by_k"]["64"]["scan_nprobe"] == cal["by_k"]["64"]["scan_nprobe"]
+    assert Datastore.open(tmp_path / "ds").manifest == old.manifest == again
+    assert {k: v for k, v in again.items() if k != "index"} == {k: v for k, v in manifest.items() if k != "index"}
+    assert (tmp_path / "ds" / "keys.f16").read_bytes() == ds.keys.tobytes()
+    with pytest.raises(LmmemError, match="Flat search is exact"):
+        Datastore.open(build(tmp_path / "flat", keys[:100], torch.zeros(100, dtype=torch.long))).recalibrate()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from lmmem.errors import LmmemError
+from lmmem.jsonio import write_json
 from lmmem.memories import knn_index, knn_scan
 from lmmem.memories.knn_store import (
     BUILD_FILE, FORMAT_VERSION, INDEX_FILE, KEYS_FILE, MANIFEST_FILE, VALUES_FILE, rebuild_hint, lock_path,
@@ -166,6 +168,21 @@ class Datastore:
             raise LmmemError(f"{self.path}: calibration is for IVFPQ datastores searched with faiss (this one: "
                              f"{self.index_type}, {'faiss' if self._faiss else 'no faiss'}); Flat search is exact")
         return knn_index.calibrate(self._faiss_index(None), self.keys, target=target, ks=ks, queries=queries, seed=seed)
+
+    def recalibrate(self, *, target: float = 0.9, ks=knn_index.CALIBRATION_KS, seed: int = 0) -> dict:
+        """Calibrate again (:meth:`calibrate`) and store the result as the manifest's defaults, in
+        place: for a datastore built before the scan of the lists existed, which then gets its
+        own nprobe per k without rebuilding the index. The manifest is rewritten atomically under
+        the datastore's build lock (refused while a build of this folder runs); nothing else changes."""
+        t0 = time.perf_counter()
+        calibration = self.calibrate(target=target, ks=ks, seed=seed)
+        calibration["seconds"] = round(time.perf_counter() - t0, 3)
+        with FolderLock(lock_path(self.path), f"datastore {self.path}"):
+            manifest = _read_manifest(self.path)
+            manifest["index"].update(nprobe=calibration["nprobe"], rerank=calibration["rerank"], calibration=calibration)
+            write_json(manifest, self.path / MANIFEST_FILE, what="the datastore manifest")
+        self.manifest = manifest
+        return calibration
 
     def values_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The stored token of each row id (int64, on ``ids``' device); -1 for -1."""
