@@ -10,8 +10,8 @@ Where a search runs (``backend="auto"``), per call, from the queries' device:
 * CPU queries: the FAISS index (IVFPQ from ``index.faiss``; Flat filled from the keys on first use).
   An IVFPQ datastore searched with exact distances is scanned instead (``"scan"``,
   :mod:`lmmem.memories.knn_scan`): the index's lists, every key of the probed ones at its exact
-  distance, one matmul per list for a whole batch of queries. It reaches the recall target at fewer
-  lists than PQ + re-ranking and several times its speed at large k, and holds the keys in fp32
+  distance, one matmul per list for a whole batch of queries. At the same nprobe it finds at least
+  as many of the exact neighbours as PQ + re-ranking, several times faster at large k; it holds the keys in fp32
   (twice the keys file), so it is chosen while that takes at most ``SCAN_RAM_FRACTION`` of physical
   memory, and for searches where its matmuls are large enough to pay for the loop over lists
   (``k ≥ SCAN_MIN_K`` or keys ``≥ SCAN_MIN_DIM`` wide); ``backend="faiss"`` keeps PQ + re-ranking.
