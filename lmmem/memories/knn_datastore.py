@@ -11,10 +11,11 @@ Where a search runs (``backend="auto"``), per call, from the queries' device:
   An IVFPQ datastore searched with exact distances is scanned instead (``"scan"``,
   :mod:`lmmem.memories.knn_scan`): the index's lists, every key of the probed ones at its exact
   distance, one matmul per list for a whole batch of queries. At the same nprobe it finds at least
-  as many of the exact neighbours as PQ + re-ranking, several times faster at large k; it holds the keys in fp32
-  (twice the keys file), so it is chosen while that takes at most ``SCAN_RAM_FRACTION`` of physical
-  memory, and for searches where its matmuls are large enough to pay for the loop over lists
-  (``k ≥ SCAN_MIN_K`` or keys ``≥ SCAN_MIN_DIM`` wide); ``backend="faiss"`` keeps PQ + re-ranking.
+  as many of the exact neighbours as PQ + re-ranking, several times faster at large k. It holds the
+  keys in fp32 (twice the keys file), so it is chosen while that takes at most ``SCAN_RAM_FRACTION``
+  of physical memory, and for searches where its matmuls are large enough to pay for the loop over
+  lists (``k ≥ SCAN_MIN_K`` or keys ``≥ SCAN_MIN_DIM`` wide); ``backend="faiss"`` keeps PQ +
+  re-ranking.
 * CUDA queries: FAISS's GPU build where installed (``faiss.get_num_gpus() > 0``; a GPU copy of the
   index, made once); otherwise the exact torch search on the GPU with the keys copied there once
   (fp16) when they take at most half its free memory (exact beats IVFPQ's recall, and a GPU
