@@ -390,15 +390,22 @@ def calibrate(index, keys: np.ndarray, *, target: float = 0.9, ks=CALIBRATION_KS
             "queries": len(rows), "by_k": by_k}
 
 
+def _calibrated_for(index_record: dict, k: int) -> dict | None:
+    """The calibration entry of the smallest calibrated k ≥ ``k`` (the largest one beyond); None uncalibrated."""
+    by_k = (index_record.get("calibration") or {}).get("by_k") or {}
+    if not by_k:
+        return None
+    ks = sorted(int(c) for c in by_k)
+    return by_k[str(next((c for c in ks if c >= k), ks[-1]))]
+
+
 def setting_for(index_record: dict, k: int) -> tuple[int | None, int]:
     """(nprobe, rerank) a search for ``k`` neighbours uses by default: the calibrated setting of the
     smallest calibrated k ≥ ``k`` (the largest one beyond), else the index's own ``nprobe``, rerank 1."""
-    by_k = (index_record.get("calibration") or {}).get("by_k") or {}
-    if not by_k:
+    pick = _calibrated_for(index_record, k)
+    if pick is None:
         return index_record.get("nprobe"), index_record.get("rerank", 1)
-    ks = sorted(int(c) for c in by_k)
-    pick = next((c for c in ks if c >= k), ks[-1])
-    return by_k[str(pick)]["nprobe"], by_k[str(pick)]["rerank"]
+    return pick["nprobe"], pick["rerank"]
 
 
 def scan_setting_for(index_record: dict, k: int) -> int | None:
@@ -406,11 +413,9 @@ def scan_setting_for(index_record: dict, k: int) -> int | None:
     calibrated ``scan_nprobe`` of the smallest calibrated k ≥ ``k``; for a datastore calibrated
     before scans existed, the IVFPQ setting's nprobe, whose recall the scan matches or beats (it
     finds every neighbour in the lists that re-ranking draws its candidates from)."""
-    by_k = (index_record.get("calibration") or {}).get("by_k") or {}
-    if not by_k:
+    pick = _calibrated_for(index_record, k)
+    if pick is None:
         return index_record.get("nprobe")
-    ks = sorted(int(c) for c in by_k)
-    pick = by_k[str(next((c for c in ks if c >= k), ks[-1]))]
     return pick.get("scan_nprobe", pick["nprobe"])
 
 
