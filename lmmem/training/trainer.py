@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import signal
 import sys
 import time
@@ -230,7 +231,11 @@ def validate_and_keep_best(run: Run) -> float | None:
     if run.metrics is not None:
         run.metrics.write({"step": p.step, "val_loss": val, "val_ppl": math.exp(min(val, 700)), "best": improved})
     if run.ctx.is_main:
-        tqdm.write(f"step {p.step}: valid loss {val:.4f}, ppl {math.exp(min(val, 700)):.2f}{' (best)' if improved else ''}")
+        line = f"step {p.step}: valid loss {val:.4f}, ppl {math.exp(min(val, 700)):.2f}{' (best)' if improved else ''}"
+        if _use_bar(run):
+            tqdm.write(line)  # above the live bar
+        else:
+            print(line, flush=True)  # no bar to keep clear: no need for tqdm's cross-process lock
     if improved:
         save(run, run.best_path)
     run.last_val = val
@@ -299,7 +304,13 @@ def stop_on_signals():
         if flag["stop"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flag["stop"] = True
-        tqdm.write("stopping after this step: saving a checkpoint (Ctrl-C again to abort without saving)")
+        # os.write, not tqdm.write or print: a handler must take no lock. The signal can land while
+        # this thread holds the stream's lock, and tqdm's lock is shared across fork (a process
+        # killed while holding it once left a sibling waiting here forever).
+        try:
+            os.write(2, b"\nstopping after this step: saving a checkpoint (Ctrl-C again to abort without saving)\n")
+        except OSError:
+            pass
 
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
