@@ -32,7 +32,7 @@ def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, n, dim, nq
     keys[n // 2:n // 2 + 7] = keys[3]  # repeated keys: tied distances
     ds = ivfpq_store(tmp_path, keys)
     if block is not None:
-        monkeypatch.setattr(knn_scan, "SCAN_ELEMENTS", block * 16 * max(1, min(k, n)))
+        monkeypatch.setattr(knn_scan, "SCAN_ELEMENTS", block * knn_scan.BLOCK_COLUMNS * k)
     queries = torch.cat([keys[:4].half().float(), keys[5:5 + nq - 4] + 0.2 * torch.randn(nq - 4, dim, generator=g)])
     lists = ds._lists()
     d, ids = knn_scan.scan_search(lists, queries, k, lists.nlist)
@@ -45,6 +45,33 @@ def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, n, dim, nq
     torch.testing.assert_close(d[:, :kk].double(), true_d, rtol=1e-5, atol=1e-4)
     assert all(len(set(row.tolist())) == kk for row in ids[:, :kk])  # no id twice
     assert (d[:4, 0] < 1e-4).all()
+
+
+@pytest.mark.parametrize("first_pass, room", [(4, None), (1, None), (1, 1)])
+def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, room):
+    """k ≥ TWO_PASS_MIN_K: pass 1's τ from the nearest lists, pass 2 keeps only keys within it. With
+    overlapping clusters many true neighbours lie outside pass 1's lists (pass 2 must find them);
+    FIRST_PASS = 1 loosens τ, and a survivor room of one column makes the table grow many times."""
+    keys = clustered(4001, 9, clusters=30, seed=8, spread=2.0)
+    ds = ivfpq_store(tmp_path, keys, nlist=16)
+    monkeypatch.setattr(knn_scan, "FIRST_PASS", first_pass)
+    if room is not None:
+        real_full = torch.full
+        monkeypatch.setattr(knn_scan.torch, "full", lambda size, *a, **kw: real_full(
+            (size[0], room) if len(size) == 2 and size[1] == 2 * 256 else size, *a, **kw))
+    kept = []
+    real_survivors = knn_scan._survivors
+    monkeypatch.setattr(knn_scan, "_survivors", lambda *a: (kept.append(len(r)) or (w, x, y, r, j, dd)
+                                                            for w, x, y, r, j, dd in real_survivors(*a)))
+    queries = keys[:37] + 0.5 * torch.randn(37, 9, generator=torch.Generator().manual_seed(9))
+    lists = ds._lists()
+    d, ids = knn_scan.scan_search(lists, queries, 256, lists.nlist)
+    ref_d, _ = brute_force(keys, queries, 256)
+    torch.testing.assert_close(d.double(), ref_d, rtol=1e-5, atol=1e-4)
+    true_d = ((queries.double()[:, None, :] - keys.half().double()[ids]) ** 2).sum(-1)
+    torch.testing.assert_close(d.double(), true_d, rtol=1e-5, atol=1e-4)
+    assert all(len(set(row.tolist())) == 256 for row in ids)
+    assert sum(kept) > 256  # pass 2 found neighbours outside pass 1's lists
 
 
 def test_scan_recall_is_what_the_scan_finds(tmp_path):

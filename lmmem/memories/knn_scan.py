@@ -16,8 +16,11 @@ one matmul, so a list is read once per block instead of once per query, at matmu
   the rounding of the expanded form scales with the squared distances to the centroid, not with
   ``|x|²`` (LM hidden states have large offsets, and ``d ≪ |x|²`` is where the plain expanded form
   loses its digits). The keys are the stored fp16 ones converted to fp32, as everywhere else.
+* **Selection** (k ≥ ``TWO_PASS_MIN_K``). Two passes, so the final top-k does not run over every
+  probed key: the nearest lists first, whose k-th distance ``τ`` bounds the true k-th from above,
+  then the rest, keeping only keys within ``τ`` (see :func:`_scan_block`). The result is the same.
 * **Memory.** The keys in fp32 in list order (``count · dim · 4`` bytes: 3 GB at 1M × 768, twice the
-  keys file) plus one block's candidate table (``SCAN_ELEMENTS`` floats); built once, on first use.
+  keys file) plus one block's candidate table (a few k columns a query); built once, on first use.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ import torch
 
 READ_CHUNK_ROWS = 65_536  # keys converted to fp32 at a time while the lists are built (as knn_index fills an index)
 SCAN_MARGIN = 0.02  # recall above the target the calibration asks of stored keys (see calibrate_scan)
-SCAN_ELEMENTS = 2**26  # candidate-table entries (fp32 distance + int32 position: 512 MB) a block of queries holds at most
+SCAN_ELEMENTS = 2**26  # candidate-table entries (fp32 distance + int32 position: 512 MB) a block of queries is sized for
+BLOCK_COLUMNS = 16  # a block is sized for BLOCK_COLUMNS · k candidates a query (it holds ~5k in pass 1, ~2k after)
+FIRST_PASS = 4  # pass 1 scans a query's nearest lists until they hold FIRST_PASS · k keys (see _scan_block)
+TWO_PASS_MIN_K = 256  # below it one pass over every probed list is faster (two loops over the lists cost more)
 
 
 @dataclass
@@ -114,25 +120,85 @@ def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int) -> 
     if n == 0:
         return out_d, out_i
     probed = probe(lists, q, nprobe)
-    kept = (lists.starts[1:] - lists.starts[:-1]).clamp(max=k)  # a list gives a query at most k candidates
-    rows = max(1, SCAN_ELEMENTS // max(probed.shape[1] * int(kept[probed].max()), 1))
+    rows = max(1, SCAN_ELEMENTS // (BLOCK_COLUMNS * max(k, 1)))
     for s in range(0, n, rows):
-        d, i = _scan_block(lists, q[s:s + rows], probed[s:s + rows], kept, k)
+        d, i = _scan_block(lists, q[s:s + rows], probed[s:s + rows], k)
         out_d[s:s + rows, :d.shape[1]] = d
         out_i[s:s + rows, :d.shape[1]] = i
     return out_d, out_i
 
 
-def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, kept: torch.Tensor, k: int):
-    """One block: a ``(queries, nprobe, run)`` candidate table, one run of columns per (query,
-    probed list), filled list by list (one matmul each, rows copied whole), then one top-k per query."""
+def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, k: int):
+    """One block of queries in two passes over the lists they probe (each list's queries in one
+    matmul). Pass 1 scans each query's nearest lists until they hold ``FIRST_PASS · k`` keys; the
+    ``k``-th smallest distance among them, ``τ``, bounds the ``k``-th smallest among all probed
+    lists from above. Pass 2 scans the other probed lists and keeps only the keys within ``τ``
+    (ties included), which every true neighbour is. The final top-k then runs over pass 1's top-k
+    and the few keys that beat ``τ`` instead of over every probed key (~56,000 a query at k = 1,024
+    over 1M keys), and no table of every candidate is filled. Below ``TWO_PASS_MIN_K`` every probed
+    list is in pass 1."""
     b, nprobe = probed.shape
-    run = int(kept[probed].max())
-    pair_list, order = torch.sort(probed.reshape(-1), stable=True)  # pairs grouped by list
-    query_of, slot_of = order // nprobe, order % nprobe
+    sizes = lists.starts[1:] - lists.starts[:-1]
+    kept = sizes.clamp(max=k)[probed]  # (b, nprobe): keys a probed list can contribute (top-k of a longer list)
+    offset = kept.cumsum(1) - kept  # each slot's first column in its query's pass-1 row
+    first = offset < FIRST_PASS * k  # pass-1 slots: the nearest lists until they hold FIRST_PASS · k keys
+    if k < TWO_PASS_MIN_K:  # small k: every list in pass 1 (a table of nprobe · k columns is small)
+        first = torch.ones_like(first)
     where_dtype = torch.int64 if len(lists.ids) >= 2**31 else torch.int32  # positions: half the bytes
-    table = torch.full((b, nprobe, run), math.inf)
-    where = torch.full((b, nprobe, run), -1, dtype=where_dtype)
+    width = int((kept * first).sum(1).max())
+    dist = torch.full((b, width), math.inf)
+    where = torch.full((b, width), -1, dtype=where_dtype)
+    for who, slot, a, e, d in _list_distances(lists, q, probed, first):
+        if e - a > k:
+            d, pos = torch.topk(d, k, dim=1, largest=False, sorted=False)
+            pos = (pos + a).to(where_dtype)
+        else:
+            pos = torch.arange(a, e, dtype=where_dtype).expand(len(who), -1)
+        cols = offset[who, slot][:, None] + torch.arange(d.shape[1])
+        dist[who[:, None], cols] = d
+        where[who[:, None], cols] = pos
+    top = min(k, width)
+    d1, col = torch.topk(dist, top, dim=1, largest=False, sorted=False)
+    # τ: finite for every query with pass-2 lists (its pass-1 lists hold ≥ FIRST_PASS · k keys)
+    tau = d1.amax(1)
+    dist = torch.cat([d1, torch.full((b, 2 * top), math.inf)], 1)  # pass 1's top-k, then room for survivors
+    where = torch.cat([torch.gather(where, 1, col), torch.full((b, 2 * top), -1, dtype=where_dtype)], 1)
+    used = torch.full((b,), top, dtype=torch.int64)
+    for who, a, e, r, j, dd in _survivors(lists, q, probed, ~first, tau):
+        per_row = torch.bincount(r, minlength=len(who))
+        at = used[who][r] + torch.arange(len(r)) - (per_row.cumsum(0) - per_row)[r]
+        need = int(at.max()) + 1
+        if need > dist.shape[1]:  # more survivors than room: at least double it
+            grow = max(need, 2 * dist.shape[1]) - dist.shape[1]
+            dist = torch.cat([dist, torch.full((b, grow), math.inf)], 1)
+            where = torch.cat([where, torch.full((b, grow), -1, dtype=where_dtype)], 1)
+        dist[who[r], at] = dd
+        where[who[r], at] = (j + a).to(where_dtype)
+        used[who] += per_row
+    width = int(used.max())
+    d, col = torch.topk(dist[:, :width], min(k, width), dim=1, largest=False)
+    pos = torch.gather(where[:, :width], 1, col)
+    ids = torch.where(pos >= 0, lists.ids[pos.clamp_min(0).long()], -1)
+    return d.clamp_min_(0), ids
+
+
+def _survivors(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, pairs: torch.Tensor, tau: torch.Tensor):
+    """Pass 2: per list probed by a selected pair, the keys within ``τ`` of each query probing it:
+    ``who``, ``a``, ``e`` as :func:`_list_distances`, then (row in ``who``, column in the list,
+    exact distance) of each, row-major."""
+    for who, _, a, e, d in _list_distances(lists, q, probed, pairs):
+        r, j = (d <= tau[who, None]).nonzero(as_tuple=True)  # row-major: each row's survivors in column order
+        if len(r):
+            yield who, a, e, r, j, d[r, j]
+
+
+def _list_distances(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, pairs: torch.Tensor):
+    """For each list probed by a (query, slot) pair that ``pairs`` ``(b, nprobe)`` selects: the
+    queries probing it and their slots, its position range ``a:e``, and their exact squared
+    distances to its keys ``(queries, e − a)``."""
+    qi, si = pairs.nonzero(as_tuple=True)
+    pair_list, order = torch.sort(probed[qi, si], stable=True)  # pairs grouped by list
+    query_of, slot_of = qi[order], si[order]
     lists_here, pairs_per_list = torch.unique_consecutive(pair_list, return_counts=True)
     starts = lists.starts.tolist()
     at = 0
@@ -145,17 +211,7 @@ def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, kept: to
         qc = q[who] - lists.centroids[l]
         d = torch.addmm(lists.norms[a:e].unsqueeze(0), qc, lists.residuals[a:e].t(), alpha=-2.0)
         d += (qc * qc).sum(1, keepdim=True)
-        if e - a > k:
-            d, pos = torch.topk(d, k, dim=1, largest=False, sorted=False)
-            where[who, slot, :k] = (pos + a).to(where_dtype)
-        else:
-            where[who, slot, :e - a] = torch.arange(a, e, dtype=where_dtype)
-        table[who, slot, :d.shape[1]] = d
-    top = min(k, nprobe * run)
-    d, col = torch.topk(table.view(b, -1), top, dim=1, largest=False)
-    pos = torch.gather(where.view(b, -1), 1, col)
-    ids = torch.where(pos >= 0, lists.ids[pos.clamp_min(0).long()], -1)
-    return d.clamp_min_(0), ids
+        yield who, slot, a, e, d
 
 
 def scan_recall(lists: IVFLists, queries: torch.Tensor, truth: torch.Tensor, nprobe: int) -> float:
