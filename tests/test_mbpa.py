@@ -125,3 +125,21 @@ def test_restricted_mbpa_in_the_scoring_loop_is_close_to_exact():
 def test_config_names_the_bad_value(bad, match):
     with pytest.raises(ValueError, match=match):
         MbPAConfig(**bad)
+
+
+@pytest.mark.parametrize("shape, k", [((3, 7, 50), 4), ((11, 9), 9), ((5, 40), 1), ((2, 6), 8)])
+def test_nearest_breaks_ties_at_the_kth_by_lowest_index(shape, k):
+    """MbPA's neighbour search: the k smallest with ties at the k-th value taken by lowest index
+    (machine-independent, unlike torch.topk's order among equal values), against a stable sort;
+    the rows are mostly ties (integer distances), so the rule is exercised."""
+    from lmmem.memories.mbpa import nearest
+
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    d = torch.randint(0, 4, shape, generator=g).double()
+    d[..., -1] = float("inf")  # a disallowed slot
+    vals, idx = nearest(d, k)
+    ref_vals, ref_idx = torch.sort(d, dim=-1, stable=True)
+    kk = min(k, shape[-1])
+    assert torch.equal(vals, ref_vals[..., :kk])
+    assert torch.equal(idx.sort(-1).values, ref_idx[..., :kk].sort(-1).values)  # the same entries
+    assert torch.equal(d.gather(-1, idx), vals)

@@ -146,6 +146,31 @@ def adapted_log_probs(
     return torch.log_softmax(torch.baddbmm(zq[:, None, :], hq[:, None, :], A)[:, 0], -1)
 
 
+def nearest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest entries of each row of ``d`` ``(..., M)``, smallest first: (values,
+    indices). Where the k-th value ties with the next, the tied entries of lowest index (the oldest
+    stored pairs) are kept: ``torch.topk`` picks among equal values differently on different CPUs,
+    and a model's states repeat exactly where its inputs do, so without a rule the neighbours (and
+    the perplexity) would depend on the machine."""
+    k = min(k, d.shape[-1])
+    if k == d.shape[-1]:
+        return torch.topk(d, k, dim=-1, largest=False)
+    vals, idx = torch.topk(d, k + 1, dim=-1, largest=False)
+    vals, idx = vals.contiguous(), idx.contiguous()
+    tie = (vals[..., k] == vals[..., k - 1]).reshape(-1)
+    if tie.any():
+        rows = tie.nonzero()[:, 0]
+        sub = d.reshape(-1, d.shape[-1])[rows]
+        kth = vals.reshape(-1, k + 1)[rows, k - 1, None]
+        equal = sub == kth
+        take = (sub < kth) | (equal & (equal.cumsum(1) <= k - (sub < kth).sum(1, keepdim=True)))
+        pick = take.nonzero()[:, 1].view(-1, k)  # the kept entries, in index order
+        order = torch.sort(sub.gather(1, pick), dim=1, stable=True).indices  # smallest first, ties by index
+        vals.view(-1, k + 1)[rows, :k] = sub.gather(1, pick.gather(1, order))
+        idx.view(-1, k + 1)[rows, :k] = pick.gather(1, order)
+    return vals[..., :k], idx[..., :k]
+
+
 TOP_N_CLASSES = 16  # interleaved column classes of _top_n
 
 
@@ -283,7 +308,7 @@ class MbPA:
         d2 = hn[..., None] + kn[:, None, :] - 2 * torch.bmm(h, cand_k.transpose(1, 2))
         d2 = d2.clamp_min_(0).masked_fill_(~allowed, float("inf"))
         k = min(cfg.k, d2.shape[-1])
-        dist, idx = torch.topk(d2, k, dim=-1, largest=False)  # (B, T, k)
+        dist, idx = nearest(d2, k)  # (B, T, k)
         B, T = targets.shape
         bi = torch.arange(B, device=h.device)[:, None, None]
         keys = cand_k[bi, idx]  # (B, T, k, D)
@@ -359,7 +384,7 @@ def mbpa_reference(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Te
             mem_k, mem_v = hidden[lo:t], targets[lo:t]
             d2 = ((mem_k - h) ** 2).sum(-1)
             k = min(cfg.k, len(d2))
-            dist, idx = torch.topk(d2, k, largest=False)
+            dist, idx = nearest(d2, k)
             nk, nv, w = mem_k[idx], mem_v[idx], 1.0 / (cfg.eps + dist)
             mask = None
             if cfg.vocab > 0:  # only the candidate rows move
