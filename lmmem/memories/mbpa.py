@@ -148,10 +148,10 @@ def adapted_log_probs(
 
 def nearest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` smallest entries of each row of ``d`` ``(..., M)``, smallest first: (values,
-    indices). Where the k-th value ties with the next, the tied entries of lowest index (the oldest
-    stored pairs) are kept: ``torch.topk`` picks among equal values differently on different CPUs,
-    and a model's states repeat exactly where its inputs do, so without a rule the neighbours (and
-    the perplexity) would depend on the machine."""
+    indices). Where the k-th value ties with the next, the tied entries of lowest index (memory
+    slot: a fixed rule, not an age) are kept. ``torch.topk`` picks among equal values differently
+    on different CPUs, and a model's states repeat exactly where its inputs do, so without a rule
+    the neighbours (and the perplexity) would depend on the machine."""
     k = min(k, d.shape[-1])
     if k == d.shape[-1]:
         return torch.topk(d, k, dim=-1, largest=False)
