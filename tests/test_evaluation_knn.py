@@ -103,6 +103,22 @@ def test_interpolation_in_log_space_against_brute_force(small_corpus, tmp_path):
     assert checked == 120 and res.reports["+knn"].params["knn"]["k"] == k
 
 
+def test_recall_k_calibrates_above_1024_and_evaluation_names_an_uncalibrated_k(small_corpus, tmp_path):
+    """--recall-k: the k an IVFPQ build calibrates for (a bad list: one line, exit 2, before the
+    model loads); evaluating with a larger k says so in one line and in the results."""
+    bad = build(tmp_path / "no-model", "--out", tmp_path / "x", "--recall-k", "8,0", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--recall-k" in bad.stderr, bad.stderr
+    ckpt = trained_lstm(small_corpus, tmp_path / "run")
+    build(ckpt, "--split", "train", "--out", tmp_path / "ds", "--max-tokens", "3000", "--index", "ivfpq",
+          "--recall-k", "4,8")
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert sorted(map(int, manifest["index"]["calibration"]["by_k"])) == [4, 8]
+    proc = knn_eval(ckpt, "--knn", tmp_path / "ds", "--knn-k", "16", "--max-tokens", "100", "--json", tmp_path / "e.json")
+    note = json.loads((tmp_path / "e.json").read_text())["datastore"]["calibration_note"]
+    assert "k = 16 is above the largest k" in note and "--recall-k 4,8,16" in note
+    assert note in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_datastore_cli_tune_and_bad_datastores(small_corpus, tmp_path):
     """`lmmem datastore` + `evaluate.py --knn DS --tune`; then every datastore that must not be used

@@ -498,3 +498,22 @@ def test_calibration_of_an_index_that_cannot_reach_the_target(tmp_path):
     assert ds.calibrate(target=0.5, ks=(8,))["by_k"]["8"]["met"]
     with pytest.raises(LmmemError, match="Flat search is exact"):
         Datastore.open(build(tmp_path / "flat", keys[:100], values[:100])).calibrate()
+
+
+def test_a_k_above_the_calibrated_ones_is_named_and_can_be_calibrated(tmp_path):
+    """k above every calibrated k: the search would reuse the largest one's setting with unmeasured
+    recall, so the datastore names it in one line with the command that calibrates it; after
+    recalibrate(ks=...) the note is gone and the new k has a setting of its own."""
+    keys = clustered(3000, 16, clusters=40, seed=3)
+    values = torch.randint(0, 97, (3000,), generator=torch.Generator().manual_seed(2))
+    ds = Datastore.open(build(tmp_path / "ds", keys, values, index="ivfpq", nlist=32, m=1, recall_ks=(8,)))
+    assert knn_index.calibrated_ks(ds.manifest["index"]) == [8]
+    assert ds.calibration_note(8) is None and ds.calibration_note(5) is None
+    note = ds.calibration_note(200)
+    assert "\n" not in note and "above the largest k" in note and "recalibrate(ks=(8,200,))" in note
+    assert "--recall-k 8,200" in note
+    ds.recalibrate(ks=(8, 200))
+    assert ds.calibration_note(200) is None and knn_index.calibrated_ks(ds.manifest["index"]) == [8, 200]
+    assert knn_index.setting_for(ds.manifest["index"], 200) != (None, 1)
+    flat = Datastore.open(build(tmp_path / "flat", keys, values))
+    assert flat.calibration_note(10_000) is None  # exact search: nothing to calibrate

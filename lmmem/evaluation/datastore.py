@@ -25,6 +25,7 @@ from lmmem.evaluation.config import EvalConfig
 from lmmem.evaluation.knn import identity
 from lmmem.evaluation.run import Evaluation
 from lmmem.evaluation.windows import total_steps
+from lmmem.memories.knn_index import CALIBRATION_KS
 from lmmem.output_layers.base import IGNORE_INDEX
 from lmmem.validation import check_flags
 
@@ -39,6 +40,20 @@ class DatastoreConfig:
         "choices": INDEX_KINDS})
     overwrite: bool = field(default=False, metadata={"help": "replace a complete datastore already at --out"})
     resume: bool = field(default=True, metadata={"help": "continue an interrupted build of the same command (--no-resume: start over)"})
+    recall_k: str = field(default=",".join(map(str, CALIBRATION_KS)), metadata={
+        "help": "the k values an IVFPQ index is calibrated for (the nprobe that finds 90%% of the exact neighbours at each): "
+                "include the largest --knn-k you will evaluate with"})
+
+
+def recall_ks(text: str) -> tuple[int, ...]:
+    """``--recall-k``: positive whole numbers separated by commas."""
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise LmmemError(f"--recall-k takes positive whole numbers separated by commas (e.g. 8,64,1024,2048), got {text!r}")
+    return tuple(ks)
 
 
 @dataclass
@@ -67,7 +82,7 @@ def build_datastore(ev: Evaluation, cfg: DatastoreConfig, *, command: str | None
         if writer.rows_done:
             ev.log(f"resuming the datastore build: {writer.rows_done:,} of {rows:,} rows already written")
         _walk(adapter, groups, writer, skip=writer.rows_done)
-        return writer.finish(cfg.index, info={"batches": total_steps(groups)})
+        return writer.finish(cfg.index, info={"batches": total_steps(groups)}, recall_ks=recall_ks(cfg.recall_k))
     finally:
         writer.close()
 
@@ -119,6 +134,7 @@ def main(argv=None) -> int:
     cfg = dataclass_from_args(DatastoreConfig, args, args._dests["ds"])
     if not cfg.out:
         raise LmmemError("give --out DS, the datastore folder to write")
+    recall_ks(cfg.recall_k)  # before the model loads
     config = dataclass_from_args(DatastoreTextConfig, args, args._dests["eval"])
     ev = Evaluation(args.model, data=args.data, config=config, progress=True)
     print(f"datastore of {ev.header()}", flush=True)

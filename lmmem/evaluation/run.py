@@ -107,6 +107,10 @@ class Evaluation:
         t0 = time.monotonic()
         self._check_methods(methods)
         knn = self._open_datastore(methods.knn) if methods.knn is not None else None
+        largest_k = max([knn.config.k, *((tune or TuneGrid()).knn_ks or ())]) if knn else 0
+        note = knn.datastore.calibration_note(largest_k) if knn else None
+        if note:
+            self.log(note)
         grid = tune or (TuneGrid() if self.config.tune else None)
         if grid is not None and not methods.any:
             raise LmmemError("--tune needs --cache, --mbpa, --knn and/or --dynamic")
@@ -117,6 +121,8 @@ class Evaluation:
             meta["datastore"] = {"path": str(store.path), "count": store.size, "index": store.index_type,
                                  "search": store.describe_search(self.adapter.device, distances=cfg.distances,
                                                                  nprobe=cfg.nprobe, k=cfg.k)}
+            if note:
+                meta["datastore"]["calibration_note"] = note
         meta["seconds"] = round(time.monotonic() - t0, 3)
         return EvaluationResult(reports, meta, name=self._display_name())
 

@@ -185,6 +185,18 @@ class Datastore:
         self.manifest = manifest
         return calibration
 
+    def calibration_note(self, k: int) -> str | None:
+        """One line when a search for ``k`` neighbours would use the setting calibrated for a
+        smaller k (an IVFPQ datastore; its recall at ``k`` is then not measured), else None."""
+        ks = knn_index.calibrated_ks(self.manifest["index"]) if self.index_type == "ivfpq" else []
+        if not ks or k <= ks[-1]:
+            return None
+        grid = ",".join(map(str, sorted({*ks, k})))
+        return (f"kNN k = {k:,} is above the largest k {self.path} was calibrated for ({ks[-1]:,}): its searches use that "
+                f"k's setting, whose recall at {k:,} is not measured; calibrate it in place with python -c \"from "
+                f"lmmem.memories.knn import Datastore; Datastore.open('{self.path}').recalibrate(ks=({grid},))\" "
+                f"(or build it with --recall-k {grid})")
+
     def values_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The stored token of each row id (int64, on ``ids``' device); -1 for -1."""
         values = self._device_values.get(str(ids.device))

@@ -390,13 +390,17 @@ def calibrate(index, keys: np.ndarray, *, target: float = 0.9, ks=CALIBRATION_KS
             "queries": len(rows), "by_k": by_k}
 
 
+def calibrated_ks(index_record: dict) -> list[int]:
+    """The k values an index's build (or ``Datastore.recalibrate``) calibrated it for, ascending."""
+    return sorted(int(c) for c in ((index_record.get("calibration") or {}).get("by_k") or {}))
+
+
 def _calibrated_for(index_record: dict, k: int) -> dict | None:
     """The calibration entry of the smallest calibrated k ≥ ``k`` (the largest one beyond); None uncalibrated."""
-    by_k = (index_record.get("calibration") or {}).get("by_k") or {}
-    if not by_k:
+    ks = calibrated_ks(index_record)
+    if not ks:
         return None
-    ks = sorted(int(c) for c in by_k)
-    return by_k[str(next((c for c in ks if c >= k), ks[-1]))]
+    return index_record["calibration"]["by_k"][str(next((c for c in ks if c >= k), ks[-1]))]
 
 
 def setting_for(index_record: dict, k: int) -> tuple[int | None, int]:
