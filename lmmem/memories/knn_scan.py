@@ -34,7 +34,7 @@ import torch
 READ_CHUNK_ROWS = 65_536  # keys converted to fp32 at a time while the lists are built (as knn_index fills an index)
 SCAN_MARGIN = 0.02  # recall above the target the calibration asks of stored keys (see calibrate_scan)
 SCAN_ELEMENTS = 2**26  # candidate-table entries (fp32 distance + int32 position: 512 MB) a block of queries is sized for
-BLOCK_COLUMNS = 16  # a block is sized for BLOCK_COLUMNS · k candidates a query (it holds ~5k in pass 1, ~2k after)
+BLOCK_COLUMNS = 16  # a block is sized for BLOCK_COLUMNS · k candidates a query (it holds ~5k in pass 1, fewer after)
 FIRST_PASS = 4  # pass 1 scans a query's nearest lists until they hold FIRST_PASS · k keys (see _scan_block)
 TWO_PASS_MIN_K = 256  # below it one pass over every probed list is faster (two loops over the lists cost more)
 
@@ -161,25 +161,31 @@ def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, k: int):
     d1, col = torch.topk(dist, top, dim=1, largest=False, sorted=False)
     # τ: finite for every query with pass-2 lists (its pass-1 lists hold ≥ FIRST_PASS · k keys)
     tau = d1.amax(1)
-    dist = torch.cat([d1, torch.full((b, 2 * top), math.inf)], 1)  # pass 1's top-k, then room for survivors
-    where = torch.cat([torch.gather(where, 1, col), torch.full((b, 2 * top), -1, dtype=where_dtype)], 1)
-    used = torch.full((b,), top, dtype=torch.int64)
-    for who, a, e, r, j, dd in _survivors(lists, q, probed, ~first, tau):
-        per_row = torch.bincount(r, minlength=len(who))
-        at = used[who][r] + torch.arange(len(r)) - (per_row.cumsum(0) - per_row)[r]
-        need = int(at.max()) + 1
-        if need > dist.shape[1]:  # more survivors than room: at least double it
-            grow = max(need, 2 * dist.shape[1]) - dist.shape[1]
-            dist = torch.cat([dist, torch.full((b, grow), math.inf)], 1)
-            where = torch.cat([where, torch.full((b, grow), -1, dtype=where_dtype)], 1)
-        dist[who[r], at] = dd
-        where[who[r], at] = (j + a).to(where_dtype)
-        used[who] += per_row
-    width = int(used.max())
-    d, col = torch.topk(dist[:, :width], min(k, width), dim=1, largest=False)
-    pos = torch.gather(where[:, :width], 1, col)
+    survivors = [(who[r], dd, j + a) for who, a, e, r, j, dd in _survivors(lists, q, probed, ~first, tau)]
+    dist, where = _with_survivors(d1, torch.gather(where, 1, col), survivors)
+    d, col = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False)
+    pos = torch.gather(where, 1, col)
     ids = torch.where(pos >= 0, lists.ids[pos.clamp_min(0).long()], -1)
     return d.clamp_min_(0), ids
+
+
+def _with_survivors(d1: torch.Tensor, w1: torch.Tensor, survivors: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's row: pass 1's top-k (``d1``, ``w1``), then its pass-2 survivors (``survivors``:
+    (query, distance, position) triples per list), +inf / -1 after them; written once, grouped by query."""
+    if not survivors:
+        return d1, w1
+    b, top = d1.shape
+    who, dd, pos = (torch.cat(part) for part in zip(*survivors))
+    order = torch.argsort(who, stable=True)
+    who, dd, pos = who[order], dd[order], pos[order]
+    per_query = torch.bincount(who, minlength=b)
+    col = top + torch.arange(len(who)) - (per_query.cumsum(0) - per_query)[who]
+    width = top + int(per_query.max())
+    dist = torch.full((b, width), math.inf)
+    where = torch.full((b, width), -1, dtype=w1.dtype)
+    dist[:, :top], where[:, :top] = d1, w1
+    dist[who, col], where[who, col] = dd, pos.to(w1.dtype)
+    return dist, where
 
 
 def _survivors(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, pairs: torch.Tensor, tau: torch.Tensor):
