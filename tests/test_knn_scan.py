@@ -47,14 +47,19 @@ def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, n, dim, nq
     assert (d[:4, 0] < 1e-4).all()
 
 
-@pytest.mark.parametrize("first_pass", [4, 1])
-def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass):
+@pytest.mark.parametrize("first_pass, merge_every", [(4, 1.0), (1, 1.0), (1, 0.01)])
+def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, merge_every):
     """k ≥ TWO_PASS_MIN_K: pass 1's τ from the nearest lists, pass 2 keeps only keys within it. With
     overlapping clusters many true neighbours lie outside pass 1's lists (pass 2 must find them);
-    FIRST_PASS = 1 loosens τ, so that queries have many survivors, in different numbers."""
+    FIRST_PASS = 1 loosens τ, so that queries have many survivors, in different numbers; a small
+    MERGE_EVERY merges them into the running top-k (tightening τ) after nearly every list."""
     keys = clustered(4001, 9, clusters=30, seed=8, spread=2.0)
     ds = ivfpq_store(tmp_path, keys, nlist=16)
     monkeypatch.setattr(knn_scan, "FIRST_PASS", first_pass)
+    monkeypatch.setattr(knn_scan, "MERGE_EVERY", merge_every)
+    merges = []
+    real_top = knn_scan._top
+    monkeypatch.setattr(knn_scan, "_top", lambda *a, **kw: merges.append(1) or real_top(*a, **kw))
     kept = []
     real_survivors = knn_scan._survivors
     monkeypatch.setattr(knn_scan, "_survivors", lambda *a: (kept.append(len(r)) or (w, x, y, r, j, dd)
@@ -68,6 +73,7 @@ def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass):
     torch.testing.assert_close(d.double(), true_d, rtol=1e-5, atol=1e-4)
     assert all(len(set(row.tolist())) == 256 for row in ids)
     assert sum(kept) > 256  # pass 2 found neighbours outside pass 1's lists
+    assert (len(merges) > 3) == (merge_every < 1)
 
 
 def test_scan_recall_is_what_the_scan_finds(tmp_path):

@@ -36,6 +36,7 @@ SCAN_MARGIN = 0.02  # recall above the target the calibration asks of stored key
 SCAN_ELEMENTS = 2**26  # candidate-table entries (fp32 distance + int32 position: 512 MB) a block of queries is sized for
 BLOCK_COLUMNS = 16  # a block is sized for BLOCK_COLUMNS · k candidates a query (it holds ~5k in pass 1, fewer after)
 FIRST_PASS = 4  # pass 1 scans a query's nearest lists until they hold FIRST_PASS · k keys (see _scan_block)
+MERGE_EVERY = 1.0  # pass-2 survivors held before they are merged into the top-k, in units of the block's b · k
 TWO_PASS_MIN_K = 256  # below it one pass over every probed list is faster (two loops over the lists cost more)
 
 
@@ -161,12 +162,24 @@ def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, k: int):
     d1, col = torch.topk(dist, top, dim=1, largest=False, sorted=False)
     # τ: finite for every query with pass-2 lists (its pass-1 lists hold ≥ FIRST_PASS · k keys)
     tau = d1.amax(1)
-    survivors = [(who[r], dd, j + a) for who, a, e, r, j, dd in _survivors(lists, q, probed, ~first, tau)]
-    dist, where = _with_survivors(d1, torch.gather(where, 1, col), survivors)
+    w1, survivors, held = torch.gather(where, 1, col), [], 0
+    for who, a, e, r, j, dd in _survivors(lists, q, probed, ~first, tau):
+        survivors.append((who[r], dd, j + a))
+        held += len(r)
+        if held >= MERGE_EVERY * b * top:  # merge into the running top-k: bounded memory, τ tightens for the lists left
+            d1, w1 = _top(*_with_survivors(d1, w1, survivors), top, sorted=False)
+            tau.copy_(d1.amax(1))
+            survivors, held = [], 0
+    dist, where = _with_survivors(d1, w1, survivors)
     d, col = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False)
     pos = torch.gather(where, 1, col)
     ids = torch.where(pos >= 0, lists.ids[pos.clamp_min(0).long()], -1)
     return d.clamp_min_(0), ids
+
+
+def _top(dist: torch.Tensor, where: torch.Tensor, k: int, *, sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    d, col = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False, sorted=sorted)
+    return d, torch.gather(where, 1, col)
 
 
 def _with_survivors(d1: torch.Tensor, w1: torch.Tensor, survivors: list) -> tuple[torch.Tensor, torch.Tensor]:
