@@ -47,16 +47,21 @@ def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, n, dim, nq
     assert (d[:4, 0] < 1e-4).all()
 
 
-@pytest.mark.parametrize("first_pass, merge_every", [(4, 1.0), (1, 1.0), (1, 0.01)])
-def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, merge_every):
+@pytest.mark.parametrize("first_pass, merge_every, elements", [(4, 1.0, None), (1, 1.0, None), (1, 0.01, None),
+                                                                (1, 1.0, 37 * 256)])
+def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, merge_every, elements):
     """k ≥ TWO_PASS_MIN_K: pass 1's τ from the nearest lists, pass 2 keeps only keys within it. With
     overlapping clusters many true neighbours lie outside pass 1's lists (pass 2 must find them);
     FIRST_PASS = 1 loosens τ, so that queries have many survivors, in different numbers; a small
-    MERGE_EVERY merges them into the running top-k (tightening τ) after nearly every list."""
+    MERGE_EVERY merges them into the running top-k (tightening τ) after nearly every list; a small
+    SCAN_ELEMENTS merges them in chunks of a few queries."""
     keys = clustered(4001, 9, clusters=30, seed=8, spread=2.0)
     ds = ivfpq_store(tmp_path, keys, nlist=16)
     monkeypatch.setattr(knn_scan, "FIRST_PASS", first_pass)
     monkeypatch.setattr(knn_scan, "MERGE_EVERY", merge_every)
+    if elements:  # one block of every query, and merge tables of a few queries each
+        monkeypatch.setattr(knn_scan, "SCAN_ELEMENTS", elements)
+        monkeypatch.setattr(knn_scan, "BLOCK_COLUMNS", 1)
     merges = []
     real_top = knn_scan._top
     monkeypatch.setattr(knn_scan, "_top", lambda *a, **kw: merges.append(1) or real_top(*a, **kw))
@@ -73,7 +78,7 @@ def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, mer
     torch.testing.assert_close(d.double(), true_d, rtol=1e-5, atol=1e-4)
     assert all(len(set(row.tolist())) == 256 for row in ids)
     assert sum(kept) > 256  # pass 2 found neighbours outside pass 1's lists
-    assert (len(merges) > 3) == (merge_every < 1)
+    assert (len(merges) > 3) == (merge_every < 1 or elements is not None)  # merges, or chunks of a merge
 
 
 def test_scan_recall_is_what_the_scan_finds(tmp_path):

@@ -167,12 +167,10 @@ def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, k: int):
         survivors.append((who[r], dd, j + a))
         held += len(r)
         if held >= MERGE_EVERY * b * top:  # merge into the running top-k: bounded memory, τ tightens for the lists left
-            d1, w1 = _top(*_with_survivors(d1, w1, survivors), top, sorted=False)
+            d1, w1 = _merge(d1, w1, survivors, top, sorted=False)
             tau.copy_(d1.amax(1))
             survivors, held = [], 0
-    dist, where = _with_survivors(d1, w1, survivors)
-    d, col = torch.topk(dist, min(k, dist.shape[1]), dim=1, largest=False)
-    pos = torch.gather(where, 1, col)
+    d, pos = _merge(d1, w1, survivors, k, sorted=True)
     ids = torch.where(pos >= 0, lists.ids[pos.clamp_min(0).long()], -1)
     return d.clamp_min_(0), ids
 
@@ -182,23 +180,33 @@ def _top(dist: torch.Tensor, where: torch.Tensor, k: int, *, sorted: bool) -> tu
     return d, torch.gather(where, 1, col)
 
 
-def _with_survivors(d1: torch.Tensor, w1: torch.Tensor, survivors: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's row: pass 1's top-k (``d1``, ``w1``), then its pass-2 survivors (``survivors``:
-    (query, distance, position) triples per list), +inf / -1 after them; written once, grouped by query."""
+def _merge(d1: torch.Tensor, w1: torch.Tensor, survivors: list, k: int, *, sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest of each query's running top-k (``d1``, ``w1``) and its pass-2 survivors
+    (``survivors``: (query, distance, position) per list): one table per chunk of queries, each
+    query's row its top-k then its survivors, at most ``SCAN_ELEMENTS`` entries (a query far from
+    every key can have tens of thousands of survivors)."""
     if not survivors:
-        return d1, w1
+        return _top(d1, w1, k, sorted=sorted)
     b, top = d1.shape
     who, dd, pos = (torch.cat(part) for part in zip(*survivors))
     order = torch.argsort(who, stable=True)
-    who, dd, pos = who[order], dd[order], pos[order]
+    who, dd, pos = who[order], dd[order], pos[order].to(w1.dtype)
     per_query = torch.bincount(who, minlength=b)
-    col = top + torch.arange(len(who)) - (per_query.cumsum(0) - per_query)[who]
-    width = top + int(per_query.max())
-    dist = torch.full((b, width), math.inf)
-    where = torch.full((b, width), -1, dtype=w1.dtype)
-    dist[:, :top], where[:, :top] = d1, w1
-    dist[who, col], where[who, col] = dd, pos.to(w1.dtype)
-    return dist, where
+    first = per_query.cumsum(0) - per_query  # each query's first survivor in the sorted arrays
+    col = top + torch.arange(len(who)) - first[who]
+    rows = max(1, SCAN_ELEMENTS // (top + int(per_query.max())))
+    out_d, out_w = [], []
+    for lo in range(0, b, rows):
+        hi = min(b, lo + rows)
+        a, e = int(first[lo]), int(first[hi - 1] + per_query[hi - 1])
+        dist = torch.full((hi - lo, top + int(per_query[lo:hi].max())), math.inf)
+        where = torch.full(dist.shape, -1, dtype=w1.dtype)
+        dist[:, :top], where[:, :top] = d1[lo:hi], w1[lo:hi]
+        dist[who[a:e] - lo, col[a:e]], where[who[a:e] - lo, col[a:e]] = dd[a:e], pos[a:e]
+        d, w = _top(dist, where, k, sorted=sorted)
+        out_d.append(d)
+        out_w.append(w)
+    return torch.cat(out_d), torch.cat(out_w)
 
 
 def _survivors(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, pairs: torch.Tensor, tau: torch.Tensor):
