@@ -44,6 +44,9 @@ class DatastoreConfig:
         "help": "the k values an IVFPQ index is calibrated for (the nprobe that finds 90%% of the exact neighbours at each): "
                 "include the largest --knn-k you will evaluate with"})
 
+    def __post_init__(self):
+        recall_ks(self.recall_k)  # a bad list fails here, before any model loads
+
 
 def recall_ks(text: str) -> tuple[int, ...]:
     """``--recall-k``: positive whole numbers separated by commas."""
@@ -134,7 +137,6 @@ def main(argv=None) -> int:
     cfg = dataclass_from_args(DatastoreConfig, args, args._dests["ds"])
     if not cfg.out:
         raise LmmemError("give --out DS, the datastore folder to write")
-    recall_ks(cfg.recall_k)  # before the model loads
     config = dataclass_from_args(DatastoreTextConfig, args, args._dests["eval"])
     ev = Evaluation(args.model, data=args.data, config=config, progress=True)
     print(f"datastore of {ev.header()}", flush=True)

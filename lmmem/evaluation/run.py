@@ -107,10 +107,11 @@ class Evaluation:
         t0 = time.monotonic()
         self._check_methods(methods)
         knn = self._open_datastore(methods.knn) if methods.knn is not None else None
-        largest_k = max([knn.config.k, *((tune or TuneGrid()).knn_ks or ())]) if knn else 0
-        note = knn.datastore.calibration_note(largest_k) if knn else None
-        if note:
-            self.log(note)
+        note = None
+        if knn is not None:  # a k above every calibrated one: say so before the (long) scoring
+            note = knn.datastore.calibration_note(max([knn.config.k, *((tune or TuneGrid()).knn_ks or ())]))
+            if note:
+                self.log(note)
         grid = tune or (TuneGrid() if self.config.tune else None)
         if grid is not None and not methods.any:
             raise LmmemError("--tune needs --cache, --mbpa, --knn and/or --dynamic")

@@ -156,7 +156,6 @@ def nearest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k == d.shape[-1]:
         return torch.topk(d, k, dim=-1, largest=False)
     vals, idx = torch.topk(d, k + 1, dim=-1, largest=False)
-    vals, idx = vals.contiguous(), idx.contiguous()
     tie = (vals[..., k] == vals[..., k - 1]).reshape(-1)
     if tie.any():
         rows = tie.nonzero()[:, 0]
