@@ -82,6 +82,7 @@ RULES: dict[str, Rule] = {
     "output_dropout": unit_interval("a dropout probability", hi_open=True),
     "hebbian_gamma": unit_interval("the Hebbian mixing rate is a fraction of the row that is replaced"),
     "hebbian_T": Rule(lo=-1, why="the smoothing limit counts occurrences; 0: the rows learn from gradients only; -1: the rule's default"),
+    "hebbian_T_later": Rule(lo=-1, why="the later passes' smoothing limit counts occurrences; 0: no writes after the first pass; -1: the rule's default"),
     "hebbian_mean_decay": unit_interval("the running mean's decay per step", hi_open=True),
     "hebbian_start_step": Rule(lo=-1, why="optimizer steps before the rule starts; -1: the rule's default"),
     # train.py: optimisation

@@ -193,6 +193,8 @@ def test_a_run_saved_before_the_option_resumes_and_is_reused_as_it_was_trained(t
         # today's default ("auto" = the rule's, "scale") is not what the run was trained with
         assert run_state(out, TrainConfig(out=str(out), softmax=softmax, **tiny)) == "new"
         assert run_state(out, TrainConfig(out=str(out), softmax=softmax, hebbian_write_momentum="scale", **tiny)) == "new"
+        train(resume_config(out, {"max_steps": 5}))  # and it resumes: its model_config lacks the option too
+        assert load_checkpoint(out / "last.pt")["model_config"]["softmax_options"]["write_momentum"] == "keep"
 
 
 def test_an_hf_head_saved_before_the_option_loads_as_it_was_trained(tmp_path):

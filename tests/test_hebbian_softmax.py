@@ -20,7 +20,7 @@ from lmmem.output_layers import OUTPUT_LAYERS, FullSoftmax, HebbianSoftmax, buil
 
 D, V = 5, 11
 # the layer's persistent state besides weight and bias
-RULE_STATE = {"counts", "activation_mean", "running_row_norm", "updates"}
+RULE_STATE = {"counts", "activation_mean", "running_row_norm", "updates", "passes"}
 
 
 def layer64(**kw) -> HebbianSoftmax:

@@ -220,7 +220,7 @@ def test_save_pretrained_from_pretrained_round_trip(arch, tmp_path, caplog):
     assert (head2.weight is loaded.get_input_embeddings().weight) == (arch == "gpt2")
     # a head applied with default options saves the T in effect (a later default does not change it)
     from lmmem.hf.patch import CONFIG_KEY
-    assert getattr(apply_hebbian_softmax(tiny(arch)).config, CONFIG_KEY)["options"] == {"smoothing_limit": 100, "write_momentum": "scale"}
+    assert getattr(apply_hebbian_softmax(tiny(arch)).config, CONFIG_KEY)["options"] == {"smoothing_limit": 100, "write_momentum": "scale", "later_limit": None}
     ids, _ = batch(seed=3)
     model.eval(), loaded.eval()
     assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -18,7 +18,7 @@ from lmmem.hf import HebbianLMHead, apply_hebbian_softmax, from_pretrained  # no
 from lmmem.hf.resize import per_class_buffers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-RULE_STATE = ("activation_mean", "running_row_norm", "updates")
+RULE_STATE = ("activation_mean", "running_row_norm", "updates", "passes")
 
 
 def trained(arch: str):

@@ -24,8 +24,16 @@ def attach_to_optimizer(model: nn.Module, optimizer) -> list:
 class HebbianSoftmaxCallback(TrainerCallback):
     """For ``transformers.Trainer``: applies the Hebbian update of every lmmem layer in the model right
     after each optimizer step (the Trainer's ``on_optimizer_step`` event, i.e. once per accumulated
-    batch, before the LR scheduler steps). Harmless for layers without a rule and if the layer is
-    also attached to the optimizer (a second call finds nothing pending)."""
+    batch, before the LR scheduler steps), and tells them at every epoch start how many passes over
+    the training data are complete. Harmless for layers without a rule and if the layer is also
+    attached to the optimizer (a second call finds nothing pending)."""
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        # the passes over the training data completed so far (a resumed run's too): the Hebbian rule's
+        # limit changes after the first pass (HebbianSoftmax.start_pass)
+        if model is not None:
+            for layer in output_layers(model):
+                layer.start_pass(int(state.epoch or 0))
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None:

@@ -161,8 +161,9 @@ def _apply(model: nn.Module, kind: str, layer_options: dict, loss_options: dict,
         saved = {k: v for k, v in layer_options.items() if k not in _RUNTIME_OPTIONS}
         if kind == "hebbian":  # the T in effect, so that a later change of the default does not change a saved model
             saved["smoothing_limit"] = head.smoothing_limit
-            if head.rule == "centred":  # likewise what a write does to the momentum
+            if head.rule == "centred":  # likewise what a write does to the momentum, and the later passes' T
                 saved["write_momentum"] = head.write_momentum
+                saved["later_limit"] = head.later_limit
         setattr(config, CONFIG_KEY, {"layer": kind, "options": saved, "loss_options": dict(loss_options)})
     return model
 

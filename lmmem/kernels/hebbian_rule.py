@@ -48,9 +48,16 @@ FIRST_MOMENT_STATE = ("exp_avg", "momentum_buffer")
 ClassStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def hebbian_lambda(counts_before: torch.Tensor, gamma: float, smoothing_limit: float | None, dtype: torch.dtype) -> torch.Tensor:
-    """``λ = max(1/(c+1), γ)`` where ``c < T``, else 0 (vectorised over classes)."""
+def hebbian_lambda(counts_before: torch.Tensor, gamma: float, smoothing_limit: float | None, dtype: torch.dtype,
+                   later_limit: float | None = None, passes: torch.Tensor | None = None) -> torch.Tensor:
+    """``λ = max(1/(c+1), γ)`` where ``c < T``, else 0 (vectorised over classes). With
+    ``later_limit`` and ``passes`` (a 0-d tensor: passes over the training data completed), ``T`` is
+    ``later_limit`` once ``passes ≥ 1``, chosen on the device (no host sync)."""
     lam = (1.0 / (counts_before.to(dtype) + 1.0)).clamp_min(gamma)
+    if later_limit is not None and passes is not None and later_limit != smoothing_limit:
+        first = torch.full((), math.inf if smoothing_limit is None else float(smoothing_limit), dtype=torch.float64, device=passes.device)
+        limit = torch.where(passes > 0, torch.full_like(first, float(later_limit)), first)  # filled on the device: no copy, no sync
+        return torch.where(counts_before < limit.to(counts_before.device), lam, torch.zeros((), dtype=dtype, device=lam.device))
     if smoothing_limit is not None and not math.isinf(smoothing_limit):
         lam = torch.where(counts_before < smoothing_limit, lam, torch.zeros((), dtype=dtype, device=lam.device))
     return lam

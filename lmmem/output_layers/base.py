@@ -137,6 +137,10 @@ class OutputLayer(nn.Module):
         (a rule that adjusts the optimizer's state for the rows it writes needs it). Plain softmax
         layers do nothing here."""
 
+    def start_pass(self, completed: int) -> None:
+        """Called when a pass over the training data begins, after ``completed`` whole passes (a
+        rule whose schedule follows passes needs it). Plain softmax layers do nothing here."""
+
     def attach_to_optimizer(self, optimizer):
         """Run :meth:`on_optimizer_step` after every ``optimizer.step()``; returns the hook handle.
 

@@ -81,37 +81,24 @@ row is written. The running statistics are computed from the all-rank statistics
 stay identical; they and :attr:`updates` are persistent buffers (a checkpoint resumes exactly;
 checkpoints from before these buffers existed load with them fresh).
 
-Which activations
------------------
-The ``hidden`` given to :meth:`HebbianSoftmax.loss`, i.e. the activation that predicted the class
-(in lmmem's models after output dropout), as the paper mixes in; recorded only when ``self.training``
-and gradients are enabled (evaluation, ``torch.no_grad()`` and :meth:`target_log_probs` never record).
+Later passes
+------------
+``later_limit`` (off by default; a variant of ours) replaces ``T`` from the second pass over the
+training data on, e.g. 5: a row seen 5 or more times is then trained by the gradient only. Lower
+limits bind rare words better in the training stream of later passes but cost valid perplexity
+(docs/results/binding-wikitext-2-later-pass-limit.md), so the default keeps ``T`` in every pass.
+The layer learns of passes from :meth:`start_pass` (lmmem's trainer and
+:class:`lmmem.hf.HebbianSoftmaxCallback` call it at every epoch start).
 
-Statistics
-----------
-Per forward, only the classes present are kept (``torch.unique`` and an ``index_add_`` of the
-detached activations into a ``(U, D)`` buffer, at least fp32; never a ``V × D`` temporary). Ignored
-positions go to a sentinel id ``num_classes`` (no boolean mask: one host sync fewer), dropped when
-the update is applied. Forwards before one step (gradient accumulation) are merged. The statistics
-are transient, not in the ``state_dict`` (checkpoints are taken between steps); ``counts`` is saved.
-
-Backends: on CUDA (``backend="auto"`` or ``"triton"``) the statistics come from a Triton
-segmented-sum kernel (:mod:`lmmem.kernels.hebbian`; one slot per position, sentinel ids past the last
-class, no ``torch.unique``, no host sync), and the update is Triton for both rules (the centred
-rule's in :mod:`lmmem.kernels.hebbian_centred`, with λ from :meth:`HebbianSoftmax.mixing_rates`). A kernel variant that fails
-on the user's GPU falls back to the PyTorch statement with one warning. Same rule, same
-``pending_statistics()``; the tests check both backends against
-:func:`~lmmem.kernels.hebbian_rule.hebbian_update_reference`.
-
-Applying the update
--------------------
-:meth:`HebbianSoftmax.hebbian_update_` (called by :meth:`on_optimizer_step`) writes the rows in
-place with ``index_copy_`` and integer indices (the tests check that rows really move). Users of their own training loop call ``layer.attach_to_optimizer(opt)`` once
-(wrappers such as Accelerate's ``AcceleratedOptimizer`` or an LR scheduler are unwrapped to the
-``torch.optim.Optimizer`` inside; with the Hugging Face Trainer use ``lmmem.hf.HebbianSoftmaxCallback``).
-A training forward that finds statistics recorded before an optimizer step that applied no update
-warns once (:class:`MissingHebbianUpdateWarning`, see :meth:`HebbianSoftmax._check_forgotten_update`).
-Calling it twice after one step is harmless (the second call finds nothing pending).
+Which activations, and the rest
+-------------------------------
+The ``hidden`` given to :meth:`HebbianSoftmax.loss` (in lmmem's models after output dropout), as the
+paper mixes in; recorded only when ``self.training`` and gradients are enabled (evaluation,
+``torch.no_grad()`` and :meth:`target_log_probs` never record). How the statistics are recorded
+and applied, the backends, DDP (every rank applies the whole global batch's statistics), tied
+embeddings, autocast and ``torch.compile``: docs/hebbian.md, "Implementation notes". A training
+loop of one's own calls ``layer.attach_to_optimizer(opt)`` once (the Hugging Face Trainer:
+``lmmem.hf.HebbianSoftmaxCallback``).
 
 The optimizer's momentum
 ------------------------
@@ -123,24 +110,6 @@ undoes the write over the next ~1/(1 − β₁) steps. ``"keep"`` (and the paper
 optimizer as it is. The optimizer comes from its post-step hook (:meth:`attach_to_optimizer`),
 lmmem's trainer, :class:`lmmem.hf.HebbianSoftmaxCallback` or ``on_optimizer_step(optimizer)``;
 without it (or with a sharded optimizer's state) rows keep their momentum and the layer warns once.
-
-Under DDP (``torch.distributed`` initialised with world size > 1 and ``sync_distributed=True``, the
-default) every rank applies the statistics of the whole global batch
-(:mod:`lmmem.output_layers.hebbian_distributed`), so all replicas stay identical. Every rank must
-therefore call :meth:`on_optimizer_step` after every step (``attach_to_optimizer`` does); a rank
-with nothing recorded still takes part in the collectives. With ``sync_distributed=False`` each
-replica applies its own statistics and the replicas drift apart (and DDP's default
-``broadcast_buffers=True`` then overwrites the other ranks' ``counts`` with rank 0's at every forward).
-
-Tied embeddings
----------------
-With ``weight`` shared with the input embedding, the rule writes the shared matrix: the target
-words' *embedding* rows move too. Untie the weights to keep the embeddings trained by the gradient only.
-
-Works under bf16 autocast (statistics and the mix in ≥ fp32, the row written back in the weight's
-dtype) and under ``torch.compile`` of the surrounding model (recording is a
-``torch.compiler.disable``-d side effect, i.e. a graph break, so ``fullgraph=True`` is not supported;
-the update runs eagerly after the step).
 """
 
 from __future__ import annotations
@@ -169,7 +138,7 @@ from lmmem.output_layers.base import OutputLayer, unwrap_optimizer
 from lmmem.output_layers.hebbian_distributed import all_gather_class_statistics, distributed_sync_active
 
 # hebbian_lambda and hebbian_update_reference live in lmmem.kernels.hebbian_rule; importable from here too
-__all__ = ["DEFAULT_SMOOTHING_LIMIT", "DEFAULT_START_STEP", "DEFAULT_WRITE_MOMENTUM", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax",
+__all__ = ["DEFAULT_LATER_LIMIT", "DEFAULT_SMOOTHING_LIMIT", "DEFAULT_START_STEP", "DEFAULT_WRITE_MOMENTUM", "FORGOTTEN_UPDATE_MESSAGE", "HebbianSoftmax",
            "MissingHebbianUpdateWarning", "hebbian_lambda", "hebbian_update_reference"]
 
 
@@ -192,6 +161,9 @@ DEFAULT_START_STEP = 50
 # T when not given, by rule. Centred: 100, where λ = 1/(c+1) reaches γ = 0.01 (a row's write is the
 # running mean of its first 100 contexts); T = 500 made later passes worse (long-training-wikitext-2.md).
 DEFAULT_SMOOTHING_LIMIT = {"centred": 100, "paper": 500}
+# The T from the second pass over the training data on; None: T in every pass (the module docstring,
+# "Later passes": the lower limits tried cost valid perplexity).
+DEFAULT_LATER_LIMIT = {"centred": None, "paper": None}
 # What a centred write does to the optimizer's momentum of the rows it writes (the module docstring,
 # "The optimizer's momentum").
 DEFAULT_WRITE_MOMENTUM = {"centred": "scale", "paper": "keep"}
@@ -233,6 +205,10 @@ class HebbianSoftmax(OutputLayer):
             (Adam's ``exp_avg``, SGD's ``momentum_buffer``): ``"scale"`` multiplies it by ``1 − λ``,
             ``"keep"`` leaves it (see the module docstring, "The optimizer's momentum"). Default
             ``None``: the rule's (:data:`DEFAULT_WRITE_MOMENTUM`).
+        later_limit: centred rule: the smoothing limit from the second pass over the training data
+            on (a variant of ours; see the module docstring, "Later passes"; the pass comes from
+            :meth:`start_pass`). Default ``-1``: the rule's (:data:`DEFAULT_LATER_LIMIT`: None);
+            ``None``: ``smoothing_limit`` in every pass (the paper's rule always).
     """
 
     counts: torch.Tensor
@@ -261,6 +237,7 @@ class HebbianSoftmax(OutputLayer):
         mean_decay: float = 0.99,
         start_step: int | None = None,
         write_momentum: str | None = None,
+        later_limit: float | None = -1,
     ):
         if rule not in HEBBIAN_RULES:
             raise ValueError(f"rule must be one of {', '.join(HEBBIAN_RULES)}, got {rule!r}")
@@ -282,6 +259,10 @@ class HebbianSoftmax(OutputLayer):
             raise ValueError(f"write_momentum must be one of {', '.join(WRITE_MOMENTUM)}, got {write_momentum!r}")
         if write_momentum != "keep" and rule != "centred":
             raise ValueError("write_momentum applies to rule='centred' only; the paper's rule leaves the optimizer as it is (write_momentum='keep')")
+        if later_limit == -1:
+            later_limit = DEFAULT_LATER_LIMIT[rule]
+        if later_limit is not None and (rule != "centred" or later_limit < 0):
+            raise ValueError(f"later_limit is >= 0, -1 (the rule's default) or None, and applies to rule='centred' only; got {later_limit}")
         if not 0.0 <= float(gamma) <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if smoothing_limit is not None and smoothing_limit < 0:
@@ -296,6 +277,7 @@ class HebbianSoftmax(OutputLayer):
         self.mean_decay = float(mean_decay)
         self.start_step = int(start_step)
         self.write_momentum = write_momentum
+        self.later_limit = later_limit
         self._optimizer = None  # a weakref to the optimizer attach_to_optimizer was given
         self._momentum_warned = False
         self.process_group = None  # None: the default group
@@ -306,6 +288,9 @@ class HebbianSoftmax(OutputLayer):
         self.register_buffer("activation_mean", torch.zeros(in_features), persistent=True)
         self.register_buffer("running_row_norm", torch.zeros(()), persistent=True)
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64), persistent=True)
+        # Passes over the training data completed before the current one (set by start_pass): which of
+        # smoothing_limit and later_limit is in effect, read on the device (no host sync).
+        self.register_buffer("passes", torch.zeros((), dtype=torch.int64), persistent=True)
         # this rank's statistics since the last update: per class (PyTorch path) or per slot (Triton path)
         self._stats: ClassStats | SlotStats | None = None
 
@@ -316,12 +301,14 @@ class HebbianSoftmax(OutputLayer):
             self.activation_mean.zero_()
             self.running_row_norm.zero_()
             self.updates.zero_()
+            self.passes.zero_()
             self._stats = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints written before the centred rule existed have no state for it: start it fresh.
         for name in ("activation_mean", "running_row_norm", "updates"):
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        state_dict.setdefault(prefix + "passes", self.passes.detach().clone())  # saved before later_limit existed
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -330,7 +317,7 @@ class HebbianSoftmax(OutputLayer):
             f"gamma={self.gamma}, smoothing_limit={self.smoothing_limit}, rule={self.rule!r}, "
             + (f"rescale={self.rescale}" if self.rule == "paper" else
                f"write_norm={self.write_norm!r}, mean_decay={self.mean_decay}, start_step={self.start_step}, "
-               f"write_momentum={self.write_momentum!r}")
+               f"write_momentum={self.write_momentum!r}, later_limit={self.later_limit}")
         )
 
     # -- distribution -----------------------------------------------------------------------------
@@ -482,10 +469,19 @@ class HebbianSoftmax(OutputLayer):
     def mixing_rates(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The centred rule's λ for the statistics slots ``ids`` (sentinel ids allowed; their λ is never
         used), from the counts *before* this batch: ``max(1/(c+1), γ)`` while ``c < T``, else 0
-        (:func:`~lmmem.kernels.hebbian_rule.hebbian_lambda`). Vectorised, no host sync; the kernels
-        take it as an input, so a different schedule is a change here only."""
+        (:func:`~lmmem.kernels.hebbian_rule.hebbian_lambda`), with ``T = later_limit`` once
+        :attr:`passes` ≥ 1. Vectorised, no host sync; the kernels take it as an input, so a different
+        schedule is a change here only."""
         safe = ids.clamp(max=self.num_classes - 1).to(self.counts.device)
-        return hebbian_lambda(self.counts.index_select(0, safe), self.gamma, self.smoothing_limit, dtype)
+        return hebbian_lambda(self.counts.index_select(0, safe), self.gamma, self.smoothing_limit, dtype,
+                              self.later_limit, self.passes)
+
+    def start_pass(self, completed: int) -> None:
+        """Tell the rule that a pass over the training data begins, after ``completed`` whole passes
+        (0 for the first). lmmem's trainer and :class:`lmmem.hf.HebbianSoftmaxCallback` call it at
+        every epoch start, a resumed run included; a loop of one's own calls it likewise. Without it,
+        the rule stays in its first-pass schedule (``smoothing_limit``)."""
+        self.passes.fill_(int(completed))
 
     @torch.no_grad()
     def update_running_statistics_(self, ids: torch.Tensor, n: torch.Tensor, sums: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from lmmem.models import ARCHITECTURES
 from lmmem.models.config import ModelConfig
 from lmmem.output_layers import OUTPUT_LAYERS
 from lmmem.output_layers.base import BACKENDS
-from lmmem.output_layers.hebbian_softmax import DEFAULT_WRITE_MOMENTUM
+from lmmem.output_layers.hebbian_softmax import DEFAULT_LATER_LIMIT, DEFAULT_WRITE_MOMENTUM
 from lmmem.validation import check_flags
 
 
@@ -41,6 +41,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                         warmup_steps=1000, eval_interval=2000, checkpoint_interval=1000, eval_batch_size=32,
                         log_interval=100),
 }
+
+
+def later_limit_in_effect(softmax: str, rule: str, value: int) -> int | None:
+    """What ``hebbian_T_later`` does for these settings: -1 resolved to the rule's default; None where
+    it has no effect or the rule keeps its T in every pass."""
+    if softmax != "hebbian" or rule != "centred":
+        return None
+    return DEFAULT_LATER_LIMIT[rule] if value == -1 else value
 
 
 def write_momentum_in_effect(softmax: str, rule: str, value: str) -> str | None:
@@ -93,6 +101,9 @@ class TrainConfig:
         "help": "Hebbian softmax, centred rule: scale multiplies the optimizer's momentum of each written row by 1 - lambda "
                 "(the momentum came from gradients on the part of the row the write replaced); keep leaves it; auto: the rule's default",
         "choices": ("auto", *WRITE_MOMENTUM)})
+    hebbian_T_later: int = field(default=-1, metadata={
+        "help": "Hebbian softmax, centred rule: the smoothing limit from the second pass over the training data on "
+                "(a variant; 0: no writes after the first pass); -1: the rule's default, --hebbian-T in every pass"})
     hebbian_start_step: int = field(default=-1, metadata={
         "help": "Hebbian softmax: optimizer steps before the rule starts writing rows (counts and running statistics still advance); "
                 "-1: the rule's default (centred 50, paper 0)"})
@@ -129,7 +140,8 @@ class TrainConfig:
             else:
                 softmax_options.update(write_norm=self.hebbian_write_norm, mean_decay=self.hebbian_mean_decay,
                                        # resolved here, so a saved run keeps it when the default changes
-                                       write_momentum=write_momentum_in_effect(self.softmax, self.hebbian_rule, self.hebbian_write_momentum))
+                                       write_momentum=write_momentum_in_effect(self.softmax, self.hebbian_rule, self.hebbian_write_momentum),
+                                       later_limit=later_limit_in_effect(self.softmax, self.hebbian_rule, self.hebbian_T_later))
         return ModelConfig(
             arch=self.arch,
             vocab_size=vocab_size,

@@ -40,7 +40,7 @@ from lmmem.safety import write_text_atomic
 from lmmem.training import distributed as D
 from lmmem.training.config import TrainConfig
 from lmmem.training.optim import amp_dtype, lr_multiplier, make_optimizer, make_scheduler, schedule_change
-from lmmem.training.run_folder import no_last_message, trim_metrics
+from lmmem.training.run_folder import no_last_message, saved_model_config, trim_metrics
 
 # A loss this many times ln V (the loss of a uniform guess over V words) means divergence: a model
 # starts near ln V and only goes down while it learns; 3 ln V is e^(2 ln V) = V² times less likely
@@ -205,7 +205,7 @@ def _resume(run: Run, data_dir: Path) -> None:
         raise CheckpointError(no_last_message(run.out))
     ckpt = load_checkpoint(run.last_path, map_location=run.ctx.device, require=RESUME_KEYS)
     check_vocab_matches(ckpt, run.corpus.fingerprint, data_dir, run.last_path)
-    if ModelConfig.from_dict(ckpt["model_config"]) != run.model_cfg:
+    if saved_model_config(ckpt["model_config"]) != run.model_cfg:
         raise CheckpointError(f"{run.last_path} holds a different model than these flags build; resume with the run's own settings")
     restore(run, ckpt)
     if run.ctx.is_main:

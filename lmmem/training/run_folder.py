@@ -14,20 +14,23 @@ from pathlib import Path
 from lmmem.checkpoints import RESUME_KEYS, TEMP_PATTERNS, load_checkpoint
 from lmmem.data import synthetic
 from lmmem.errors import CheckpointError, LmmemError
+from lmmem.models.config import ModelConfig
 from lmmem.paths import absolute, recorded_path_candidates
 from lmmem.safety import FolderLock, check_writable_folder, remove_stale_temp_files, write_text_atomic
-from lmmem.training.config import TrainConfig, validate, write_momentum_in_effect
+from lmmem.training.config import TrainConfig, later_limit_in_effect, validate, write_momentum_in_effect
 
 # Fields that define the model or the data stream: a resumed run must keep them.
 # (--data is not among them: the corpus may move; its vocabulary fingerprint is checked instead.)
 FIXED_ON_RESUME = (
     "arch", "softmax", "embed_dim", "hidden_dim", "num_layers", "proj_dim", "num_heads", "tie_weights",
-    "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T", "hebbian_rescale",
+    "batch_size", "bptt", "optimizer", "seed", "hebbian_gamma", "hebbian_T", "hebbian_rescale", "hebbian_T_later",
 )
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")  # what --overwrite deletes
 # Fields added to TrainConfig after runs existed, with the value that reproduces those runs (not the
 # current default, which may differ): a run saved without the field resumes as it was trained.
 LEGACY_VALUES = {"hebbian_write_momentum": "keep"}
+# Likewise for the centred Hebbian rule's options in a checkpoint's model_config.
+LEGACY_SOFTMAX_OPTIONS = {"write_momentum": "keep", "later_limit": None}
 
 
 def saved_train_config(train_config: dict) -> dict:
@@ -35,6 +38,18 @@ def saved_train_config(train_config: dict) -> dict:
     :data:`LEGACY_VALUES` for fields it predates."""
     known = {f.name for f in fields(TrainConfig)}
     return {**{k: v for k, v in LEGACY_VALUES.items() if k not in train_config}, **{k: v for k, v in train_config.items() if k in known}}
+
+
+def saved_model_config(model_config: dict) -> ModelConfig:
+    """A checkpoint's ``model_config`` with :data:`LEGACY_SOFTMAX_OPTIONS` for options it predates,
+    so that a run saved before an option existed compares equal to the model it was trained as."""
+    cfg = ModelConfig.from_dict(model_config)
+    options = cfg.softmax_options
+    if cfg.softmax == "hebbian" and options.get("rule", "centred") == "centred":
+        cfg.softmax_options = {**LEGACY_SOFTMAX_OPTIONS, **options}
+    return cfg
+
+
 RUN_TEMP_PATTERNS = (*TEMP_PATTERNS, ".metrics.jsonl.*.tmp", ".config.json.*.tmp")
 
 
@@ -100,11 +115,13 @@ def run_state(out: Path, cfg: TrainConfig) -> str:
 
 
 def _effective(settings: dict) -> dict:
-    """Settings as the run uses them: ``hebbian_write_momentum="auto"`` resolved to the rule's default,
-    and dropped where it has no effect (no Hebbian softmax, or the paper's rule)."""
+    """Settings as the run uses them: ``hebbian_write_momentum="auto"`` and ``hebbian_T_later=-1``
+    resolved to the rule's defaults, and dropped where they have no effect (no Hebbian softmax, or the
+    paper's rule)."""
     out = dict(settings)
     out["hebbian_write_momentum"] = write_momentum_in_effect(out.get("softmax"), out.get("hebbian_rule"),
                                                              out.get("hebbian_write_momentum"))
+    out["hebbian_T_later"] = later_limit_in_effect(out.get("softmax"), out.get("hebbian_rule"), out.get("hebbian_T_later", -1))
     return out
 
 

@@ -107,6 +107,7 @@ def fit(run: Run, hooks: Sequence[StepHook] = (), stop: dict | None = None) -> s
     # a bar on a terminal; elsewhere plain lines with step/total, elapsed time and time left
     run.bar = ProgressDisplay(cfg.max_steps, "train", unit="step", initial=p.step, enabled=cfg.progress and run.ctx.is_main)
     run.model.train()
+    start_pass(run)
     try:
         while p.step < cfg.max_steps:
             batch = next_batch(run)
@@ -144,7 +145,14 @@ def next_batch(run: Run) -> Batch | None:
         run.state = None
         if run.cfg.max_epochs and p.epoch >= run.cfg.max_epochs:
             return None
+        start_pass(run)
     return run.batcher.batch(p.position)
+
+
+def start_pass(run: Run) -> None:
+    """Tell the output layer how many passes over the training data are complete (a Hebbian rule's
+    schedule follows them); called at the start of :func:`fit`, so a resumed run is told too."""
+    run.model.output.start_pass(run.progress.epoch)
 
 
 def step(run: Run, batch: Batch) -> torch.Tensor:
