@@ -143,3 +143,24 @@ def test_hf_callback_tells_the_head_the_epoch_and_the_setting_is_saved(tmp_path)
     del config["lmmem_head"]["options"]["later_limit"]  # as lmmem wrote it before the option existed
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert lmmem_head(from_pretrained(tmp_path)).later_limit is None  # the default: one T in every pass
+
+
+def test_hf_trainer_over_three_epochs_tells_the_head_each_pass(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmmem.hf import HebbianSoftmaxCallback, apply_hebbian_softmax, lmmem_head
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=29, n_positions=32))
+    apply_hebbian_softmax(model, later_limit=2)
+    head = lmmem_head(model)
+    rows = torch.randint(0, 29, (12, 10))
+    seen = []
+
+    class Spy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(int(head.passes))
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=4, report_to=[],
+                                          save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows],
+                         callbacks=[HebbianSoftmaxCallback(), Spy()]).train()
+    assert seen == [0, 0, 0, 1, 1, 1, 2, 2, 2]
