@@ -67,8 +67,8 @@ def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, mer
     monkeypatch.setattr(knn_scan, "_top", lambda *a, **kw: merges.append(1) or real_top(*a, **kw))
     kept = []
     real_survivors = knn_scan._survivors
-    monkeypatch.setattr(knn_scan, "_survivors", lambda *a: (kept.append(len(r)) or (w, x, y, r, j, dd)
-                                                            for w, x, y, r, j, dd in real_survivors(*a)))
+    monkeypatch.setattr(knn_scan, "_survivors", lambda *a: (kept.append(len(r)) or (w, x, r, j, dd)
+                                                            for w, x, r, j, dd in real_survivors(*a)))
     queries = keys[:37] + 0.5 * torch.randn(37, 9, generator=torch.Generator().manual_seed(9))
     lists = ds._lists()
     d, ids = knn_scan.scan_search(lists, queries, 256, lists.nlist)

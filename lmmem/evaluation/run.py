@@ -107,14 +107,14 @@ class Evaluation:
         t0 = time.monotonic()
         self._check_methods(methods)
         knn = self._open_datastore(methods.knn) if methods.knn is not None else None
-        note = None
-        if knn is not None:  # a k above every calibrated one: say so before the (long) scoring
-            note = knn.datastore.calibration_note(max([knn.config.k, *((tune or TuneGrid()).knn_ks or ())]))
-            if note:
-                self.log(note)
         grid = tune or (TuneGrid() if self.config.tune else None)
         if grid is not None and not methods.any:
             raise LmmemError("--tune needs --cache, --mbpa, --knn and/or --dynamic")
+        note = None
+        if knn is not None:  # a k above every calibrated one: say so before the (long) scoring
+            note = knn.datastore.calibration_note(max([knn.config.k, *((grid.knn_ks if grid else None) or ())]))
+            if note:
+                self.log(note)
         tuned, rows = (choose(self, methods, knn, grid) if grid is not None else (None, untuned_rows(methods, knn)))
         reports, meta = self._score(methods, knn, rows, tuned, word_probs)
         if knn is not None:

@@ -163,7 +163,7 @@ def _scan_block(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, k: int):
     # τ: finite for every query with pass-2 lists (its pass-1 lists hold ≥ FIRST_PASS · k keys)
     tau = d1.amax(1)
     w1, survivors, held = torch.gather(where, 1, col), [], 0
-    for who, a, e, r, j, dd in _survivors(lists, q, probed, ~first, tau):
+    for who, a, r, j, dd in _survivors(lists, q, probed, ~first, tau):
         survivors.append((who[r], dd, j + a))
         held += len(r)
         if held >= MERGE_EVERY * b * top:  # merge into the running top-k: bounded memory, τ tightens for the lists left
@@ -211,12 +211,12 @@ def _merge(d1: torch.Tensor, w1: torch.Tensor, survivors: list, k: int, *, sorte
 
 def _survivors(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, pairs: torch.Tensor, tau: torch.Tensor):
     """Pass 2: per list probed by a selected pair, the keys within ``τ`` of each query probing it:
-    ``who``, ``a``, ``e`` as :func:`_list_distances`, then (row in ``who``, column in the list,
-    exact distance) of each, row-major."""
-    for who, _, a, e, d in _list_distances(lists, q, probed, pairs):
+    ``who`` and the list's first position ``a`` as :func:`_list_distances`, then (row in ``who``,
+    column in the list, exact distance) of each, row-major."""
+    for who, _, a, _, d in _list_distances(lists, q, probed, pairs):
         r, j = (d <= tau[who, None]).nonzero(as_tuple=True)  # row-major: each row's survivors in column order
         if len(r):
-            yield who, a, e, r, j, d[r, j]
+            yield who, a, r, j, d[r, j]
 
 
 def _list_distances(lists: IVFLists, q: torch.Tensor, probed: torch.Tensor, pairs: torch.Tensor):
