@@ -93,3 +93,38 @@ def decoded(root: Path, split: str) -> list[str]:
 
     corpus = PreparedCorpus.open(root)
     return corpus.vocab.decode(corpus.tokens(split))
+
+
+def native_toolchain_missing() -> str | None:
+    """Why the native IVF scan (lmmem/kernels/ivf_scan.cpp) cannot be built here, or None."""
+    import shutil
+    import sysconfig
+
+    from lmmem.kernels import ivf_scan
+
+    if not ivf_scan.native_enabled():
+        return "LMMEM_NATIVE=0"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler"
+    if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        return "no Python headers"
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja") is None:
+            return "no ninja (pip install ninja)"
+    return None
+
+
+@pytest.fixture
+def native_op():
+    """The native IVF scan op. Where the toolchain is present it must build and pass its probe (the
+    test fails otherwise); where it is absent, the test is skipped with the reason."""
+    reason = native_toolchain_missing()
+    if reason:
+        pytest.skip(f"the native IVF scan cannot be built here: {reason}")
+    from lmmem.kernels import ivf_scan
+
+    op = ivf_scan.native_scan_op()
+    assert op is not None, "a C++ toolchain is present, so the native IVF scan must build and pass its probe"
+    return op

@@ -1,5 +1,6 @@
-"""The exact scan of an IVFPQ datastore's lists (lmmem.memories.knn_scan) against a float64 brute
-force, its recall model against its own searches, and where Datastore routes to it (issue 20)."""
+"""The exact scan of an IVFPQ datastore's lists (lmmem.memories.knn_scan, and the native op of
+lmmem.kernels.ivf_scan: tests/test_knn_scan_native.py) against a float64 brute force, its recall
+model against its own searches, and where Datastore routes to it (issue 20)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from lmmem.errors import LmmemError
+from lmmem.kernels import ivf_scan
 from lmmem.memories import knn_index, knn_scan
 from lmmem.memories import knn_datastore
 from lmmem.memories.knn import Datastore
@@ -21,21 +23,25 @@ def ivfpq_store(tmp_path, keys, *, nlist=16, **options):
                                 recall_ks=(8, 64), **options))
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("n, dim, nq, k, block", [(1237, 37, 53, 17, None), (1237, 37, 20, 3, 2), (250, 6, 9, 300, 1),
                                                   (600, 11, 31, 64, 5)])
-def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, n, dim, nq, k, block):
-    """nprobe = nlist: every key at its exact distance. Odd shapes; k below the list sizes (the
-    per-list top-k), above the count (padding); blocks of a few queries; repeated keys (ties);
-    queries that are stored keys (distance 0)."""
+def test_scan_of_every_list_equals_brute_force(tmp_path, monkeypatch, request, n, dim, nq, k, block, native):
+    """nprobe = nlist: every key at its exact distance, by the torch scan and by the native op.
+    Odd shapes; k below the list sizes (the per-list top-k), above the count (padding); blocks of a
+    few queries; repeated keys (ties); queries that are stored keys (distance 0)."""
+    if native:
+        request.getfixturevalue("native_op")  # the op builds here, or the reason it cannot
     g = torch.Generator().manual_seed(n + dim)
     keys = clustered(n, dim, clusters=9, seed=n)
     keys[n // 2:n // 2 + 7] = keys[3]  # repeated keys: tied distances
     ds = ivfpq_store(tmp_path, keys)
     if block is not None:
-        monkeypatch.setattr(knn_scan, "SCAN_ELEMENTS", block * knn_scan.BLOCK_COLUMNS * k)
+        rows = knn_scan.BLOCK_COLUMNS * k if not native else ivf_scan.pool_size(k)  # a block's size, per path
+        monkeypatch.setattr(knn_scan, "SCAN_ELEMENTS", block * rows)
     queries = torch.cat([keys[:4].half().float(), keys[5:5 + nq - 4] + 0.2 * torch.randn(nq - 4, dim, generator=g)])
     lists = ds._lists()
-    d, ids = knn_scan.scan_search(lists, queries, k, lists.nlist)
+    d, ids = knn_scan.scan_search(lists, queries, k, lists.nlist, native=native)
     ref_d, _ = brute_force(keys, queries, k)
     kk = ref_d.shape[1]
     torch.testing.assert_close(d[:, :kk].double(), ref_d, rtol=1e-5, atol=1e-4)
@@ -71,7 +77,7 @@ def test_two_pass_scan_equals_brute_force(tmp_path, monkeypatch, first_pass, mer
                                                             for w, x, r, j, dd in real_survivors(*a)))
     queries = keys[:37] + 0.5 * torch.randn(37, 9, generator=torch.Generator().manual_seed(9))
     lists = ds._lists()
-    d, ids = knn_scan.scan_search(lists, queries, 256, lists.nlist)
+    d, ids = knn_scan.scan_search(lists, queries, 256, lists.nlist, native=False)  # the torch scan's two passes
     ref_d, _ = brute_force(keys, queries, 256)
     torch.testing.assert_close(d.double(), ref_d, rtol=1e-5, atol=1e-4)
     true_d = ((queries.double()[:, None, :] - keys.half().double()[ids]) ** 2).sum(-1)

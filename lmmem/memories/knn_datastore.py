@@ -74,13 +74,13 @@ def _short(v) -> str:
 class Datastore:
     """A complete datastore, opened read-only. Use :meth:`open`."""
 
-    def __init__(self, path: Path, manifest: dict, *, backend: str = "auto"):
+    def __init__(self, path: Path, manifest: dict, *, backend: str = "auto", native: bool = True):
         self.path, self.manifest = path, manifest
         self.dim, self.size = int(manifest["dim"]), int(manifest["count"])
         self.keys = np.memmap(path / KEYS_FILE, dtype=np.float16, mode="r", shape=(self.size, self.dim))
         self._values = torch.from_numpy(np.fromfile(path / VALUES_FILE, dtype=np.int32)).to(torch.int64)
         self.index_type = manifest["index"]["type"]
-        self.backend = backend
+        self.backend, self.native = backend, native
         self._faiss = None if backend == "torch" else knn_index.faiss_or_none()
         if self._faiss is None and backend == "faiss":
             raise LmmemError("backend='faiss' needs faiss: pip install faiss-cpu")
@@ -96,12 +96,14 @@ class Datastore:
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, *, expect: dict | None = None, backend: str = "auto") -> "Datastore":
+    def open(cls, path, *, expect: dict | None = None, backend: str = "auto", native: bool = True) -> "Datastore":
         """Open the datastore folder ``path`` after the checks of the module docstring.
         ``expect``: manifest fields this use needs (e.g. ``model_fingerprint``, ``dim``); looked up
         at the manifest's top level, then under ``built``. ``backend``: ``"auto"``, ``"faiss"`` (the
         index as built: PQ codes + re-ranking for IVFPQ), ``"scan"`` (IVFPQ: the exact scan of its
-        lists on CPU, whatever the memory) or ``"torch"`` (exact search everywhere)."""
+        lists on CPU, whatever the memory) or ``"torch"`` (exact search everywhere). ``native``: the
+        scan runs as the fused C++ op where it builds (:mod:`lmmem.kernels.ivf_scan`); False keeps
+        the torch scan (the same neighbours; for comparisons)."""
         if backend not in BACKENDS:
             raise LmmemError(f"unknown datastore backend {backend!r}; choose {', '.join(BACKENDS)}")
         path = Path(path)
@@ -110,7 +112,7 @@ class Datastore:
         _check_files(path, manifest)
         if expect:
             _check_expected(path, manifest, expect)
-        return cls(path, manifest, backend=backend)
+        return cls(path, manifest, backend=backend, native=native)
 
     # -- searching ----------------------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int, *, distances: str = "auto", nprobe: int | None = None,
@@ -143,7 +145,8 @@ class Datastore:
             where = "faiss"  # beyond what FAISS's GPU search returns: its CPU index
         if where == "scan":
             dists, ids = knn_scan.scan_search(self._lists(), queries, k,
-                                              nprobe or knn_index.scan_setting_for(self.manifest["index"], k))
+                                              nprobe or knn_index.scan_setting_for(self.manifest["index"], k),
+                                              native=self.native)
             return dists.to(dev), ids.to(dev)
         if where == "torch":
             dists, ids = knn_index.torch_exact_search(self._keys_for(dev), queries, k)

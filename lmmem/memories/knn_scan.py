@@ -19,6 +19,9 @@ one matmul, so a list is read once per block instead of once per query, at matmu
 * **Selection** (k ≥ ``TWO_PASS_MIN_K``). Two passes, so the final top-k does not run over every
   probed key: the nearest lists first, whose k-th distance ``τ`` bounds the true k-th from above,
   then the rest, keeping only keys within ``τ`` (see :func:`_scan_block`). The result is the same.
+* **Native.** :mod:`lmmem.kernels.ivf_scan` does the same search in one C++ loop per list (the
+  same products and distances, a running bound per query instead of two passes), built on first
+  use; this module's scan is its reference and runs wherever it does not build.
 * **Memory.** The keys in fp32 in list order (``count · dim · 4`` bytes: 3 GB at 1M × 768, twice the
   keys file) plus one block's candidate table (a few k columns a query); built once, on first use.
 """
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from lmmem.kernels import ivf_scan
 
 READ_CHUNK_ROWS = 65_536  # keys converted to fp32 at a time while the lists are built (as knn_index fills an index)
 SCAN_MARGIN = 0.02  # recall above the target the calibration asks of stored keys (see calibrate_scan)
@@ -111,9 +116,12 @@ def probe(lists: IVFLists, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
     return torch.topk(d, min(nprobe, lists.nlist), dim=1, largest=False).indices
 
 
-def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int, *,
+                native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest keys among the ``nprobe`` lists nearest each query, by exact distance:
-    (dists float32 ascending, ids int64), (+inf, -1) where the probed lists hold fewer than ``k``."""
+    (dists float32 ascending, ids int64), (+inf, -1) where the probed lists hold fewer than ``k``.
+    ``native``: the fused C++ scan (:mod:`lmmem.kernels.ivf_scan`) where it builds, else this
+    module's torch scan; both return the same neighbours (up to ties)."""
     q = queries.detach().to("cpu", torch.float32).contiguous()
     n = q.shape[0]
     out_d = torch.full((n, k), math.inf)
@@ -121,6 +129,16 @@ def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int) -> 
     if n == 0:
         return out_d, out_i
     probed = probe(lists, q, nprobe)
+    op = ivf_scan.native_scan_op() if native and len(lists.ids) < 2**32 else None
+    if op is not None:
+        cap = ivf_scan.pool_size(k)
+        rows = max(1, SCAN_ELEMENTS // cap)  # the op's pools: 8 bytes a candidate, as the torch scan's table
+        for s in range(0, n, rows):
+            d, pos = op(q[s:s + rows], probed[s:s + rows].contiguous(), lists.centroids, lists.residuals, lists.norms,
+                        lists.starts, k, cap)
+            out_d[s:s + rows] = d
+            out_i[s:s + rows] = torch.where(pos >= 0, lists.ids[pos.clamp_min(0)], -1)
+        return out_d, out_i
     rows = max(1, SCAN_ELEMENTS // (BLOCK_COLUMNS * max(k, 1)))
     for s in range(0, n, rows):
         d, i = _scan_block(lists, q[s:s + rows], probed[s:s + rows], k)

@@ -1,0 +1,164 @@
+"""The fused exact scan of an IVF index's probed lists on a CPU (``ivf_scan.cpp``): built on first
+use, probed, and replaced by the torch scan wherever it cannot run.
+
+Why native: the torch scan (:mod:`lmmem.memories.knn_scan`, the reference) computes each list's
+``(queries, keys)`` distance table with several tensor operations (norms, comparison with the bound,
+``nonzero``, gathers, top-k), which cost more than its matrix products at the paper's k = 1,024.
+The C++ op keeps the products as BLAS matmuls and reads each table row once, comparing and keeping
+in the same loop (see the comment at the top of ``ivf_scan.cpp`` for the selection and why its
+result does not depend on the order of the lists).
+
+Built with ``torch.utils.cpp_extension`` into ``$LMMEM_CACHE/native`` (``~/.cache/lmmem/native``),
+once per machine: the folder's name holds a digest of the source, the flags, torch's version and the
+CPU's instruction-set flags (the build is ``-march=native`` on x86-64), so a home folder shared by
+different machines never loads a build made for another CPU. torch's own file lock keeps two
+processes from building it at once.
+
+Never failing hard, as :mod:`lmmem.kernels.runtime` for Triton: the first use builds the op and runs
+it on a small problem against a float64 brute force. A build that fails (no C++ compiler, no Python
+headers) or a wrong result warns once (:class:`NativeScanWarning`) and the torch scan runs for the
+rest of the process, with the same neighbours. ``LMMEM_NATIVE=0`` switches the native op off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ivf_scan.cpp")
+NAME = "lmmem_ivf_scan"  # the TORCH_LIBRARY namespace in ivf_scan.cpp: torch.ops.lmmem_ivf_scan.ivf_scan
+POOL_MIN_EXTRA = 256  # a pool holds at least k + this many candidates: a shrink every ≥ max(k, 256) appends
+
+
+class NativeScanWarning(RuntimeWarning):
+    """The native IVF scan could not be built or failed its probe here; the torch scan runs instead
+    (the same neighbours, slower at large k)."""
+
+
+def native_enabled() -> bool:
+    """Not switched off by ``LMMEM_NATIVE=0``."""
+    return os.environ.get("LMMEM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def pool_size(k: int) -> int:
+    """Candidates a query's pool holds in the op (``cap``): twice k, and at least ``k + POOL_MIN_EXTRA``.
+    Each full pool is cut back to its k nearest; a larger pool cuts less often and takes more memory
+    (8 bytes an entry)."""
+    return max(2 * k, k + POOL_MIN_EXTRA)
+
+
+def native_scan_op():
+    """``torch.ops.lmmem_ivf_scan.ivf_scan`` where it builds and passes its probe; else None."""
+    return _load() if native_enabled() else None
+
+
+def _cflags() -> list[str]:
+    native = platform.machine().lower() in ("x86_64", "amd64")  # -march=native: the build runs where it is used
+    return ["-O3", "-march=native"] if native else ["-O3"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_folder(flags: list[str]) -> Path:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(), _cpu_flags().encode(),
+                 sys.version.encode()):
+        digest.update(part)
+    cache = Path(os.environ.get("LMMEM_CACHE", Path.home() / ".cache" / "lmmem"))
+    return cache / "native" / f"{NAME}-{digest.hexdigest()[:16]}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch builds with the ``ninja`` it finds on PATH; the pip package's binary sits in the
+    environment's bin folder, which is not on PATH when ``.venv/bin/python`` runs unactivated."""
+    before = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, before])
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+@functools.lru_cache(maxsize=None)  # a fact about this process's machine, like runtime's kernel verdicts
+def _load():
+    try:
+        from torch.utils import cpp_extension
+
+        flags = _cflags()
+        folder = _build_folder(flags)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{NAME}.so").exists():
+            print(f"lmmem: building the native IVF scan in {folder} (once per machine, ~20 s)", file=sys.stderr)
+        with _ninja_on_path():
+            cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
+                               is_python_module=False, verbose=False)
+        op = torch.ops.lmmem_ivf_scan.ivf_scan
+        problem = _probe_problem()
+        if not _probe_ok(op, *problem):
+            raise RuntimeError("its result on a probe problem differs from a float64 brute force")
+        return op
+    except Exception as e:  # noqa: BLE001 - any failure to build or run means: use the torch scan
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"the native IVF scan is not used here ({type(e).__name__}: {cause}); searching with the torch "
+                      f"scan instead (same neighbours, slower at large k). LMMEM_NATIVE=0 skips the attempt.",
+                      NativeScanWarning, stacklevel=3)
+        return None
+
+
+def _probe_problem():
+    """A small IVF layout (uneven lists, one empty, one holding a repeated key) with queries and k
+    chosen so that the pools are cut back several times and one query's lists hold fewer than k keys."""
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([300, 0, 41, 7, 150])
+    dim, nlist = 13, len(sizes)
+    centroids = 3 * torch.randn(nlist, dim, generator=g)
+    residuals = torch.randn(int(sizes.sum()), dim, generator=g)
+    residuals[5] = residuals[4]
+    starts = torch.zeros(nlist + 1, dtype=torch.int64)
+    starts[1:] = sizes.cumsum(0)
+    norms = (residuals * residuals).sum(1)
+    queries = centroids[torch.tensor([0, 2, 4, 3])] + torch.randn(4, dim, generator=g)
+    probed = torch.tensor([[0, 2, 4], [2, 0, 1], [4, 3, 0], [3, 1, 2]])
+    return queries, probed, centroids, residuals, norms, starts, 60
+
+
+def _probe_ok(op, queries, probed, centroids, residuals, norms, starts, k) -> bool:
+    d, pos = op(queries, probed, centroids, residuals, norms, starts, k, pool_size(k))
+    list_of = torch.repeat_interleave(torch.arange(len(centroids)), starts[1:] - starts[:-1])
+    keys = (residuals + centroids[list_of]).double()
+    for i in range(len(queries)):
+        held = torch.isin(list_of, probed[i])
+        dist = ((queries[i].double() - keys) ** 2).sum(1).masked_fill(~held, float("inf"))
+        ref = dist.sort().values[:k]
+        n = int(torch.isfinite(ref).sum())
+        if (pos[i, n:] != -1).any() or not torch.isinf(d[i, n:]).all():
+            return False
+        if not torch.allclose(d[i, :n].double(), ref[:n], rtol=1e-4, atol=1e-3):
+            return False
+        if not torch.allclose(dist[pos[i, :n]], ref[:n], rtol=1e-4, atol=1e-3):  # each position at its distance
+            return False
+    return True

@@ -1,0 +1,115 @@
+"""The native IVF scan (lmmem.kernels.ivf_scan, C++) against a float64 brute force and the torch
+scan it replaces, and its fallback: a build that fails, a probe that fails, LMMEM_NATIVE=0 (issue 20).
+Its equality on the shapes of the torch scan's tests is in tests/test_knn_scan.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lmmem.kernels import ivf_scan
+from lmmem.memories import knn_scan
+from lmmem.memories.knn import Datastore
+from test_knn import brute_force, clustered
+from test_knn_scan import ivfpq_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of ``b``'s ids (-1 ignored) that ``a`` holds in the same row."""
+    return sum(len((set(x.tolist()) & set(y.tolist())) - {-1}) for x, y in zip(a, b)) / int((b >= 0).sum())
+
+
+@pytest.mark.parametrize("k, extra", [(1, 1), (9, 1), (70, 0), (70, 256), (700, 256)])
+def test_native_scan_equals_brute_force_and_the_torch_scan(tmp_path, monkeypatch, native_op, k, extra):
+    """Overlapping clusters (neighbours spread over many lists), nprobe below and at nlist. Small
+    pools (POOL_MIN_EXTRA 0–1: cap = 2k) are cut back many times while the lists are scanned; k = 1;
+    k above what some queries' probed lists hold (padding with +inf, -1)."""
+    monkeypatch.setattr(ivf_scan, "POOL_MIN_EXTRA", extra)
+    keys = clustered(3001, 19, clusters=30, seed=3, spread=2.0)
+    keys[100:110] = keys[7]  # tied distances
+    ds = ivfpq_store(tmp_path, keys, nlist=16)
+    lists = ds._lists()
+    g = torch.Generator().manual_seed(k)
+    queries = torch.cat([keys[:5].half().float(), keys[200:241] + 0.5 * torch.randn(41, 19, generator=g)])
+    d, ids = knn_scan.scan_search(lists, queries, k, lists.nlist, native=True)
+    ref_d, _ = brute_force(keys, queries, k)
+    torch.testing.assert_close(d.double(), ref_d, rtol=1e-5, atol=1e-4)
+    true_d = ((queries.double()[:, None, :] - keys.half().double()[ids]) ** 2).sum(-1)
+    torch.testing.assert_close(d.double(), true_d, rtol=1e-5, atol=1e-4)
+    assert all(len(set(row.tolist())) == k for row in ids) and (d[:5, 0] < 1e-4).all()
+    for nprobe in (1, 3):  # fewer lists: the same keys as the torch scan, padded where they hold fewer than k
+        d_n, ids_n = knn_scan.scan_search(lists, queries, k, nprobe, native=True)
+        d_t, ids_t = knn_scan.scan_search(lists, queries, k, nprobe, native=False)
+        assert torch.equal(torch.isinf(d_n), torch.isinf(d_t)) and torch.equal(ids_n < 0, ids_t < 0)
+        finite = torch.isfinite(d_t)
+        torch.testing.assert_close(d_n[finite], d_t[finite], rtol=1e-5, atol=1e-4)
+        assert overlap(ids_n, ids_t) > 0.995  # the same neighbours but for ties
+    if k == 700:
+        assert torch.isinf(d_n).any()  # some queries' 3 lists hold fewer than 700 keys
+
+
+def test_native_scan_threads_give_the_same_result(tmp_path, native_op):
+    """Threads take disjoint runs of queries, each with its own grouping by list: the same
+    neighbours as one thread (the distances to rounding: the matmuls have other row counts)."""
+    keys = clustered(2500, 24, clusters=20, seed=5, spread=1.5)
+    lists = ivfpq_store(tmp_path, keys, nlist=16)._lists()
+    queries = keys[:57] + 0.3 * torch.randn(57, 24, generator=torch.Generator().manual_seed(2))
+    one = knn_scan.scan_search(lists, queries, 300, 6)
+    torch.set_num_threads(3)  # the one_thread fixture restores it
+    three = knn_scan.scan_search(lists, queries, 300, 6)
+    torch.testing.assert_close(one[0], three[0], rtol=1e-5, atol=1e-4)
+    assert overlap(one[1], three[1]) > 0.999
+
+
+@pytest.fixture
+def fresh_verdict():
+    """The process's verdict on the op cleared before and after: this test's own build or failure."""
+    ivf_scan._load.cache_clear()
+    yield
+    ivf_scan._load.cache_clear()
+
+
+@pytest.mark.parametrize("failure", ["build", "probe"])
+def test_a_native_scan_that_fails_falls_back_to_the_torch_scan(tmp_path, monkeypatch, fresh_verdict, failure):
+    """No compiler (the build raises) or a wrong result on the probe problem: one NativeScanWarning
+    naming the cause, then the search returns the torch scan's neighbours without asking again."""
+    from conftest import native_toolchain_missing
+    from torch.utils import cpp_extension
+
+    if failure == "build":
+        def no_compiler(*a, **kw):
+            raise RuntimeError("Error building extension 'lmmem_ivf_scan': c++: command not found\nmore")
+        monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    else:
+        if native_toolchain_missing():
+            pytest.skip(f"the probe runs the built op: {native_toolchain_missing()}")
+        monkeypatch.setattr(ivf_scan, "_probe_ok", lambda *a: False)
+    with pytest.warns(ivf_scan.NativeScanWarning, match="command not found" if failure == "build" else "probe"):
+        assert ivf_scan.native_scan_op() is None
+    keys = clustered(1500, 10, clusters=15, seed=1)
+    lists = ivfpq_store(tmp_path, keys, nlist=16)._lists()
+    queries = keys[:20] + 0.2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ivf_scan.NativeScanWarning)  # warned once: not again
+        got = knn_scan.scan_search(lists, queries, 40, 4)
+    want = knn_scan.scan_search(lists, queries, 40, 4, native=False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_native_switch(tmp_path, monkeypatch):
+    """LMMEM_NATIVE=0 and Datastore.open(native=False) keep the torch scan: the op is never asked for."""
+    asked = []
+    monkeypatch.setattr(ivf_scan, "native_scan_op", lambda: asked.append(1))
+    keys = clustered(1500, 10, clusters=15, seed=1)
+    ivfpq_store(tmp_path, keys, nlist=16)
+    Datastore.open(tmp_path / "ds", backend="scan", native=False).search(keys[:3], 5)
+    assert asked == []
+    Datastore.open(tmp_path / "ds", backend="scan").search(keys[:3], 5)
+    assert asked == [1]
+    monkeypatch.undo()
+    monkeypatch.setenv("LMMEM_NATIVE", "0")
+    assert not ivf_scan.native_enabled() and ivf_scan.native_scan_op() is None
