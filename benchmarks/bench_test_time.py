@@ -13,8 +13,8 @@ Methods (``--methods``): ``plain``; ``cache`` (W = 2000); ``mbpa`` (restricted, 
 N = 128; K = 32, 5 steps, memory 2000); ``cache+mbpa``; ``mbpa-exact`` (every output row adapted,
 on ``--exact-tokens``); ``knn@K`` (kNN-LM with k = K over ``--datastore``, exact distances by
 default, ``--knn-distances``; the datastore's default search: the exact scan of the IVF lists where
-it fits in memory, by the native op where it builds); ``knn-torchscan@K`` (the same with the torch
-scan, ``native=False``); ``knn-pq@K`` (the same over PQ codes + exact re-ranking,
+it fits in memory, by the native op where it builds); ``knn-scan@K`` (the scan whatever k and the
+width); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same over PQ codes + exact re-ranking,
 ``backend="faiss"``). The stream is Zipf-distributed token ids. Each method is timed on the
 same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
 time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
@@ -78,7 +78,7 @@ def memories(method: str, args, stores: dict) -> MemorySet:
         return MemorySet([cache, mbpa])
     if method == "mbpa-exact":
         return MemorySet([MbPAMemory(MbPAConfig(vocab=0), [0.1])])
-    if method.startswith(("knn@", "knn-pq@", "knn-torchscan@")):
+    if method.startswith(("knn@", "knn-pq@", "knn-scan@", "knn-torchscan@")):
         k = int(method.split("@")[1])
         store = stores[method.split("@")[0]]
         return MemorySet([KNNMemory(store, KNNVariants([k], [1.0]), [0.25], distances=args.knn_distances,
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     if args.datastore:
         datastore = Datastore.open(args.datastore, expect={"dim": adapter.dim})
         stores = {"knn": datastore, "knn-pq": Datastore.open(args.datastore, backend="faiss"),
-                  "knn-torchscan": Datastore.open(args.datastore, native=False)}
+                  "knn-scan": Datastore.open(args.datastore, backend="scan"),
+                  "knn-torchscan": Datastore.open(args.datastore, backend="scan", native=False)}
         for store in stores.values():  # untimed: read the index, build the scan's fp32 lists
             store.search(torch.zeros(1, adapter.dim, device=dev), 1)
     rng = np.random.default_rng(0)

@@ -126,9 +126,15 @@ def test_calibration_records_the_scan_nprobe(tmp_path):
 
 def test_search_routing_to_the_scan(tmp_path, monkeypatch):
     keys = clustered(2000, 8, clusters=20, seed=6)
-    ds = ivfpq_store(tmp_path, keys)
+    ivfpq_store(tmp_path, keys)
+    ds = Datastore.open(tmp_path / "ds", native=False)  # the torch scan
     assert ds.search_plan("cpu") == "scan" and "scan of IVF lists" in ds.describe_search("cpu")
     assert ds.search_plan("cpu", k=1024) == "scan" and ds.search_plan("cpu", k=64) == "faiss"  # small k, narrow keys
+    monkeypatch.setattr(ivf_scan, "native_scan_op", lambda: len)  # the native op runs: the scan at every k
+    assert Datastore.open(tmp_path / "ds").search_plan("cpu", k=8) == "scan" and ds.search_plan("cpu", k=8) == "faiss"
+    monkeypatch.setattr(ivf_scan, "native_scan_op", lambda: None)  # it does not build here: as the torch scan
+    assert Datastore.open(tmp_path / "ds").search_plan("cpu", k=64) == "faiss"
+    monkeypatch.undo()
     assert ds.search_plan("cpu", distances="index") == "faiss"  # PQ distances asked for: the index
     assert Datastore.open(tmp_path / "ds", backend="faiss").search_plan("cpu") == "faiss"
     monkeypatch.setattr(knn_datastore, "SCAN_RAM_FRACTION", 0.0)  # fp32 keys too large for RAM: PQ + re-ranking

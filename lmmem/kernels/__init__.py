@@ -23,6 +23,9 @@ here, never the other way round.
   the write; λ an input), four kernels with no host sync, beside its PyTorch statement.
 * :mod:`lmmem.kernels.triton_kernels` — the Triton kernels themselves (torch-free, so that
   ``benchmarks/compile_check.py`` can compile them for sm_80 / sm_90a without a GPU).
+* :mod:`lmmem.kernels.ivf_scan` — the native (C++) exact scan of an IVF index's probed lists for
+  kNN-LM on a CPU, built on first use and probed, beside its torch statement
+  :mod:`lmmem.memories.knn_scan`, which runs wherever it does not build.
 * :mod:`lmmem.kernels.runtime` — when Triton runs, and the fallback that keeps a failing kernel
   variant from ever stopping a run (probe on first use, warn once, PyTorch path).
 

@@ -14,8 +14,9 @@ Where a search runs (``backend="auto"``), per call, from the queries' device:
   as many of the exact neighbours as PQ + re-ranking, several times faster at large k. It holds the
   keys in fp32 (twice the keys file), so it is chosen while that takes at most ``SCAN_RAM_FRACTION``
   of physical memory, and for searches where its matmuls are large enough to pay for the loop over
-  lists (``k ≥ SCAN_MIN_K`` or keys ``≥ SCAN_MIN_DIM`` wide); ``backend="faiss"`` keeps PQ +
-  re-ranking.
+  lists (``k ≥ SCAN_MIN_K`` or keys ``≥ SCAN_MIN_DIM`` wide) or where the scan runs as the native
+  op of :mod:`lmmem.kernels.ivf_scan` (where it builds; ``native=False``: the torch scan), faster
+  than PQ + re-ranking at every k; ``backend="faiss"`` keeps PQ + re-ranking.
 * CUDA queries: FAISS's GPU build where installed (``faiss.get_num_gpus() > 0``; a GPU copy of the
   index, made once); otherwise the exact torch search on the GPU with the keys copied there once
   (fp16) when they take at most half its free memory (exact beats IVFPQ's recall, and a GPU
@@ -41,6 +42,7 @@ import torch
 
 from lmmem.errors import LmmemError
 from lmmem.jsonio import write_json
+from lmmem.kernels import ivf_scan
 from lmmem.memories import knn_index, knn_scan
 from lmmem.memories.knn_store import (
     BUILD_FILE, FORMAT_VERSION, INDEX_FILE, KEYS_FILE, MANIFEST_FILE, VALUES_FILE, rebuild_hint, lock_path,
@@ -51,8 +53,9 @@ DISTANCES = ("auto", "exact", "index")
 BACKENDS = ("auto", "faiss", "scan", "torch")
 EXACT_RAM_FRACTION = 0.5  # distances="auto" recomputes exactly while keys.f16 ≤ this share of RAM
 SCAN_RAM_FRACTION = 0.25  # backend="auto" scans IVF lists exactly while their fp32 keys take ≤ this share of RAM
-# ... and for k ≥ SCAN_MIN_K or keys ≥ SCAN_MIN_DIM wide: below both, the per-list matmuls are too
-# small to pay for their loop (the benchmark at 1M × 64: the scan is 0.5–0.7× PQ's speed at k = 8)
+# ... and, for the torch scan (the native op pays everywhere), for k ≥ SCAN_MIN_K or keys ≥ SCAN_MIN_DIM
+# wide: below both, its per-list matmuls are too small to pay for their loop (the benchmark at 1M × 64:
+# the torch scan at 0.5–0.7× PQ's speed at k = 8)
 SCAN_MIN_K = 256
 SCAN_MIN_DIM = 512
 GPU_MAX_K = 2048  # FAISS's GPU search returns at most this many neighbours
@@ -226,11 +229,16 @@ class Datastore:
                 return "torch"
         if self.index_type == "ivfpq" and (self.backend == "scan" or (
                 self.backend == "auto" and self.uses_exact_distances(distances)
-                and ((k or 1024) >= SCAN_MIN_K or self.dim >= SCAN_MIN_DIM) and (
+                and ((k or 1024) >= SCAN_MIN_K or self.dim >= SCAN_MIN_DIM or self._native_scan()) and (
                     self._scan_lists is not None
                     or knn_scan.scan_bytes(self.size, self.dim) <= SCAN_RAM_FRACTION * _physical_memory()))):
             return "scan"
         return "faiss"
+
+    def _native_scan(self) -> bool:
+        """The scan runs as the native op (built on first use): it is then faster than PQ +
+        re-ranking at every k and width measured, so ``SCAN_MIN_K`` and ``SCAN_MIN_DIM`` do not apply."""
+        return self.native and ivf_scan.native_scan_op() is not None
 
     def describe_search(self, device: torch.device | str = "cpu", *, distances: str = "auto",
                         nprobe: int | None = None, k: int | None = None) -> str:
