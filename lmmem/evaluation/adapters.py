@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmmem.output_layers.base import IGNORE_INDEX, cross_entropy_from_logits
+from lmmem.output_layers.base import IGNORE_INDEX, target_log_probs_from_logits
 from lmmem.output_layers.full_softmax import FullSoftmax
 from lmmem.output_layers.hebbian_softmax import HebbianSoftmax
 
@@ -155,7 +155,7 @@ class LmmemAdapter(Adapter):
         if want_logits and self.linear_head() is None:
             # one V × D product for both the plain score and MbPA's candidate rows
             logits = out.logits(h)
-            return -cross_entropy_from_logits(logits, targets, "none", IGNORE_INDEX), logits
+            return target_log_probs_from_logits(logits, targets), logits
         return out.target_log_probs(h, targets), None
 
     def loss(self, inputs, targets, state=None):

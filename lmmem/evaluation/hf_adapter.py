@@ -20,7 +20,7 @@ import torch
 
 from lmmem.errors import LmmemError
 from lmmem.evaluation.adapters import Adapter, Forward, Head
-from lmmem.output_layers.base import IGNORE_INDEX, cross_entropy_from_logits
+from lmmem.output_layers.base import target_log_probs_from_logits
 
 SEQLEN_CONFIG_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")  # the context length, in lm-eval's order
 
@@ -100,7 +100,7 @@ class HFAdapter(Adapter):
 
     def target_log_probs(self, fwd: Forward, targets, want_logits: bool = False):
         logits = fwd.logits.reshape(-1, fwd.logits.shape[-1])
-        return -cross_entropy_from_logits(logits, targets, "none", IGNORE_INDEX), (logits if want_logits else None)
+        return target_log_probs_from_logits(logits, targets), (logits if want_logits else None)
 
     def copy(self) -> "HFAdapter":
         other = HFAdapter(copy.deepcopy(self.model).eval(), self.tokenizer)

@@ -347,13 +347,14 @@ class MbPA:
         q_all, keys, values, weights = hidden.reshape(N, D), keys.reshape(N, k, D), values.reshape(N, k), weights.reshape(N, k)
         out = torch.zeros(N, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         live = (y >= 0).nonzero()[:, 0]
+        every = len(live) == N  # no padding: groups are row ranges, and their base logits views, not copies of (rows, V)
         budget = cfg.max_elements or (1 << 26 if hidden.is_cuda else 1 << 21)
         if cfg.vocab > 0:
             key_lse, lse_flat = key_lse.reshape(N, k), lse.reshape(N)
             S = min(cfg.vocab, V) + k
             step = max(1, budget // (S * max(k, D)))
             for lo in range(0, len(live), step):
-                sel = live[lo: lo + step]
+                sel = slice(lo, lo + step) if every else live[lo: lo + step]
                 out[sel] = restricted_target_log_probs(
                     q_all[sel], y[sel], keys[sel], values[sel], weights[sel], key_lse[sel], output.weight, output.bias,
                     vocab=cfg.vocab, steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, base_logits=base_logits[sel],
@@ -361,7 +362,7 @@ class MbPA:
             return out.view(B, T)
         step = max(1, budget // (k * V))
         for lo in range(0, len(live), step):  # groups of queries, each group one batched adaptation
-            sel = live[lo: lo + step]
+            sel = slice(lo, lo + step) if every else live[lo: lo + step]
             bl = base_logits.reshape(N, V)[sel] if base_logits is not None else None
             logp = adapted_log_probs(q_all[sel], keys[sel], values[sel], weights[sel], output.weight, output.bias,
                                      steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, base_logits=bl)
