@@ -13,9 +13,9 @@ the fallback's throughput. For each k, ``nprobe`` is swept until recall@k (the s
 top-k that the search returns) reaches ``--target-recall``; throughput is then measured at that
 ``nprobe`` for each ``--batch-sizes`` (queries per call, as an evaluation batches them), with the
 index's distances and with exact ones recomputed from the stored keys. Then the exact scan of the
-IVF lists (``backend="scan"``, :mod:`lmmem.memories.knn_scan`) at its calibrated nprobe for each k:
-recall on the same queries, and queries/s against PQ + re-ranking at its calibrated setting on the
-same fresh batches, in the same run.
+IVF lists (``backend="scan"``, :mod:`lmmem.memories.knn_scan`; the native op where it builds) at
+its calibrated nprobe for each k: recall on the same queries, and queries/s against PQ +
+re-ranking at its calibrated setting on the same fresh batches, in the same run.
 
     python benchmarks/bench_knn.py --entries 100000 --root /tmp/knn-bench          # minutes
     python benchmarks/bench_knn.py --root /work/exp/NAME/knn-bench --threads 2     # 1M × 768: 1.5 GB of keys
