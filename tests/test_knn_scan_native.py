@@ -100,6 +100,24 @@ def test_a_native_scan_that_fails_falls_back_to_the_torch_scan(tmp_path, monkeyp
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_a_build_killed_half_way_blocks_no_later_one(monkeypatch, fresh_verdict, native_op):
+    """A build killed with kill -9 leaves torch's baton file (``lock``) in the build folder, on which
+    torch's loader would wait forever: the next load removes it under lmmem's own flock."""
+    from torch.utils.file_baton import FileBaton
+
+    folder = ivf_scan._build_folder(ivf_scan._cflags())
+    (folder / "lock").touch()
+
+    def wait_forever(self):
+        raise AssertionError(f"waited on the stale baton {self.lock_file_path}")
+    monkeypatch.setattr(FileBaton, "wait", wait_forever)
+    ivf_scan._load.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ivf_scan.NativeScanWarning)
+        assert ivf_scan.native_scan_op() is not None
+    assert not (folder / "lock").exists()
+
+
 def test_native_switch(tmp_path, monkeypatch):
     """LMMEM_NATIVE=0 and Datastore.open(native=False) keep the torch scan: the op is never asked for."""
     asked = []

@@ -11,8 +11,8 @@ result does not depend on the order of the lists).
 Built with ``torch.utils.cpp_extension`` into ``$LMMEM_CACHE/native`` (``~/.cache/lmmem/native``),
 once per machine: the folder's name holds a digest of the source, the flags, torch's version and the
 CPU's instruction-set flags (the build is ``-march=native`` on x86-64), so a home folder shared by
-different machines never loads a build made for another CPU. torch's own file lock keeps two
-processes from building it at once.
+different machines never loads a build made for another CPU. A flock beside the folder keeps two
+processes from building it at once, and a build killed half-way (kill -9) blocks no later one.
 
 Never failing hard, as :mod:`lmmem.kernels.runtime` for Triton: the first use builds the op and runs
 it on a small problem against a float64 brute force. A build that fails (no C++ compiler, no Python
@@ -33,6 +33,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from lmmem.safety import FolderLock
 
 SOURCE = Path(__file__).with_name("ivf_scan.cpp")
 NAME = "lmmem_ivf_scan"  # the TORCH_LIBRARY namespace in ivf_scan.cpp: torch.ops.lmmem_ivf_scan.ivf_scan
@@ -111,11 +113,16 @@ def _load():
         flags = _cflags()
         folder = _build_folder(flags)
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"{NAME}.so").exists():
-            print(f"lmmem: building the native IVF scan in {folder} (once per machine, ~20 s)", file=sys.stderr)
-        with _ninja_on_path():
-            cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
-                               is_python_module=False, verbose=False)
+        # Builds run under lmmem's own flock, which the kernel drops when its holder dies. torch's
+        # baton file inside the folder is then never contended, so one found there was left by a
+        # build that was killed, and torch would wait on it forever: it is removed.
+        with FolderLock(folder.parent / f"{folder.name}.lock", "the native IVF scan's build folder", wait=True):
+            (folder / "lock").unlink(missing_ok=True)
+            if not (folder / f"{NAME}.so").exists():
+                print(f"lmmem: building the native IVF scan in {folder} (once per machine, ~20 s)", file=sys.stderr)
+            with _ninja_on_path():
+                cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
+                                   is_python_module=False, verbose=False)
         op = torch.ops.lmmem_ivf_scan.ivf_scan
         problem = _probe_problem()
         if not _probe_ok(op, *problem):
