@@ -105,8 +105,11 @@ def test_a_build_killed_half_way_blocks_no_later_one(monkeypatch, fresh_verdict,
     torch's loader would wait forever: the next load removes it under lmmem's own flock."""
     from torch.utils.file_baton import FileBaton
 
+    from lmmem.safety import FolderLock
+
     folder = ivf_scan._build_folder(ivf_scan._cflags())
-    (folder / "lock").touch()
+    with FolderLock(folder.parent / f"{folder.name}.lock", "the build folder", wait=True):  # no load in between
+        (folder / "lock").touch()
 
     def wait_forever(self):
         raise AssertionError(f"waited on the stale baton {self.lock_file_path}")
