@@ -132,6 +132,7 @@ def test_search_routing_to_the_scan(tmp_path, monkeypatch):
     assert ds.search_plan("cpu", k=1024) == "scan" and ds.search_plan("cpu", k=64) == "faiss"  # small k, narrow keys
     monkeypatch.setattr(ivf_scan, "native_scan_op", lambda: len)  # the native op runs: the scan at every k
     assert Datastore.open(tmp_path / "ds").search_plan("cpu", k=8) == "scan" and ds.search_plan("cpu", k=8) == "faiss"
+    assert "(native;" in Datastore.open(tmp_path / "ds").describe_search("cpu") and "(torch;" in ds.describe_search("cpu")
     monkeypatch.setattr(ivf_scan, "native_scan_op", lambda: None)  # it does not build here: as the torch scan
     assert Datastore.open(tmp_path / "ds").search_plan("cpu", k=64) == "faiss"
     monkeypatch.undo()

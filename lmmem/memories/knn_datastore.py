@@ -249,7 +249,8 @@ class Datastore:
             return f"torch exact search over {self.size:,} keys on {torch.device(device).type}, {exact}"
         idx = self.manifest["index"]
         if plan == "scan":
-            return (f"scan of IVF lists ({knn_index.faiss_version()} nlist {idx['nlist']}, nprobe "
+            how = "native" if self._native_scan() else "torch"
+            return (f"scan of IVF lists ({how}; {knn_index.faiss_version()} nlist {idx['nlist']}, nprobe "
                     f"{nprobe or 'calibrated per k'}) over {self.size:,} fp32 keys, exact distances")
         shape = "Flat" if idx["type"] == "flat" else (
             f"IVFPQ nlist {idx['nlist']} m {idx['m']}×{idx['nbits']}b nprobe {nprobe or idx.get('nprobe')} "
