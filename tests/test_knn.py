@@ -62,12 +62,16 @@ def datastore_bytes(path: Path) -> dict:
 # search
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["faiss", "native"])
 @pytest.mark.parametrize("n, dim, nq, k", [(1237, 37, 53, 17), (300, 5, 9, 300), (40, 8, 3, 64)])
-def test_flat_search_equals_brute_force(tmp_path, n, dim, nq, k):
+def test_flat_search_equals_brute_force(tmp_path, request, n, dim, nq, k, native):
+    """FAISS's Flat search, and where the native scan runs, the scan of all keys as one list."""
+    if native:
+        request.getfixturevalue("native_op")
     torch.manual_seed(n)
     keys, values = torch.randn(n, dim) * 3, torch.randint(0, 97, (n,))
-    ds = Datastore.open(build(tmp_path / "ds", keys, values))
-    assert ds.manifest["index"]["type"] == "flat" and ds.search_plan() == "faiss"
+    ds = Datastore.open(build(tmp_path / "ds", keys, values), native=native)
+    assert ds.manifest["index"]["type"] == "flat" and ds.search_plan() == ("scan" if native else "faiss")
     queries = torch.randn(nq, dim) * 3
     ref_d, ref_i = brute_force(keys, queries, k)
     for distances in ("exact", "index"):
@@ -472,8 +476,9 @@ def test_kill_9_of_a_build_never_leaves_a_datastore_that_opens_half_built(tmp_pa
 
 
 def test_search_routing_by_device(tmp_path, monkeypatch):
-    """Which search serves which device (the GPU paths themselves need a GPU and FAISS's GPU build)."""
-    ds = Datastore.open(build(tmp_path / "ds", torch.randn(50, 4), torch.randint(0, 5, (50,))))
+    """Which search serves which device (the GPU paths themselves need a GPU and FAISS's GPU build);
+    FAISS's Flat search, as where the native scan does not run (tests/test_knn_scan.py: where it does)."""
+    ds = Datastore.open(build(tmp_path / "ds", torch.randn(50, 4), torch.randint(0, 5, (50,))), native=False)
     assert ds.search_plan("cpu") == "faiss"
     monkeypatch.setattr(ds, "_fits_on", lambda device: True)
     assert ds.search_plan("cuda:0") == "torch"  # CUDA queries, no FAISS GPU build: exact torch on the GPU

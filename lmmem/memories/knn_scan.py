@@ -109,6 +109,25 @@ def ivf_lists(index, keys: np.ndarray | None = None) -> IVFLists:
     return lists
 
 
+def one_list(keys: np.ndarray) -> IVFLists:
+    """A Flat datastore's keys (the fp16 memmap) as a single list around their mean: searched with
+    nprobe = 1, the scan is an exact search of every key (what the native op makes faster than
+    FAISS's Flat search at large k)."""
+    count, dim = keys.shape
+    centroid = torch.zeros(1, dim, dtype=torch.float64)
+    for start in range(0, count, READ_CHUNK_ROWS):
+        centroid += torch.from_numpy(np.array(keys[start:start + READ_CHUNK_ROWS])).double().sum(0)
+    centroid = (centroid / max(count, 1)).to(torch.float32)
+    residuals = torch.empty((count, dim), dtype=torch.float32)
+    norms = torch.empty(count, dtype=torch.float32)
+    for start in range(0, count, READ_CHUNK_ROWS):
+        rows = torch.from_numpy(np.array(keys[start:start + READ_CHUNK_ROWS])).to(torch.float32) - centroid
+        residuals[start:start + len(rows)] = rows
+        norms[start:start + len(rows)] = (rows * rows).sum(1)
+    return IVFLists(centroids=centroid, ids=torch.arange(count), starts=torch.tensor([0, count]),
+                    list_of=torch.zeros(count, dtype=torch.int64), residuals=residuals, norms=norms)
+
+
 def probe(lists: IVFLists, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
     """(N, nprobe) int64: each query's ``nprobe`` nearest centroids, nearest first."""
     c = lists.centroids
