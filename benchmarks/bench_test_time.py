@@ -14,8 +14,8 @@ N = 128; K = 32, 5 steps, memory 2000); ``cache+mbpa``; ``mbpa-exact`` (every ou
 on ``--exact-tokens``); ``knn@K`` (kNN-LM with k = K over ``--datastore``, exact distances by
 default, ``--knn-distances``; the datastore's default search: the exact scan of the IVF lists where
 it fits in memory, by the native op where it builds); ``knn-scan@K`` (the scan whatever k and the
-width); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same over PQ codes + exact re-ranking,
-``backend="faiss"``). The stream is Zipf-distributed token ids. Each method is timed on the
+width); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same
+over PQ codes + exact re-ranking, ``backend="faiss"``). The stream is Zipf-distributed token ids. Each method is timed on the
 same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
 time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
 
@@ -116,9 +116,11 @@ def main(argv=None) -> int:
     datastore, stores = None, {}
     if args.datastore:
         datastore = Datastore.open(args.datastore, expect={"dim": adapter.dim})
-        stores = {"knn": datastore, "knn-pq": Datastore.open(args.datastore, backend="faiss"),
-                  "knn-scan": Datastore.open(args.datastore, backend="scan"),
-                  "knn-torchscan": Datastore.open(args.datastore, backend="scan", native=False)}
+        options = {"knn-pq": {"backend": "faiss"}, "knn-scan": {"backend": "scan"},
+                   "knn-torchscan": {"backend": "scan", "native": False}}
+        wanted = {m.split("@")[0] for m in (args.methods + "," + args.exact_methods).split(",") if "@" in m}
+        stores = {"knn": datastore} | {name: Datastore.open(args.datastore, **o) for name, o in options.items()
+                                       if name in wanted}  # each scan store holds its own fp32 keys: only those asked for
         for store in stores.values():  # untimed: read the index, build the scan's fp32 lists
             store.search(torch.zeros(1, adapter.dim, device=dev), 1)
     rng = np.random.default_rng(0)
