@@ -14,7 +14,8 @@ N = 128; K = 32, 5 steps, memory 2000); ``cache+mbpa``; ``mbpa-exact`` (every ou
 on ``--exact-tokens``); ``knn@K`` (kNN-LM with k = K over ``--datastore``, exact distances by
 default, ``--knn-distances``; the datastore's default search: the exact scan of the IVF lists where
 it fits in memory, by the native op where it builds); ``knn-scan@K`` (the scan whatever k and the
-width); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same
+width); ``knn-fp32scan@K`` (the native scan with fp32 products, ``bf16=False``; the default uses bf16
+ones on CPUs with AMX); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same
 over PQ codes + exact re-ranking, ``backend="faiss"``). The stream is Zipf-distributed token ids. Each method is timed on the
 same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
 time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
@@ -78,7 +79,7 @@ def memories(method: str, args, stores: dict) -> MemorySet:
         return MemorySet([cache, mbpa])
     if method == "mbpa-exact":
         return MemorySet([MbPAMemory(MbPAConfig(vocab=0), [0.1])])
-    if method.startswith(("knn@", "knn-pq@", "knn-scan@", "knn-torchscan@")):
+    if method.startswith(("knn@", "knn-pq@", "knn-scan@", "knn-fp32scan@", "knn-torchscan@")):
         k = int(method.split("@")[1])
         store = stores[method.split("@")[0]]
         return MemorySet([KNNMemory(store, KNNVariants([k], [1.0]), [0.25], distances=args.knn_distances,
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     if args.datastore:
         datastore = Datastore.open(args.datastore, expect={"dim": adapter.dim})
         options = {"knn-pq": {"backend": "faiss"}, "knn-scan": {"backend": "scan"},
-                   "knn-torchscan": {"backend": "scan", "native": False}}
+                   "knn-fp32scan": {"backend": "scan", "bf16": False}, "knn-torchscan": {"backend": "scan", "native": False}}
         wanted = {m.split("@")[0] for m in (args.methods + "," + args.exact_methods).split(",") if "@" in m}
         stores = {"knn": datastore} | {name: Datastore.open(args.datastore, **o) for name, o in options.items()
                                        if name in wanted}  # each scan store holds its own fp32 keys: only those asked for
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
     print(markdown_table(rows, cols))
     config = {**vars(args), "datastore": Path(args.datastore).name if args.datastore else None, "vocab": vocab, "dim": adapter.dim, "window": bptt,
               "datastore_index": ({"count": datastore.size, "dim": datastore.dim, "index": datastore.manifest["index"]}
-                                  if datastore else None)}
+                                  if datastore else None),
+              "searches": {name: store.describe_search(dev, distances=args.knn_distances) for name, store in stores.items()}}
     # the command without this machine's paths (--datastore DATASTORE), as committed results store it
     command = portable_command(sys.argv[1:] if argv is None else argv, "python benchmarks/bench_test_time.py")
     path = write_results(f"bench_test_time_{args.model}_{dev.type}", {"config": config, "rows": rows, "times": times,

@@ -125,6 +125,7 @@ def test_calibration_records_the_scan_nprobe(tmp_path):
 
 
 def test_search_routing_to_the_scan(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMMEM_NATIVE_BF16", "0")  # the patched op below has no bf16 variant
     keys = clustered(2000, 8, clusters=20, seed=6)
     ivfpq_store(tmp_path, keys)
     ds = Datastore.open(tmp_path / "ds", native=False)  # the torch scan

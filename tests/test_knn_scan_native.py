@@ -1,5 +1,6 @@
-"""The native IVF scan (lmmem.kernels.ivf_scan, C++) against a float64 brute force and the torch
-scan it replaces, and its fallback: a build that fails, a probe that fails, LMMEM_NATIVE=0 (issue 20).
+"""The native IVF scan (lmmem.kernels.ivf_scan, C++), with fp32 and with bf16 products, against a
+float64 brute force and the torch scan it replaces, and its fallback: a build that fails, a probe
+that fails, LMMEM_NATIVE=0, LMMEM_NATIVE_BF16=0 (issue 20).
 Its equality on the shapes of the torch scan's tests is in tests/test_knn_scan.py."""
 
 from __future__ import annotations
@@ -18,13 +19,27 @@ from test_knn_scan import ivfpq_store
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(params=["fp32", "bf16"])
+def products(request, monkeypatch, native_op):
+    """The native scan with each kind of product. bf16 runs without AMX too (MKL emulates it), so
+    it must pass its probe wherever torch's build has MKL's bf16 GEMM (x86-64 wheels)."""
+    monkeypatch.setenv("LMMEM_NATIVE_BF16", "0" if request.param == "fp32" else "1")
+    if request.param == "bf16" and ivf_scan.screened_scan_op() is None:
+        if not torch.ops.lmmem_ivf_scan.has_bf16_gemm():
+            pytest.skip("this torch build does not export MKL's bf16 GEMM")
+        pytest.fail("MKL's bf16 GEMM is present, so the bf16 scan must pass its probe")
+    if request.param == "fp32":
+        assert ivf_scan.screened_scan_op() is None
+    return request.param
+
+
 def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of ``b``'s ids (-1 ignored) that ``a`` holds in the same row."""
     return sum(len((set(x.tolist()) & set(y.tolist())) - {-1}) for x, y in zip(a, b)) / int((b >= 0).sum())
 
 
 @pytest.mark.parametrize("k, extra", [(1, 1), (9, 1), (70, 0), (70, 256), (700, 256)])
-def test_native_scan_equals_brute_force_and_the_torch_scan(tmp_path, monkeypatch, native_op, k, extra):
+def test_native_scan_equals_brute_force_and_the_torch_scan(tmp_path, monkeypatch, products, k, extra):
     """Overlapping clusters (neighbours spread over many lists), nprobe below and at nlist. Small
     pools (POOL_MIN_EXTRA 0–1: cap = 2k) are cut back many times while the lists are scanned; k = 1;
     k above what some queries' probed lists hold (padding with +inf, -1)."""
@@ -33,6 +48,7 @@ def test_native_scan_equals_brute_force_and_the_torch_scan(tmp_path, monkeypatch
     keys[100:110] = keys[7]  # tied distances
     ds = ivfpq_store(tmp_path, keys, nlist=16)
     lists = ds._lists()
+    assert ("bf16 products" in ds.describe_search("cpu", k=k)) == (products == "bf16")
     g = torch.Generator().manual_seed(k)
     queries = torch.cat([keys[:5].half().float(), keys[200:241] + 0.5 * torch.randn(41, 19, generator=g)])
     d, ids = knn_scan.scan_search(lists, queries, k, lists.nlist, native=True)
@@ -52,7 +68,7 @@ def test_native_scan_equals_brute_force_and_the_torch_scan(tmp_path, monkeypatch
         assert torch.isinf(d_n).any()  # some queries' 3 lists hold fewer than 700 keys
 
 
-def test_native_scan_threads_give_the_same_result(tmp_path, native_op):
+def test_native_scan_threads_give_the_same_result(tmp_path, products):
     """Threads take disjoint runs of queries, each with its own grouping by list: the same
     neighbours as one thread (the distances to rounding: the matmuls have other row counts)."""
     keys = clustered(2500, 24, clusters=20, seed=5, spread=1.5)
@@ -65,12 +81,59 @@ def test_native_scan_threads_give_the_same_result(tmp_path, native_op):
     assert overlap(one[1], three[1]) > 0.999
 
 
+def test_bf16_scan_orders_keys_that_bf16_products_cannot_tell_apart(monkeypatch, native_op):
+    """Keys at distances 1 + 2e-4·i from the query, in random directions, far from their list's
+    centroid: the bf16 products' rounding (~0.4% of |q − c|·|x − c|, here ~100 times the gaps)
+    cannot order them, so every one of them is re-checked in fp32 and the top-k is the exact order."""
+    monkeypatch.setenv("LMMEM_NATIVE_BF16", "1")
+    if ivf_scan.screened_scan_op() is None:
+        pytest.skip("no bf16 scan here (see the products fixture)")
+    g = torch.Generator().manual_seed(4)
+    dim, count, k = 96, 600, 70
+    query = torch.randn(dim, generator=g)
+    away = torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
+    rank = torch.randperm(count, generator=g)
+    radius = (1 + 2e-4 * rank.double()).sqrt()
+    keys = query.double() + radius[:, None] * torch.nn.functional.normalize(torch.randn(count, dim, generator=g), dim=1).double()
+    centroid = (query.double() + 2.0 * away.double()).float()
+    residuals = (keys - centroid.double()).float()
+    lists = knn_scan.IVFLists(centroids=centroid[None], ids=torch.arange(count), starts=torch.tensor([0, count]),
+                              list_of=torch.zeros(count, dtype=torch.int64), residuals=residuals,
+                              norms=(residuals * residuals).sum(1))
+    d, ids = knn_scan.scan_search(lists, query[None], k, 1)
+    truth = ((query.double() - residuals.double() - centroid.double()) ** 2).sum(1)
+    assert torch.equal(ids[0], truth.argsort()[:k])  # gaps of 2e-4 ≫ fp32 rounding (~1e-6) of distances near 1
+    torch.testing.assert_close(d[0].double(), truth.sort().values[:k], rtol=0, atol=2e-6)
+    _, bf16_alone = torch.topk(-(residuals.bfloat16().float() - (query - centroid).bfloat16().float()).pow(2).sum(1), k)
+    assert not torch.equal(bf16_alone, ids[0])  # the test's premise: bf16 distances alone get the order wrong
+
+
 @pytest.fixture
 def fresh_verdict():
-    """The process's verdict on the op cleared before and after: this test's own build or failure."""
+    """The process's verdicts on the ops cleared before and after: this test's own build or failure."""
     ivf_scan._load.cache_clear()
+    ivf_scan._load_screened.cache_clear()
     yield
     ivf_scan._load.cache_clear()
+    ivf_scan._load_screened.cache_clear()
+
+
+def test_a_bf16_scan_that_fails_its_probe_falls_back_to_fp32_products(tmp_path, monkeypatch, native_op, fresh_verdict):
+    """A wrong bf16 result on the probe problem: one NativeScanWarning, then the fp32 op runs."""
+    monkeypatch.setenv("LMMEM_NATIVE_BF16", "1")
+    op = ivf_scan.native_scan_op()
+    assert op is not None
+    monkeypatch.setattr(ivf_scan, "_probe_ok", lambda *a: False)  # the fp32 op's verdict is already cached
+    with pytest.warns(ivf_scan.NativeScanWarning, match="bf16 products"):
+        assert ivf_scan.screened_scan_op() is None
+    keys = clustered(1500, 10, clusters=15, seed=1)
+    lists = ivfpq_store(tmp_path, keys, nlist=16)._lists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ivf_scan.NativeScanWarning)
+        got = knn_scan.scan_search(lists, keys[:20] + 0.2, 40, 4)
+    assert lists.screen is None  # no bf16 copy made for an op that does not run
+    want = knn_scan.scan_search(lists, keys[:20] + 0.2, 40, 4, native=False)
+    assert torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("failure", ["build", "probe"])
@@ -130,7 +193,7 @@ def test_native_switch(tmp_path, monkeypatch):
     Datastore.open(tmp_path / "ds", backend="scan", native=False).search(keys[:3], 5)
     assert asked == []
     Datastore.open(tmp_path / "ds", backend="scan").search(keys[:3], 5)
-    assert asked == [1]
+    assert asked  # the native op asked for (by the fp32 and the bf16 scan alike)
     monkeypatch.undo()
     monkeypatch.setenv("LMMEM_NATIVE", "0")
     assert not ivf_scan.native_enabled() and ivf_scan.native_scan_op() is None

@@ -14,10 +14,20 @@ CPU's instruction-set flags (the build is ``-march=native`` on x86-64), so a hom
 different machines never loads a build made for another CPU. A flock beside the folder keeps two
 processes from building it at once, and a build killed half-way (kill -9) blocks no later one.
 
+**bf16 products** (``ivf_scan_screened``). Where the CPU has bf16 matrix units (AMX: Intel Xeon
+since Sapphire Rapids) and torch's build exports MKL's bf16 GEMM, the products run in bf16 with fp32
+sums, several times faster than fp32's. They only screen: a rigorous bound on their rounding
+brackets each key's fp32 distance, and every key the bound cannot rule out gets its fp32 distance
+before the top-k is taken, so the neighbours and distances are the fp32 scan's (to the rounding of
+a sum in another order). The keys then also take a bf16 copy (half the fp32 residuals' memory).
+``LMMEM_NATIVE_BF16=0`` keeps fp32 products; ``=1`` uses bf16 ones without AMX too (MKL emulates
+them: correct, slower), as the tests do.
+
 Never failing hard, as :mod:`lmmem.kernels.runtime` for Triton: the first use builds the op and runs
 it on a small problem against a float64 brute force. A build that fails (no C++ compiler, no Python
 headers) or a wrong result warns once (:class:`NativeScanWarning`) and the torch scan runs for the
-rest of the process, with the same neighbours. ``LMMEM_NATIVE=0`` switches the native op off.
+rest of the process, with the same neighbours. ``LMMEM_NATIVE=0`` switches the native op off. The
+bf16 op is probed the same way; where it fails, the fp32 op runs.
 """
 
 from __future__ import annotations
@@ -61,6 +71,24 @@ def pool_size(k: int) -> int:
 def native_scan_op():
     """``torch.ops.lmmem_ivf_scan.ivf_scan`` where it builds and passes its probe; else None."""
     return _load() if native_enabled() else None
+
+
+def bf16_products() -> bool:
+    """Whether the scan should multiply in bf16 (``ivf_scan_screened``): ``LMMEM_NATIVE_BF16`` 0/1
+    where set, else where the CPU has AMX's bf16 tiles (elsewhere MKL emulates bf16 products, at
+    no gain over fp32)."""
+    choice = os.environ.get("LMMEM_NATIVE_BF16", "auto").strip().lower()
+    if choice in ("0", "false", "no", "off"):
+        return False
+    return choice in ("1", "true", "yes", "on") or "amx_bf16" in _cpu_flags().split()
+
+
+def screened_scan_op(bf16: bool | None = None):
+    """``torch.ops.lmmem_ivf_scan.ivf_scan_screened`` where ``bf16`` (None: :func:`bf16_products`)
+    asks for it, the native op loads, torch's build has MKL's bf16 GEMM, and it passes its probe;
+    else None."""
+    wanted = bf16_products() if bf16 is None else bf16
+    return _load_screened() if wanted and native_scan_op() is not None else None
 
 
 def _cflags() -> list[str]:
@@ -134,6 +162,48 @@ def _load():
                       f"scan instead (same neighbours, slower at large k). LMMEM_NATIVE=0 skips the attempt.",
                       NativeScanWarning, stacklevel=3)
         return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_screened():
+    try:
+        ops = torch.ops.lmmem_ivf_scan
+        if not ops.has_bf16_gemm():
+            raise RuntimeError("this torch build does not export MKL's bf16 GEMM (cblas_gemm_bf16bf16f32)")
+        if not _probe_ok(_screened_as_plain(ops.ivf_scan_screened), *_probe_problem()):
+            raise RuntimeError("its result on a probe problem differs from a float64 brute force")
+        return ops.ivf_scan_screened
+    except Exception as e:  # noqa: BLE001 - the fp32 op runs instead
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"the native IVF scan's bf16 products are not used here ({type(e).__name__}: {cause}); "
+                      f"multiplying in fp32 instead (same neighbours). LMMEM_NATIVE_BF16=0 skips the attempt.",
+                      NativeScanWarning, stacklevel=3)
+        return None
+
+
+def screen_keys(residuals: torch.Tensor, chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``ivf_scan_screened`` needs beside the fp32 residuals ``r``: their bf16 copy ``r~``
+    (rounded to nearest), ``|r - r~|`` and ``|r~| + |r - r~|`` per key (the terms of its bound),
+    computed ``chunk`` rows at a time (no temporary of the residuals' size)."""
+    count = residuals.shape[0]
+    low = torch.empty(residuals.shape, dtype=torch.bfloat16)
+    err = torch.empty(count, dtype=torch.float32)
+    wide = torch.empty(count, dtype=torch.float32)
+    for start in range(0, count, chunk):
+        rows = residuals[start:start + chunk]
+        low[start:start + chunk] = rows.to(torch.bfloat16)
+        back = low[start:start + chunk].to(torch.float32)
+        err[start:start + chunk] = torch.linalg.vector_norm(rows - back, dim=1)  # the differences are exact
+        wide[start:start + chunk] = torch.linalg.vector_norm(back, dim=1) + err[start:start + chunk]
+    return low, err, wide
+
+
+def _screened_as_plain(op):
+    """``op`` (ivf_scan_screened) with ivf_scan's arguments: the bf16 copy made on the fly (the probe)."""
+    def run(queries, probed, centroids, residuals, norms, starts, k, cap):
+        low, err, wide = screen_keys(residuals)
+        return op(queries, probed, centroids, residuals, low, norms, err, wide, starts, k, cap)
+    return run
 
 
 def _probe_problem():

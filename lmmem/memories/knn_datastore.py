@@ -79,13 +79,14 @@ def _short(v) -> str:
 class Datastore:
     """A complete datastore, opened read-only. Use :meth:`open`."""
 
-    def __init__(self, path: Path, manifest: dict, *, backend: str = "auto", native: bool = True):
+    def __init__(self, path: Path, manifest: dict, *, backend: str = "auto", native: bool = True,
+                 bf16: bool | None = None):
         self.path, self.manifest = path, manifest
         self.dim, self.size = int(manifest["dim"]), int(manifest["count"])
         self.keys = np.memmap(path / KEYS_FILE, dtype=np.float16, mode="r", shape=(self.size, self.dim))
         self._values = torch.from_numpy(np.fromfile(path / VALUES_FILE, dtype=np.int32)).to(torch.int64)
         self.index_type = manifest["index"]["type"]
-        self.backend, self.native = backend, native
+        self.backend, self.native, self.bf16 = backend, native, bf16
         self._faiss = None if backend == "torch" else knn_index.faiss_or_none()
         if self._faiss is None and backend == "faiss":
             raise LmmemError("backend='faiss' needs faiss: pip install faiss-cpu")
@@ -101,14 +102,17 @@ class Datastore:
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, *, expect: dict | None = None, backend: str = "auto", native: bool = True) -> "Datastore":
+    def open(cls, path, *, expect: dict | None = None, backend: str = "auto", native: bool = True,
+             bf16: bool | None = None) -> "Datastore":
         """Open the datastore folder ``path`` after the checks of the module docstring.
         ``expect``: manifest fields this use needs (e.g. ``model_fingerprint``, ``dim``); looked up
         at the manifest's top level, then under ``built``. ``backend``: ``"auto"``, ``"faiss"`` (the
         index as built: PQ codes + re-ranking for IVFPQ), ``"scan"`` (IVFPQ: the exact scan of its
         lists on CPU, whatever the memory) or ``"torch"`` (exact search everywhere). ``native``: the
         scan runs as the fused C++ op where it builds (:mod:`lmmem.kernels.ivf_scan`); False keeps
-        the torch scan (the same neighbours; for comparisons)."""
+        the torch scan (the same neighbours; for comparisons). ``bf16``: the native scan's products
+        in bf16 with fp32 re-checks (the same neighbours; a bf16 copy of the keys beside the fp32
+        one); None: where the CPU has AMX (:func:`lmmem.kernels.ivf_scan.bf16_products`)."""
         if backend not in BACKENDS:
             raise LmmemError(f"unknown datastore backend {backend!r}; choose {', '.join(BACKENDS)}")
         path = Path(path)
@@ -117,7 +121,7 @@ class Datastore:
         _check_files(path, manifest)
         if expect:
             _check_expected(path, manifest, expect)
-        return cls(path, manifest, backend=backend, native=native)
+        return cls(path, manifest, backend=backend, native=native, bf16=bf16)
 
     # -- searching ----------------------------------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int, *, distances: str = "auto", nprobe: int | None = None,
@@ -151,7 +155,7 @@ class Datastore:
         if where == "scan":
             flat = self.index_type == "flat"
             nprobe = 1 if flat else nprobe or knn_index.scan_setting_for(self.manifest["index"], k)
-            dists, ids = knn_scan.scan_search(self._lists(), queries, k, nprobe, native=self.native)
+            dists, ids = knn_scan.scan_search(self._lists(), queries, k, nprobe, native=self.native, bf16=self.bf16)
             if flat and exact:  # one list around the keys' mean: its expanded form rounds as FAISS's Flat does
                 return knn_index.rerank_exact(self._keys_for(dev), queries, ids.to(dev), k)
             return dists.to(dev), ids.to(dev)
@@ -231,7 +235,9 @@ class Datastore:
                 return "faiss-gpu"
             if self.backend == "auto" and self._fits_on(device):
                 return "torch"
-        fits = self._scan_lists is not None or knn_scan.scan_bytes(self.size, self.dim) <= SCAN_RAM_FRACTION * _physical_memory()
+        bf16 = self._native_scan() and (ivf_scan.bf16_products() if self.bf16 is None else self.bf16)  # + a bf16 copy
+        fits = (self._scan_lists is not None
+                or knn_scan.scan_bytes(self.size, self.dim, bf16=bf16) <= SCAN_RAM_FRACTION * _physical_memory())
         if self.index_type == "flat" and (self.backend == "scan" or (self.backend == "auto" and self._native_scan() and fits)):
             return "scan"  # one list: the same exact search as Flat, 1.8× its speed at k = 1,024 (docs/results/knn-lm.md)
         if self.index_type == "ivfpq" and (self.backend == "scan" or (
@@ -253,7 +259,8 @@ class Datastore:
         if plan == "torch":
             return f"torch exact search over {self.size:,} keys on {torch.device(device).type}, {exact}"
         idx = self.manifest["index"]
-        how = "native" if self._native_scan() else "torch"
+        how = ("native, bf16 products with fp32 re-checks" if self._native_scan() and ivf_scan.screened_scan_op(self.bf16)
+               else "native" if self._native_scan() else "torch")
         if plan == "scan" and idx["type"] == "flat":
             return f"exact scan ({how}) of the Flat datastore as one list, over {self.size:,} keys, exact distances"
         if plan == "scan":

@@ -21,7 +21,9 @@ one matmul, so a list is read once per block instead of once per query, at matmu
   then the rest, keeping only keys within ``τ`` (see :func:`_scan_block`). The result is the same.
 * **Native.** :mod:`lmmem.kernels.ivf_scan` does the same search in one C++ loop per list (the
   same products and distances, a running bound per query instead of two passes), built on first
-  use; this module's scan is its reference and runs wherever it does not build.
+  use; this module's scan is its reference and runs wherever it does not build. On CPUs with AMX
+  its products run in bf16, screened by a rigorous bound, with fp32 distances for every key the
+  bound cannot rule out (the same result; a bf16 copy of the keys beside the fp32 one).
 * **Memory.** The keys in fp32 in list order (``count · dim · 4`` bytes: 3 GB at 1M × 768, twice the
   keys file) plus one block's candidate table (a few k columns a query); built once, on first use.
 """
@@ -56,15 +58,17 @@ class IVFLists:
     list_of: torch.Tensor  # (count,) int64: the list that holds each row id
     residuals: torch.Tensor | None = None  # (count, dim) fp32: key − its list's centroid, in list order
     norms: torch.Tensor | None = None  # (count,) fp32: |residual|²
+    screen: tuple | None = None  # the bf16 scan's (residuals bf16, |r − r~|, |r~| + |r − r~|): ivf_scan.screen_keys
 
     @property
     def nlist(self) -> int:
         return self.centroids.shape[0]
 
 
-def scan_bytes(count: int, dim: int) -> int:
-    """Memory :func:`ivf_lists` takes with the keys: fp32 residuals, their norms, ids and list of each key."""
-    return count * (4 * dim + 4 + 8 + 8)
+def scan_bytes(count: int, dim: int, *, bf16: bool = False) -> int:
+    """Memory :func:`ivf_lists` takes with the keys: fp32 residuals, their norms, ids and list of each
+    key; ``bf16``: also the bf16 scan's copy (:func:`lmmem.kernels.ivf_scan.screen_keys`)."""
+    return count * (4 * dim + 4 + 8 + 8 + ((2 * dim + 8) if bf16 else 0))
 
 
 def scan_nprobes(nlist: int) -> list[int]:
@@ -136,11 +140,12 @@ def probe(lists: IVFLists, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
 
 
 def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int, *,
-                native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                native: bool = True, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest keys among the ``nprobe`` lists nearest each query, by exact distance:
     (dists float32 ascending, ids int64), (+inf, -1) where the probed lists hold fewer than ``k``.
-    ``native``: the fused C++ scan (:mod:`lmmem.kernels.ivf_scan`) where it builds, else this
-    module's torch scan; both return the same neighbours (up to ties)."""
+    ``native``: the fused C++ scan (:mod:`lmmem.kernels.ivf_scan`, with bf16 products where
+    :func:`~lmmem.kernels.ivf_scan.bf16_products`, or as ``bf16`` says) where it builds, else this
+    module's torch scan; all return the same neighbours (up to ties)."""
     q = queries.detach().to("cpu", torch.float32).contiguous()
     n = q.shape[0]
     out_d = torch.full((n, k), math.inf)
@@ -149,12 +154,20 @@ def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int, *,
         return out_d, out_i
     probed = probe(lists, q, nprobe)
     op = ivf_scan.native_scan_op() if native and len(lists.ids) < 2**32 else None
+    screened = ivf_scan.screened_scan_op(bf16) if op is not None and len(lists.ids) < 2**31 else None  # 32-bit GEMM sizes
+    if screened is not None and lists.screen is None:
+        lists.screen = ivf_scan.screen_keys(lists.residuals)  # once, on the first search, as the residuals
     if op is not None:
         cap = ivf_scan.pool_size(k)
-        rows = max(1, SCAN_ELEMENTS // cap)  # the op's pools: 8 bytes a candidate, as the torch scan's table
+        rows = max(1, SCAN_ELEMENTS // cap)  # the op's pools: 8 bytes a candidate (16 in the bf16 scan)
         for s in range(0, n, rows):
-            d, pos = op(q[s:s + rows], probed[s:s + rows].contiguous(), lists.centroids, lists.residuals, lists.norms,
-                        lists.starts, k, cap)
+            block, probe_block = q[s:s + rows], probed[s:s + rows].contiguous()
+            if screened is not None:
+                low, err, wide = lists.screen
+                d, pos = screened(block, probe_block, lists.centroids, lists.residuals, low, lists.norms, err, wide,
+                                  lists.starts, k, cap)
+            else:
+                d, pos = op(block, probe_block, lists.centroids, lists.residuals, lists.norms, lists.starts, k, cap)
             out_d[s:s + rows] = d
             out_i[s:s + rows] = torch.where(pos >= 0, lists.ids[pos.clamp_min(0)], -1)
         return out_d, out_i
