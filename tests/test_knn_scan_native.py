@@ -28,9 +28,22 @@ def products(request, monkeypatch, native_op):
         if not torch.ops.lmmem_ivf_scan.has_bf16_gemm():
             pytest.skip("this torch build does not export MKL's bf16 GEMM")
         pytest.fail("MKL's bf16 GEMM is present, so the bf16 scan must pass its probe")
-    if request.param == "fp32":
-        assert ivf_scan.screened_scan_op() is None
+    assert ivf_scan.bf16_products(19) == (request.param == "bf16")
     return request.param
+
+
+def test_when_the_scan_multiplies_in_bf16(monkeypatch):
+    """By default on AMX CPUs for keys at least BF16_MIN_DIM wide; LMMEM_NATIVE_BF16 overrides both ways."""
+    monkeypatch.delenv("LMMEM_NATIVE_BF16", raising=False)
+    monkeypatch.setattr(ivf_scan, "_cpu_flags", lambda: "flags : fpu avx512f amx_tile amx_bf16 amx_int8")
+    assert ivf_scan.bf16_products(768) and not ivf_scan.bf16_products(128)
+    monkeypatch.setattr(ivf_scan, "_cpu_flags", lambda: "flags : fpu avx512f avx512_bf16")
+    assert not ivf_scan.bf16_products(768)
+    monkeypatch.setenv("LMMEM_NATIVE_BF16", "1")
+    assert ivf_scan.bf16_products(64)
+    monkeypatch.setenv("LMMEM_NATIVE_BF16", "0")
+    monkeypatch.setattr(ivf_scan, "_cpu_flags", lambda: "flags : amx_bf16")
+    assert not ivf_scan.bf16_products(768)
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> float:

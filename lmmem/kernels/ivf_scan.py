@@ -20,8 +20,9 @@ sums, several times faster than fp32's. They only screen: a rigorous bound on th
 brackets each key's fp32 distance, and every key the bound cannot rule out gets its fp32 distance
 before the top-k is taken, so the neighbours and distances are the fp32 scan's (to the rounding of
 a sum in another order). The keys then also take a bf16 copy (half the fp32 residuals' memory).
-``LMMEM_NATIVE_BF16=0`` keeps fp32 products; ``=1`` uses bf16 ones without AMX too (MKL emulates
-them: correct, slower), as the tests do.
+By default they run on AMX for keys at least ``BF16_MIN_DIM`` wide (narrower keys spend less on
+products than re-checking costs). ``LMMEM_NATIVE_BF16=0`` keeps fp32 products; ``=1`` uses bf16 ones
+at every width and without AMX too (MKL emulates them: correct, slower), as the tests do.
 
 Never failing hard, as :mod:`lmmem.kernels.runtime` for Triton: the first use builds the op and runs
 it on a small problem against a float64 brute force. A build that fails (no C++ compiler, no Python
@@ -49,6 +50,9 @@ from lmmem.safety import FolderLock
 SOURCE = Path(__file__).with_name("ivf_scan.cpp")
 NAME = "lmmem_ivf_scan"  # the TORCH_LIBRARY namespace in ivf_scan.cpp: torch.ops.lmmem_ivf_scan.ivf_scan
 POOL_MIN_EXTRA = 256  # a pool holds at least k + this many candidates: a shrink every ≥ max(k, 256) appends
+# bf16 products by default from this key width (on AMX): at k = 1,024 they made evaluation faster at
+# d = 768 and slower at d = 64 and 128 (docs/results/knn-lm.md); widths in between are not measured
+BF16_MIN_DIM = 512
 
 
 class NativeScanWarning(RuntimeWarning):
@@ -73,22 +77,23 @@ def native_scan_op():
     return _load() if native_enabled() else None
 
 
-def bf16_products() -> bool:
-    """Whether the scan should multiply in bf16 (``ivf_scan_screened``): ``LMMEM_NATIVE_BF16`` 0/1
-    where set, else where the CPU has AMX's bf16 tiles (elsewhere MKL emulates bf16 products, at
-    no gain over fp32)."""
+def bf16_products(dim: int) -> bool:
+    """Whether the scan of ``dim``-wide keys should multiply in bf16 (``ivf_scan_screened``):
+    ``LMMEM_NATIVE_BF16`` 0/1 where set, else where the CPU has AMX's bf16 tiles (elsewhere MKL
+    emulates bf16 products, at no gain) and ``dim ≥ BF16_MIN_DIM`` (narrow keys: the products are
+    a small share of the scan, and re-checking costs more than bf16 saves)."""
     choice = os.environ.get("LMMEM_NATIVE_BF16", "auto").strip().lower()
     if choice in ("0", "false", "no", "off"):
         return False
-    return choice in ("1", "true", "yes", "on") or "amx_bf16" in _cpu_flags().split()
+    if choice in ("1", "true", "yes", "on"):
+        return True
+    return dim >= BF16_MIN_DIM and "amx_bf16" in _cpu_flags().split()
 
 
-def screened_scan_op(bf16: bool | None = None):
-    """``torch.ops.lmmem_ivf_scan.ivf_scan_screened`` where ``bf16`` (None: :func:`bf16_products`)
-    asks for it, the native op loads, torch's build has MKL's bf16 GEMM, and it passes its probe;
-    else None."""
-    wanted = bf16_products() if bf16 is None else bf16
-    return _load_screened() if wanted and native_scan_op() is not None else None
+def screened_scan_op():
+    """``torch.ops.lmmem_ivf_scan.ivf_scan_screened`` where the native op loads, torch's build has
+    MKL's bf16 GEMM, and it passes its probe; else None (see :func:`bf16_products` for when to use it)."""
+    return _load_screened() if native_scan_op() is not None else None
 
 
 def _cflags() -> list[str]:

@@ -112,7 +112,7 @@ class Datastore:
         scan runs as the fused C++ op where it builds (:mod:`lmmem.kernels.ivf_scan`); False keeps
         the torch scan (the same neighbours; for comparisons). ``bf16``: the native scan's products
         in bf16 with fp32 re-checks (the same neighbours; a bf16 copy of the keys beside the fp32
-        one); None: where the CPU has AMX (:func:`lmmem.kernels.ivf_scan.bf16_products`)."""
+        one); None: on AMX CPUs for wide keys (:func:`lmmem.kernels.ivf_scan.bf16_products`)."""
         if backend not in BACKENDS:
             raise LmmemError(f"unknown datastore backend {backend!r}; choose {', '.join(BACKENDS)}")
         path = Path(path)
@@ -235,7 +235,7 @@ class Datastore:
                 return "faiss-gpu"
             if self.backend == "auto" and self._fits_on(device):
                 return "torch"
-        bf16 = self._native_scan() and (ivf_scan.bf16_products() if self.bf16 is None else self.bf16)  # + a bf16 copy
+        bf16 = self._native_scan() and self._bf16_wanted()  # the bf16 scan also holds a bf16 copy of the keys
         fits = (self._scan_lists is not None
                 or knn_scan.scan_bytes(self.size, self.dim, bf16=bf16) <= SCAN_RAM_FRACTION * _physical_memory())
         if self.index_type == "flat" and (self.backend == "scan" or (self.backend == "auto" and self._native_scan() and fits)):
@@ -251,6 +251,9 @@ class Datastore:
         re-ranking at every k and width measured, so ``SCAN_MIN_K`` and ``SCAN_MIN_DIM`` do not apply."""
         return self.native and ivf_scan.native_scan_op() is not None
 
+    def _bf16_wanted(self) -> bool:
+        return ivf_scan.bf16_products(self.dim) if self.bf16 is None else self.bf16
+
     def describe_search(self, device: torch.device | str = "cpu", *, distances: str = "auto",
                         nprobe: int | None = None, k: int | None = None) -> str:
         """One line for results files: what a search for ``k`` neighbours on ``device`` does."""
@@ -259,7 +262,8 @@ class Datastore:
         if plan == "torch":
             return f"torch exact search over {self.size:,} keys on {torch.device(device).type}, {exact}"
         idx = self.manifest["index"]
-        how = ("native, bf16 products with fp32 re-checks" if self._native_scan() and ivf_scan.screened_scan_op(self.bf16)
+        how = ("native, bf16 products with fp32 re-checks" if self._native_scan() and self._bf16_wanted()
+               and ivf_scan.screened_scan_op()
                else "native" if self._native_scan() else "torch")
         if plan == "scan" and idx["type"] == "flat":
             return f"exact scan ({how}) of the Flat datastore as one list, over {self.size:,} keys, exact distances"

@@ -143,9 +143,9 @@ def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int, *,
                 native: bool = True, bf16: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest keys among the ``nprobe`` lists nearest each query, by exact distance:
     (dists float32 ascending, ids int64), (+inf, -1) where the probed lists hold fewer than ``k``.
-    ``native``: the fused C++ scan (:mod:`lmmem.kernels.ivf_scan`, with bf16 products where
-    :func:`~lmmem.kernels.ivf_scan.bf16_products`, or as ``bf16`` says) where it builds, else this
-    module's torch scan; all return the same neighbours (up to ties)."""
+    ``native``: the fused C++ scan (:mod:`lmmem.kernels.ivf_scan`) where it builds, else this
+    module's torch scan; ``bf16``: the native scan's products in bf16 (None: where
+    :func:`~lmmem.kernels.ivf_scan.bf16_products` says). All return the same neighbours (up to ties)."""
     q = queries.detach().to("cpu", torch.float32).contiguous()
     n = q.shape[0]
     out_d = torch.full((n, k), math.inf)
@@ -154,7 +154,8 @@ def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int, *,
         return out_d, out_i
     probed = probe(lists, q, nprobe)
     op = ivf_scan.native_scan_op() if native and len(lists.ids) < 2**32 else None
-    screened = ivf_scan.screened_scan_op(bf16) if op is not None and len(lists.ids) < 2**31 else None  # 32-bit GEMM sizes
+    wanted = ivf_scan.bf16_products(q.shape[1]) if bf16 is None else bf16
+    screened = ivf_scan.screened_scan_op() if op is not None and wanted and len(lists.ids) < 2**31 else None
     if screened is not None and lists.screen is None:
         lists.screen = ivf_scan.screen_keys(lists.residuals)  # once, on the first search, as the residuals
     if op is not None:
