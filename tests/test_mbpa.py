@@ -143,3 +143,32 @@ def test_nearest_breaks_ties_at_the_kth_by_lowest_index(shape, k):
     assert torch.equal(vals, ref_vals[..., :kk])
     assert torch.equal(idx.sort(-1).values, ref_idx[..., :kk].sort(-1).values)  # the same entries
     assert torch.equal(d.gather(-1, idx), vals)
+
+
+@pytest.mark.parametrize("q,K,S,steps", [(7, 4, 9, 3), (3, 32, 158, 5), (5, 1, 2, 1), (2, 6, 37, 6)])
+def test_native_restricted_adaptation_equals_the_torch_statement(q, K, S, steps):
+    """The fused C++ steps (lmmem/kernels/mbpa_adapt.cpp) against mbpa.restricted_steps in fp32:
+    inactive slots (-inf), neighbours sharing a slot, zero weights (missing neighbours), keys whose
+    candidates hold nearly all of their mass (log_rest → -inf), one step and several."""
+    from conftest import native_toolchain_missing
+    from lmmem.memories import mbpa
+
+    if native_toolchain_missing():
+        pytest.skip(f"the native op cannot be built here: {native_toolchain_missing()}")
+    op = mbpa._native_adapt()
+    assert op is not None, "a C++ toolchain is present, so MbPA's native adaptation must build and pass its probe"
+    g = torch.Generator().manual_seed(q * 100 + S)
+    z0 = torch.randn(q, K, S, generator=g) * 4
+    z0[:, :, S - S // 4:] = float("-inf")  # the inactive tail of the candidate slots
+    keys = torch.randn(q, K, 16, generator=g)
+    G = torch.bmm(keys, keys.transpose(1, 2)).add_(1.0)
+    weights = torch.rand(q, K, generator=g)
+    weights[0, -1] = 0.0
+    slot = torch.randint(0, max(1, S - S // 4), (q, K), generator=g)
+    slot[:, 0] = slot[:, -1]  # two neighbours with the same word
+    key_lse = torch.logsumexp(z0, -1).double() + torch.rand(q, K, generator=g, dtype=torch.float64) * 2
+    key_lse[-1, 0] = torch.logsumexp(z0[-1, 0], -1).double()  # the candidates hold all of the key's mass
+    got = op(z0, G, weights, slot, key_lse, 0.3, 0.2, steps)
+    want = mbpa.restricted_steps(z0, G, weights, slot, key_lse, steps=steps, lr=0.3, alpha=0.2)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+    assert torch.isfinite(got).all()

@@ -48,6 +48,9 @@ import torch
 from lmmem.safety import FolderLock
 
 SOURCE = Path(__file__).with_name("ivf_scan.cpp")
+# built into the same extension (one build, one probe of the toolchain): MbPA's fused restricted
+# adaptation, lmmem/kernels/mbpa_native.py
+SOURCES = (SOURCE, Path(__file__).with_name("mbpa_adapt.cpp"))
 NAME = "lmmem_ivf_scan"  # the TORCH_LIBRARY namespace in ivf_scan.cpp: torch.ops.lmmem_ivf_scan.ivf_scan
 POOL_MIN_EXTRA = 256  # a pool holds at least k + this many candidates: a shrink every ≥ max(k, 256) appends
 # bf16 products by default from this key width (on AMX): at k = 1,024 they made evaluation faster at
@@ -98,7 +101,9 @@ def screened_scan_op():
 
 def _cflags() -> list[str]:
     native = platform.machine().lower() in ("x86_64", "amd64")  # -march=native: the build runs where it is used
-    return ["-O3", "-march=native"] if native else ["-O3"]
+    # -fno-trapping-math: loops with a clamp before a float-to-int conversion vectorise (MbPA's
+    # exponential); it changes no result, only whether floating-point exception flags are kept
+    return ["-O3", "-fno-trapping-math"] + (["-march=native"] if native else [])
 
 
 def _cpu_flags() -> str:
@@ -113,7 +118,7 @@ def _cpu_flags() -> str:
 
 def _build_folder(flags: list[str]) -> Path:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(), _cpu_flags().encode(),
+    for part in (*(src.read_bytes() for src in SOURCES), " ".join(flags).encode(), torch.__version__.encode(), _cpu_flags().encode(),
                  sys.version.encode()):
         digest.update(part)
     cache = Path(os.environ.get("LMMEM_CACHE", Path.home() / ".cache" / "lmmem"))
@@ -154,7 +159,7 @@ def _load():
             if not (folder / f"{NAME}.so").exists():
                 print(f"lmmem: building the native IVF scan in {folder} (once per machine, ~20 s)", file=sys.stderr)
             with _ninja_on_path():
-                cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=flags, build_directory=str(folder),
+                cpp_extension.load(NAME, [str(src) for src in SOURCES], extra_cflags=flags, build_directory=str(folder),
                                    is_python_module=False, verbose=False)
         op = torch.ops.lmmem_ivf_scan.ivf_scan
         problem = _probe_problem()

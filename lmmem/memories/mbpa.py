@@ -50,6 +50,9 @@ key's base logits (one float per memory entry) and of the query: ``Z_k = Z⁰_k 
 Σ_{c∈C} e^{z_kc}``. Cost per query ``steps·K²·|C| + K·|C|·D``. With ``C`` = the whole vocabulary it is
 exact MbPA (tested); for ``N < V`` the tests compare it with a per-query autograd version whose
 gradient is masked to ``C``.
+On a CPU in fp32 its steps run as one fused C++ op per query where it builds
+(:mod:`lmmem.kernels.mbpa_native`; :func:`restricted_steps` is its torch statement, which it must
+match to fp32 rounding and which runs everywhere else).
 
 Training data: with ``train_pairs = P`` every stream's memory starts with the last ``P``
 (activation, next word) pairs of the training split (the model read over the split's last ``P + 1``
@@ -70,10 +73,13 @@ neighbour at all is scored by the unadapted model.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from lmmem.kernels import mbpa_native
 from lmmem.memories.neural_cache import StreamMemory
 
 
@@ -216,6 +222,64 @@ def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n
     return C, active, slot.clamp_max_(n + m - 1)  # (clamped: a missing neighbour's slot, of weight 0)
 
 
+def restricted_steps(z0: torch.Tensor, G: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor,
+                     key_lse: torch.Tensor, *, steps: int, lr: float, alpha: float) -> torch.Tensor:
+    """The restricted adaptation's coefficients ``A`` ``(q, K, S)`` after ``steps`` steps, from the
+    candidates' base logits ``z0`` ``(q, K, S)`` (-inf on inactive slots), the Gram matrix ``G``
+    ``(q, K, K)``, the neighbours' weights ``(q, K)``, the slot of each neighbour's own word
+    ``(q, K)`` and each key's log-normaliser ``(q, K)``. The torch statement of
+    ``lmmem/kernels/mbpa_adapt.cpp``, which runs instead on CPU in fp32 where it builds."""
+    key_lse = key_lse.double()
+    onehot_w = (lr * weights)[..., None]  # η w_k, added at each neighbour's own slot
+    slot = slot[..., None]
+    dt = z0.dtype
+    A = None
+    keep = 1.0 - lr * alpha
+    log_rest = None
+    for s in range(steps):
+        z = z0 if A is None else torch.baddbmm(z0, G, A)
+        # p over the candidates = softmax over C × σ, σ = Σ_C e^z / Z the candidates' share of the
+        # full normaliser Z = Σ_C e^z + (frozen rows' mass); log Σ_C e^z = max z − log max softmax
+        p = torch.softmax(z, -1)
+        lse_c = z.amax(-1).double() - torch.log(p.amax(-1).double())  # (q, K)
+        if log_rest is None:  # frozen rows' mass Z⁰ − Σ_C e^{z⁰}, from the stored log Z⁰ of each key
+            frac = torch.exp(lse_c - key_lse)
+            log_rest = key_lse + torch.log((1 - frac).clamp_min(0))  # -inf when C holds everything
+        sigma = torch.sigmoid(lse_c - log_rest).to(dt)  # 1 / (1 + e^{log_rest − lse_c})
+        g = p.mul_((-lr * weights * sigma)[..., None]).scatter_add_(2, slot, onehot_w)  # η w_k (onehot − p_k) on C
+        A = g if A is None else torch.add(g, A, alpha=keep, out=g)  # A ← (1 − ηα) A + η g, one pass
+    return A
+
+
+@functools.lru_cache(maxsize=None)  # a fact about this process's machine, as the native scan's verdict
+def _native_adapt():
+    """The fused op (:mod:`lmmem.kernels.mbpa_native`) where it builds and matches
+    :func:`restricted_steps` on a probe problem; else None (with one warning if it does not match)."""
+    op = mbpa_native.restricted_adapt_op()
+    if op is None:
+        return None
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, K, S = 3, 5, 11
+        z0 = torch.randn(q, K, S, generator=g) * 3
+        z0[:, :, -2:] = float("-inf")  # inactive slots
+        keys = torch.randn(q, K, 4, generator=g)
+        G = torch.bmm(keys, keys.transpose(1, 2)).add_(1.0)
+        weights = torch.rand(q, K, generator=g)
+        slot = torch.randint(0, S - 2, (q, K), generator=g)
+        key_lse = torch.logsumexp(z0, -1).double() + 1.0
+        got = op(z0, G, weights, slot, key_lse, 0.1, 0.1, 4)
+        want = restricted_steps(z0, G, weights, slot, key_lse, steps=4, lr=0.1, alpha=0.1)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+            raise RuntimeError(f"its result on a probe problem differs from the torch statement by {(got - want).abs().max():.3g}")
+        return op
+    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"MbPA's native adaptation is not used here ({type(e).__name__}: {cause}); adapting with torch "
+                      f"instead (the same result, slower)", RuntimeWarning, stacklevel=3)
+        return None
+
+
 def restricted_target_log_probs(
     query: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor,
     key_lse: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, vocab: int, steps: int, lr: float,
@@ -242,26 +306,14 @@ def restricted_target_log_probs(
     if b is not None:
         z0 += b[C][:, None, :]
     z0.masked_fill_(~active[:, None, :], float("-inf"))
-    key_lse = key_lse.double()
-    onehot_w = (lr * weights)[..., None]  # η w_k, added at each neighbour's own slot
-    slot = slot[..., None]
     one = 1.0 if b is not None else 0.0  # the bias change folds into the Gram matrix, as in adapted_log_probs
     G = torch.bmm(keys, keys.transpose(1, 2)).add_(one)
-    A = None
-    keep = 1.0 - lr * alpha
-    log_rest = None
-    for s in range(steps):
-        z = z0 if A is None else torch.baddbmm(z0, G, A)
-        # p over the candidates = softmax over C × σ, σ = Σ_C e^z / Z the candidates' share of the
-        # full normaliser Z = Σ_C e^z + (frozen rows' mass); log Σ_C e^z = max z − log max softmax
-        p = torch.softmax(z, -1)
-        lse_c = z.amax(-1).double() - torch.log(p.amax(-1).double())  # (q, K)
-        if log_rest is None:  # frozen rows' mass Z⁰ − Σ_C e^{z⁰}, from the stored log Z⁰ of each key
-            frac = torch.exp(lse_c - key_lse)
-            log_rest = key_lse + torch.log((1 - frac).clamp_min(0))  # -inf when C holds everything
-        sigma = torch.sigmoid(lse_c - log_rest).to(dt)  # 1 / (1 + e^{log_rest − lse_c})
-        g = p.mul_((-lr * weights * sigma)[..., None]).scatter_add_(2, slot, onehot_w)  # η w_k (onehot − p_k) on C
-        A = g if A is None else torch.add(g, A, alpha=keep, out=g)  # A ← (1 − ηα) A + η g, one pass
+    native = _native_adapt() if z0.dtype == torch.float32 and z0.device.type == "cpu" else None
+    if native is not None:
+        A = native(z0.contiguous(), G, weights.contiguous(), slot.contiguous(), key_lse.double().contiguous(),
+                   float(lr), float(alpha), steps)
+    else:
+        A = restricted_steps(z0, G, weights, slot, key_lse, steps=steps, lr=lr, alpha=alpha)
     hq = torch.bmm(keys, query[:, :, None])[..., 0].add_(one)  # (q, K): h_k · h (+ 1 for the bias)
     delta = torch.bmm(hq[:, None, :], A)[:, 0]  # (q, S)
     delta.masked_fill_(~active, 0)
