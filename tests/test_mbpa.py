@@ -172,3 +172,20 @@ def test_native_restricted_adaptation_equals_the_torch_statement(q, K, S, steps)
     want = mbpa.restricted_steps(z0, G, weights, slot, key_lse, steps=steps, lr=0.3, alpha=0.2)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("V,n", [(30000, 128), (4099, 64), (3001, 7), (300, 128)])
+def test_top_n_is_the_set_topk_gives(V, n):
+    """mbpa._top_n's interleaved-class selection (rows wider than 4 · n · TOP_N_CLASSES; V not a
+    multiple of the classes: the columns past the last whole class) and its plain fallback (narrow
+    rows), against torch.topk's set, on distinct values and on rows whose top values repeat."""
+    from lmmem.memories import mbpa
+
+    g = torch.Generator().manual_seed(V + n)
+    z = torch.randn(9, V, generator=g)
+    z[0, -3:] = 10.0 + torch.arange(3.0)  # the largest values past the last whole class
+    z[1, ::97] = 5.0  # a value repeated across classes, tied beyond the n-th place or not
+    got, want = mbpa._top_n(z, n), torch.topk(z, n, dim=1).indices
+    for r in range(9):
+        assert len(set(got[r].tolist())) == n
+        torch.testing.assert_close(z[r, got[r]].sort().values, z[r, want[r]].sort().values, rtol=0, atol=0)
