@@ -160,7 +160,7 @@ def scan_search(lists: IVFLists, queries: torch.Tensor, k: int, nprobe: int, *,
         lists.screen = ivf_scan.screen_keys(lists.residuals)  # once, on the first search, as the residuals
     if op is not None:
         cap = ivf_scan.pool_size(k)
-        rows = max(1, SCAN_ELEMENTS // cap)  # the op's pools: 8 bytes a candidate (16 in the bf16 scan)
+        rows = max(1, SCAN_ELEMENTS // cap // (2 if screened is not None else 1))  # pools of 8-byte candidates (16 in the bf16 scan)
         for s in range(0, n, rows):
             block, probe_block = q[s:s + rows], probed[s:s + rows].contiguous()
             if screened is not None:
