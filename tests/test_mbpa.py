@@ -175,12 +175,20 @@ def test_native_restricted_adaptation_equals_the_torch_statement(q, K, S, steps)
 
 
 @pytest.mark.parametrize("V,n", [(30000, 128), (4099, 64), (3001, 7), (300, 128)])
-def test_top_n_is_the_set_topk_gives(V, n):
-    """mbpa._top_n's interleaved-class selection (rows wider than 4 · n · TOP_N_CLASSES; V not a
-    multiple of the classes: the columns past the last whole class) and its plain fallback (narrow
-    rows), against torch.topk's set, on distinct values and on rows whose top values repeat."""
+@pytest.mark.parametrize("path", ["native", "torch"])
+def test_top_n_is_the_set_topk_gives(V, n, path, monkeypatch):
+    """mbpa._top_n, native and torch: the interleaved-class selection (rows wider than 4 · n ·
+    classes; V not a multiple of the classes: the columns past the last whole class) and the narrow
+    rows, against torch.topk's set, on distinct values and on rows whose top values repeat."""
+    from conftest import native_toolchain_missing
     from lmmem.memories import mbpa
 
+    if path == "torch":
+        monkeypatch.setattr(mbpa, "_native_top_n", lambda: None)
+    elif native_toolchain_missing():
+        pytest.skip(f"the native op cannot be built here: {native_toolchain_missing()}")
+    else:
+        assert mbpa._native_top_n() is not None, "a C++ toolchain is present: the native top-n must pass its probe"
     g = torch.Generator().manual_seed(V + n)
     z = torch.randn(9, V, generator=g)
     z[0, -3:] = 10.0 + torch.arange(3.0)  # the largest values past the last whole class

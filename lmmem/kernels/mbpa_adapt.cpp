@@ -1,4 +1,4 @@
-// MbPA's restricted adaptation on a CPU, fused per query (loaded by
+// MbPA's restricted adaptation on a CPU, fused per query, and its candidate selection (loaded by
 // lmmem/kernels/mbpa_native.py; the plain-torch statement of the same computation is
 // restricted_target_log_probs in lmmem/memories/mbpa.py, and the tests hold the two
 // together).
@@ -20,7 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -175,6 +177,57 @@ at::Tensor restricted_adapt(const at::Tensor& z0, const at::Tensor& G, const at:
   return A;
 }
 
+// Indices (q, n) of the n largest entries of each row of z (q, V) fp32, unordered: the set
+// torch.topk gives (up to which of several entries tied at the n-th value is kept). Columns are
+// dealt into `classes` interleaved slices as in the torch statement (_top_n in
+// lmmem/memories/mbpa.py); the n-th largest of the V / classes column maxima across slices, t0, is
+// at most the row's n-th largest value (n distinct columns reach it), so the row's entries >= t0
+// hold the answer: one vectorised pass finds them (a few hundred of 30,000), then a selection.
+at::Tensor top_n(const at::Tensor& z, int64_t n, int64_t classes) {
+  TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kFloat && z.is_contiguous(), "z: contiguous (q, V) float32");
+  const int64_t q = z.size(0), V = z.size(1);
+  TORCH_CHECK(n >= 1 && n <= V && classes >= 1, "n must be in [1, V], classes at least 1");
+  at::Tensor out = at::empty({q, n}, z.options().dtype(at::kLong));
+  const float* zp = z.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t nb = V / classes;
+  at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
+    std::vector<float> cm(std::max<int64_t>(nb, 1));
+    std::vector<std::pair<float, int64_t>> pool;
+    auto larger = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) { return x.first > y.first; };
+    for (int64_t i = a; i < e; ++i) {
+      const float* row = zp + i * V;
+      pool.clear();
+      float t0 = -std::numeric_limits<float>::infinity();
+      if (nb >= n) {
+        std::memcpy(cm.data(), row, nb * sizeof(float));
+        for (int64_t t = 1; t < classes; ++t)  // an elementwise max over the slices: vectorises
+          for (int64_t c = 0; c < nb; ++c) cm[c] = std::max(cm[c], row[t * nb + c]);
+        std::nth_element(cm.begin(), cm.begin() + (n - 1), cm.begin() + nb, std::greater<float>());
+        t0 = cm[n - 1];
+      }
+      constexpr int64_t L = 64;
+      int64_t j = 0;
+      for (; j + L <= V; j += L) {
+        int hits = 0;  // an integer count of a comparison vectorises
+        for (int64_t t = 0; t < L; ++t) hits += row[j + t] >= t0;
+        if (hits)
+          for (int64_t t = 0; t < L; ++t)
+            if (row[j + t] >= t0) pool.push_back({row[j + t], j + t});
+      }
+      for (; j < V; ++j)
+        if (row[j] >= t0) pool.push_back({row[j], j});
+      if (static_cast<int64_t>(pool.size()) < n)  // NaN entries compare false: keep the first columns
+        for (int64_t c = 0; c < V && static_cast<int64_t>(pool.size()) < n; ++c)
+          if (!(row[c] >= t0)) pool.push_back({-std::numeric_limits<float>::infinity(), c});
+      std::nth_element(pool.begin(), pool.begin() + (n - 1), pool.end(), larger);
+      for (int64_t t = 0; t < n; ++t) op[i * n + t] = pool[t].second;
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(lmmem_mbpa, m) {
   m.def("restricted_adapt", &restricted_adapt);
+  m.def("top_n", &top_n);
 }

@@ -1,4 +1,5 @@
-"""MbPA's restricted adaptation as one fused C++ op on a CPU (``mbpa_adapt.cpp``).
+"""MbPA's restricted adaptation as one fused C++ op on a CPU (``mbpa_adapt.cpp``), and its
+candidate selection (the top-n of each query's logits).
 
 Why native: per query the restricted adaptation works on a ``(K, |C|)`` table (32 × ~160 floats)
 for a few steps. Run as batched tensor operations over a group of queries, each step is ~10 passes
@@ -24,3 +25,10 @@ def restricted_adapt_op():
     if ivf_scan.native_scan_op() is None:  # not built here (its warning said why) or switched off
         return None
     return torch.ops.lmmem_mbpa.restricted_adapt
+
+
+def top_n_op():
+    """``torch.ops.lmmem_mbpa.top_n`` where the native extension builds, else None."""
+    if ivf_scan.native_scan_op() is None:
+        return None
+    return torch.ops.lmmem_mbpa.top_n

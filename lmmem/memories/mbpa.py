@@ -186,6 +186,9 @@ def _top_n(z: torch.Tensor, n: int) -> torch.Tensor:
     among the n largest class maxima (at most n classes reach the n-th value), so the top n of
     those classes' columns are the row's top n. The classes' maxima cost one pass over the row."""
     q, V = z.shape
+    native = _native_top_n() if z.dtype == torch.float32 and z.device.type == "cpu" else None
+    if native is not None:  # the same set, 2-3x faster on 30,000-50,000 columns (its comment says how)
+        return native(z.contiguous(), n, max(1, V // (4 * n)))
     b = TOP_N_CLASSES
     nb = V // b
     if nb <= 4 * n:  # narrow rows: the plain selection is as fast
@@ -196,6 +199,27 @@ def _top_n(z: torch.Tensor, n: int) -> torch.Tensor:
         cols = torch.cat([cols, torch.arange(nb * b, V, device=z.device).expand(q, -1)], 1)
     pick = torch.topk(z.gather(1, cols), n, dim=-1, sorted=False).indices
     return cols.gather(1, pick)
+
+
+@functools.lru_cache(maxsize=None)  # as _native_adapt
+def _native_top_n():
+    """The native top-n (:mod:`lmmem.kernels.mbpa_native`) where it builds and returns torch.topk's
+    set on a probe problem; else None (with one warning if it does not)."""
+    op = mbpa_native.top_n_op()
+    if op is None:
+        return None
+    try:
+        z = torch.randn(5, 3001, generator=torch.Generator().manual_seed(0))
+        z[0, -2:] = 9.0  # the largest values past the last whole slice
+        got, want = op(z, 7, 3001 // 28), torch.topk(z, 7, dim=1).indices
+        if any(set(a.tolist()) != set(b.tolist()) for a, b in zip(got, want)):
+            raise RuntimeError("its result on a probe problem differs from torch.topk's")
+        return op
+    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"MbPA's native top-n is not used here ({type(e).__name__}: {cause}); selecting with torch "
+                      f"instead (the same set, slower)", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n: int):
