@@ -71,6 +71,7 @@ inline float exp_nonpositive(float x0) {
 void adapt_one(const float* z0, const float* G, const float* w, const int64_t* slot, const double* key_lse,
                int64_t K, int64_t S, int64_t P, int64_t steps, float lr, float keep, float* A_out,
                std::vector<float>& z0p, std::vector<float>& z, std::vector<float>& A, std::vector<double>& log_rest) {
+  std::vector<float> row_max(K), row_inv(K), row_scale(K);
   for (int64_t k = 0; k < K; ++k) {
     std::memcpy(z0p.data() + k * P, z0 + k * S, S * sizeof(float));
     std::fill(z0p.data() + k * P + S, z0p.data() + (k + 1) * P, -std::numeric_limits<float>::infinity());
@@ -101,7 +102,9 @@ void adapt_one(const float* z0, const float* G, const float* w, const int64_t* s
           store(z.data() + k * P + j, acc);
         }
     }
-    for (int64_t k = 0; k < K; ++k) {
+    // three passes over the rows, so that the scalar fp64 chain of one row (log, exp, a division:
+    // hundreds of cycles of latency) does not hold up the vector work of the next
+    for (int64_t k = 0; k < K; ++k) {  // 1. e^(z - max) in place, and the row's max and sum
       float* zk = z.data() + k * P;
       // max and sum in LANES partial results: without -ffast-math a float reduction over one
       // accumulator does not vectorise, and neither would the exponentials beside it
@@ -119,15 +122,22 @@ void adapt_one(const float* z0, const float* G, const float* w, const int64_t* s
         }
       float sum = 0.f;
       for (int64_t t = 0; t < LANES; ++t) sum += acc[t];
-      const float inv = 1.0f / sum;  // the largest p: e^0 / sum
+      row_max[k] = m;
+      row_inv[k] = 1.0f / sum;  // the largest p: e^0 / sum
+    }
+    for (int64_t k = 0; k < K; ++k) {  // 2. each row's scale: -η w_k σ_k / sum
       // log Σ_C e^z = max z − log max p, the candidates' share of the full normaliser as in the torch version
-      const double lse_c = static_cast<double>(m) - std::log(static_cast<double>(inv));
+      const double lse_c = static_cast<double>(row_max[k]) - std::log(static_cast<double>(row_inv[k]));
       if (s == 0) {
         const double frac = std::exp(lse_c - key_lse[k]);
         log_rest[k] = key_lse[k] + std::log(std::max(1.0 - frac, 0.0));
       }
       const float sigma = static_cast<float>(1.0 / (1.0 + std::exp(log_rest[k] - lse_c)));
-      const float scale = (-lr * w[k] * sigma) * inv;
+      row_scale[k] = (-lr * w[k] * sigma) * row_inv[k];
+    }
+    for (int64_t k = 0; k < K; ++k) {  // 3. A ← (1 − ηα) A + η w_k (onehot − p_k)
+      const float* zk = z.data() + k * P;
+      const float scale = row_scale[k];
       float* Ak = A.data() + k * P;
       if (s == 0)
         for (int64_t j = 0; j < P; ++j) Ak[j] = zk[j] * scale;
