@@ -1,13 +1,12 @@
 // MbPA's restricted adaptation on a CPU, fused per query, and its candidate selection (loaded by
-// lmmem/kernels/mbpa_native.py; the plain-torch statement of the same computation is
-// restricted_target_log_probs in lmmem/memories/mbpa.py, and the tests hold the two
-// together).
+// lmmem/kernels/mbpa_native.py; the plain-torch statements of the same computations are
+// restricted_steps and _top_n in lmmem/memories/mbpa.py, and the tests hold each pair together).
 //
 // Why native: per query the adaptation works on a (K, |C|) table (32 x ~160 floats, in L1) for a
 // few steps, but the torch version runs each step as ~10 batched tensor operations over a whole
 // group of queries (amax, softmax, log, exp, sigmoid, mul, scatter, add ...), each a pass through
-// memory: on the tiny models those passes, not the arithmetic, made cache + MbPA 2.2-3.5x the
-// plain evaluation. Here each query's steps run start to end on its own table.
+// memory, which on small models cost more than the arithmetic. Here each query's steps run start
+// to end on its own table. (Measured: docs/results/knn-lm.md, "MbPA's restricted adaptation".)
 //
 // The same formulas as the torch version, in the same precisions (the (K, |C|) work in fp32, the
 // per-key normalisers in fp64); sums run in another order, so results agree to fp32 rounding.
@@ -67,7 +66,7 @@ inline float exp_nonpositive(float x0) {
 // One query's adaptation: A (K, S) from its z0 (K, S), Gram matrix G (K, K), weights w (K), the
 // slot of each neighbour's own word (K) and the log-normaliser of each key's base logits (K).
 // The work runs on copies padded to P columns (a multiple of LANES: no loop tails; the padding's
-// z0 is -inf, so its columns stay apart from the real ones and take no probability).
+// z0 is -inf, so its columns stay apart from the real ones and take ~1e-38 of probability each).
 void adapt_one(const float* z0, const float* G, const float* w, const int64_t* slot, const double* key_lse,
                int64_t K, int64_t S, int64_t P, int64_t steps, float lr, float keep, float* A_out,
                std::vector<float>& z0p, std::vector<float>& z, std::vector<float>& A, std::vector<double>& log_rest) {
