@@ -157,7 +157,8 @@ def _load():
         with FolderLock(folder.parent / f"{folder.name}.lock", "the native IVF scan's build folder", wait=True):
             (folder / "lock").unlink(missing_ok=True)
             if not (folder / f"{NAME}.so").exists():
-                print(f"lmmem: building the native IVF scan in {folder} (once per machine, ~20 s)", file=sys.stderr)
+                print(f"lmmem: building the native ops (the IVF scan, MbPA's steps) in {folder} (once per machine, ~30 s)",
+                      file=sys.stderr)
             with _ninja_on_path():
                 cpp_extension.load(NAME, [str(src) for src in SOURCES], extra_cflags=flags, build_directory=str(folder),
                                    is_python_module=False, verbose=False)
@@ -168,8 +169,9 @@ def _load():
         return op
     except Exception as e:  # noqa: BLE001 - any failure to build or run means: use the torch scan
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"the native IVF scan is not used here ({type(e).__name__}: {cause}); searching with the torch "
-                      f"scan instead (same neighbours, slower at large k). LMMEM_NATIVE=0 skips the attempt.",
+        warnings.warn(f"the native IVF scan (and MbPA's native ops) is not used here ({type(e).__name__}: {cause}); "
+                      f"searching with the torch scan instead (same neighbours, slower at large k). LMMEM_NATIVE=0 "
+                      f"skips the attempt.",
                       NativeScanWarning, stacklevel=3)
         return None
 
