@@ -122,8 +122,15 @@ def test_bf16_scan_orders_keys_that_bf16_products_cannot_tell_apart(monkeypatch,
 
 
 @pytest.fixture
-def fresh_verdict():
-    """The process's verdicts on the ops cleared before and after: this test's own build or failure."""
+def fresh_verdict(monkeypatch):
+    """The process's verdicts on the ops cleared before and after: this test's own build or failure.
+    Where the library is already loaded (an earlier test, e.g. the demo's with its own LMMEM_CACHE),
+    LMMEM_CACHE points at the folder it came from, so that this test's load finds it there."""
+    from pathlib import Path
+
+    loaded = [Path(p) for p in torch.ops.loaded_libraries if Path(p).name.startswith(ivf_scan.NAME)]
+    if loaded:
+        monkeypatch.setenv("LMMEM_CACHE", str(loaded[0].parent.parent.parent))  # CACHE/native/NAME-digest/NAME.so
     ivf_scan._load.cache_clear()
     ivf_scan._load_screened.cache_clear()
     yield
@@ -210,3 +217,19 @@ def test_native_switch(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("LMMEM_NATIVE", "0")
     assert not ivf_scan.native_enabled() and ivf_scan.native_scan_op() is None
+
+
+def test_a_load_after_the_cache_folder_moved_reuses_the_loaded_library(tmp_path, monkeypatch, native_op, fresh_verdict):
+    """The op loaded from one cache folder, then LMMEM_CACHE changed (the demo's test does this): a
+    second copy of the library would register its ops again and abort the process, so the loaded
+    one serves, probed again, and nothing is built in the new folder."""
+    from torch.utils import cpp_extension
+
+    def no_second_build(*a, **kw):
+        raise AssertionError("a second copy of the native library was built or loaded")
+    monkeypatch.setattr(cpp_extension, "load", no_second_build)
+    monkeypatch.setenv("LMMEM_CACHE", str(tmp_path / "elsewhere"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ivf_scan.NativeScanWarning)
+        assert ivf_scan.native_scan_op() is not None
+    assert not (tmp_path / "elsewhere").exists()

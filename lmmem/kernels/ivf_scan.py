@@ -150,6 +150,8 @@ def _load():
 
         flags = _cflags()
         folder = _build_folder(flags)
+        if _loaded_elsewhere(folder):  # a second copy of the library would abort the process
+            return _probed(torch.ops.lmmem_ivf_scan.ivf_scan)
         folder.mkdir(parents=True, exist_ok=True)
         # Builds run under lmmem's own flock, which the kernel drops when its holder dies. torch's
         # baton file inside the folder is then never contended, so one found there was left by a
@@ -162,11 +164,7 @@ def _load():
             with _ninja_on_path():
                 cpp_extension.load(NAME, [str(src) for src in SOURCES], extra_cflags=flags, build_directory=str(folder),
                                    is_python_module=False, verbose=False)
-        op = torch.ops.lmmem_ivf_scan.ivf_scan
-        problem = _probe_problem()
-        if not _probe_ok(op, *problem):
-            raise RuntimeError("its result on a probe problem differs from a float64 brute force")
-        return op
+        return _probed(torch.ops.lmmem_ivf_scan.ivf_scan)
     except Exception as e:  # noqa: BLE001 - any failure to build or run means: use the torch scan
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         warnings.warn(f"the native IVF scan (and MbPA's native ops) is not used here ({type(e).__name__}: {cause}); "
@@ -174,6 +172,20 @@ def _load():
                       f"skips the attempt.",
                       NativeScanWarning, stacklevel=3)
         return None
+
+
+def _loaded_elsewhere(folder: Path) -> bool:
+    """Whether this process already holds the library, loaded from another build folder (the cache
+    folder moved, e.g. ``LMMEM_CACHE`` changed after the first load). A library registers its ops
+    once per process: loading a second copy aborts it, so the first copy serves."""
+    mine = [Path(p) for p in torch.ops.loaded_libraries if Path(p).name.startswith(NAME)]
+    return bool(mine) and all(p.parent != folder for p in mine)
+
+
+def _probed(op):
+    if not _probe_ok(op, *_probe_problem()):
+        raise RuntimeError("its result on a probe problem differs from a float64 brute force")
+    return op
 
 
 @functools.lru_cache(maxsize=None)
