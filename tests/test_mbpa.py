@@ -197,3 +197,30 @@ def test_top_n_is_the_set_topk_gives(V, n, path, monkeypatch):
     for r in range(9):
         assert len(set(got[r].tolist())) == n
         torch.testing.assert_close(z[r, got[r]].sort().values, z[r, want[r]].sort().values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, probe, what", [("_native_adapt", "_probe_adapt", "adaptation"),
+                                               ("_native_top_n", "_probe_top_n", "top-n")])
+def test_a_native_mbpa_op_that_fails_its_probe_warns_once_and_torch_runs(monkeypatch, name, probe, what):
+    """A wrong result on the probe: one RuntimeWarning naming the op and the cause, then None (the
+    torch statement runs) without asking again."""
+    import warnings
+
+    from lmmem.kernels import mbpa_native
+    from lmmem.memories import mbpa
+
+    monkeypatch.setattr(mbpa_native, "restricted_adapt_op", lambda: (lambda *a: None))  # an op that is "built"
+    monkeypatch.setattr(mbpa_native, "top_n_op", lambda: (lambda *a: None))
+
+    def wrong(op):
+        raise RuntimeError("its result on a probe problem differs")
+    monkeypatch.setattr(mbpa, probe, wrong)
+    getattr(mbpa, name).cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"MbPA's native {what} is not used here .*differs"):
+            assert getattr(mbpa, name)() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert getattr(mbpa, name)() is None  # the verdict is kept: no second warning
+    finally:
+        getattr(mbpa, name).cache_clear()

@@ -201,25 +201,34 @@ def _top_n(z: torch.Tensor, n: int) -> torch.Tensor:
     return cols.gather(1, pick)
 
 
-@functools.lru_cache(maxsize=None)  # as _native_adapt
-def _native_top_n():
-    """The native top-n (:mod:`lmmem.kernels.mbpa_native`) where it builds and returns torch.topk's
-    set on a probe problem; else None (with one warning if it does not)."""
-    op = mbpa_native.top_n_op()
+def _verified(op, probe, what: str, instead: str):
+    """``op`` where ``probe(op)`` returns without raising, else None, with one warning naming the
+    cause and what runs ``instead``; None where the op did not build (its build warned already)."""
     if op is None:
         return None
     try:
-        z = torch.randn(5, 3001, generator=torch.Generator().manual_seed(0))
-        z[0, -2:] = 9.0  # the largest values past the last whole slice
-        got, want = op(z, 7, 3001 // 28), torch.topk(z, 7, dim=1).indices
-        if any(set(a.tolist()) != set(b.tolist()) for a, b in zip(got, want)):
-            raise RuntimeError("its result on a probe problem differs from torch.topk's")
+        probe(op)
         return op
     except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"MbPA's native top-n is not used here ({type(e).__name__}: {cause}); selecting with torch "
-                      f"instead (the same set, slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"MbPA's native {what} is not used here ({type(e).__name__}: {cause}); {instead}",
+                      RuntimeWarning, stacklevel=4)
         return None
+
+
+def _probe_top_n(op) -> None:
+    z = torch.randn(5, 3001, generator=torch.Generator().manual_seed(0))
+    z[0, -2:] = 9.0  # the largest values past the last whole slice
+    got, want = op(z, 7, 3001 // 28), torch.topk(z, 7, dim=1).indices
+    if any(set(a.tolist()) != set(b.tolist()) for a, b in zip(got, want)):
+        raise RuntimeError("its result on a probe problem differs from torch.topk's")
+
+
+@functools.lru_cache(maxsize=None)  # a fact about this process's machine, as the native scan's verdict
+def _native_top_n():
+    """The native top-n (:mod:`lmmem.kernels.mbpa_native`) where it builds and returns torch.topk's
+    set on a probe problem; else None."""
+    return _verified(mbpa_native.top_n_op(), _probe_top_n, "top-n", "selecting with torch instead (the same set, slower)")
 
 
 def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n: int):
@@ -275,33 +284,28 @@ def restricted_steps(z0: torch.Tensor, G: torch.Tensor, weights: torch.Tensor, s
     return A
 
 
+def _probe_adapt(op) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, K, S = 3, 5, 11
+    z0 = torch.randn(q, K, S, generator=g) * 3
+    z0[:, :, -2:] = float("-inf")  # inactive slots
+    keys = torch.randn(q, K, 4, generator=g)
+    G = torch.bmm(keys, keys.transpose(1, 2)).add_(1.0)
+    weights = torch.rand(q, K, generator=g)
+    slot = torch.randint(0, S - 2, (q, K), generator=g)
+    key_lse = torch.logsumexp(z0, -1).double() + 1.0
+    got = op(z0, G, weights, slot, key_lse, 0.1, 0.1, 4)
+    want = restricted_steps(z0, G, weights, slot, key_lse, steps=4, lr=0.1, alpha=0.1)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
+        raise RuntimeError(f"its result on a probe problem differs from the torch statement by {(got - want).abs().max():.3g}")
+
+
 @functools.lru_cache(maxsize=None)  # a fact about this process's machine, as the native scan's verdict
 def _native_adapt():
     """The fused op (:mod:`lmmem.kernels.mbpa_native`) where it builds and matches
-    :func:`restricted_steps` on a probe problem; else None (with one warning if it does not match)."""
-    op = mbpa_native.restricted_adapt_op()
-    if op is None:
-        return None
-    try:
-        g = torch.Generator().manual_seed(0)
-        q, K, S = 3, 5, 11
-        z0 = torch.randn(q, K, S, generator=g) * 3
-        z0[:, :, -2:] = float("-inf")  # inactive slots
-        keys = torch.randn(q, K, 4, generator=g)
-        G = torch.bmm(keys, keys.transpose(1, 2)).add_(1.0)
-        weights = torch.rand(q, K, generator=g)
-        slot = torch.randint(0, S - 2, (q, K), generator=g)
-        key_lse = torch.logsumexp(z0, -1).double() + 1.0
-        got = op(z0, G, weights, slot, key_lse, 0.1, 0.1, 4)
-        want = restricted_steps(z0, G, weights, slot, key_lse, steps=4, lr=0.1, alpha=0.1)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
-            raise RuntimeError(f"its result on a probe problem differs from the torch statement by {(got - want).abs().max():.3g}")
-        return op
-    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"MbPA's native adaptation is not used here ({type(e).__name__}: {cause}); adapting with torch "
-                      f"instead (the same result, slower)", RuntimeWarning, stacklevel=3)
-        return None
+    :func:`restricted_steps` on a probe problem; else None."""
+    return _verified(mbpa_native.restricted_adapt_op(), _probe_adapt, "adaptation",
+                     "adapting with torch instead (the same result, slower)")
 
 
 def restricted_target_log_probs(
