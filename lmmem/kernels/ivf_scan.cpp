@@ -290,7 +290,7 @@ struct Screen {
   const float* rerr;   // |r - r~| of each key
   const float* rwide;  // |r~| + |r - r~| of each key (>= |r| and >= |r~|)
   const int64_t* starts;
-  int64_t nlist, dim, k, cap;
+  int64_t nlist, dim, k;
 };
 
 // Phase 1 for queries [q0, q1): each query's pool of keys that its tau~ cannot rule out.
@@ -480,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor> ivf_scan_screened(const at::Tensor& queries, 
   const Screen s{queries.data_ptr<float>(), probed.data_ptr<int64_t>(), probed.size(1), centroids.data_ptr<float>(),
                  residuals.data_ptr<float>(), reinterpret_cast<const uint16_t*>(residuals_bf16.data_ptr()),
                  norms.data_ptr<float>(), rerr.data_ptr<float>(), rwide.data_ptr<float>(), starts.data_ptr<int64_t>(),
-                 centroids.size(0), queries.size(1), k, cap};
+                 centroids.size(0), queries.size(1), k};
   float* od = out_d.data_ptr<float>();
   int64_t* op = out_p.data_ptr<int64_t>();
   const int64_t parts = std::min<int64_t>(at::get_num_threads(), n);

@@ -106,6 +106,7 @@ def _cflags() -> list[str]:
     return ["-O3", "-fno-trapping-math"] + (["-march=native"] if native else [])
 
 
+@functools.lru_cache(maxsize=None)  # a fact about the machine: /proc/cpuinfo is read once, not per search
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

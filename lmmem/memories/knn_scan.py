@@ -102,15 +102,22 @@ def ivf_lists(index, keys: np.ndarray | None = None) -> IVFLists:
         return lists
     if keys.shape[0] != count:
         raise ValueError(f"the index holds {count} keys, the keys file {keys.shape[0]}")
+    lists.residuals, lists.norms = _residuals(keys, centroids, list_of, position)
+    return lists
+
+
+def _residuals(keys: np.ndarray, centroids: torch.Tensor, list_of: torch.Tensor, position: torch.Tensor):
+    """fp32 residuals (key − its list's centroid) at their list-order positions, and their squared
+    norms, read ``READ_CHUNK_ROWS`` keys at a time (no temporary of the residuals' size)."""
+    count = keys.shape[0]
     residuals = torch.empty((count, keys.shape[1]), dtype=torch.float32)
     norms = torch.empty(count, dtype=torch.float32)
-    for start in range(0, count, READ_CHUNK_ROWS):  # chunk by chunk: no temporary of the residuals' size
+    for start in range(0, count, READ_CHUNK_ROWS):
         stop = min(start + READ_CHUNK_ROWS, count)
         rows = torch.from_numpy(np.array(keys[start:stop])).to(torch.float32) - centroids[list_of[start:stop]]
         residuals[position[start:stop]] = rows
         norms[position[start:stop]] = (rows * rows).sum(1)
-    lists.residuals, lists.norms = residuals, norms
-    return lists
+    return residuals, norms
 
 
 def one_list(keys: np.ndarray) -> IVFLists:
@@ -122,14 +129,10 @@ def one_list(keys: np.ndarray) -> IVFLists:
     for start in range(0, count, READ_CHUNK_ROWS):
         centroid += torch.from_numpy(np.array(keys[start:start + READ_CHUNK_ROWS])).double().sum(0)
     centroid = (centroid / max(count, 1)).to(torch.float32)
-    residuals = torch.empty((count, dim), dtype=torch.float32)
-    norms = torch.empty(count, dtype=torch.float32)
-    for start in range(0, count, READ_CHUNK_ROWS):
-        rows = torch.from_numpy(np.array(keys[start:start + READ_CHUNK_ROWS])).to(torch.float32) - centroid
-        residuals[start:start + len(rows)] = rows
-        norms[start:start + len(rows)] = (rows * rows).sum(1)
-    return IVFLists(centroids=centroid, ids=torch.arange(count), starts=torch.tensor([0, count]),
-                    list_of=torch.zeros(count, dtype=torch.int64), residuals=residuals, norms=norms)
+    list_of, ids = torch.zeros(count, dtype=torch.int64), torch.arange(count)
+    residuals, norms = _residuals(keys, centroid, list_of, ids)  # list order is row order
+    return IVFLists(centroids=centroid, ids=ids, starts=torch.tensor([0, count]), list_of=list_of,
+                    residuals=residuals, norms=norms)
 
 
 def probe(lists: IVFLists, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
