@@ -145,43 +145,104 @@ def test_nearest_breaks_ties_at_the_kth_by_lowest_index(shape, k):
     assert torch.equal(d.gather(-1, idx), vals)
 
 
-@pytest.mark.parametrize("q,K,S,steps", [(7, 4, 9, 3), (3, 32, 158, 5), (5, 1, 2, 1), (2, 6, 37, 6)])
-def test_native_restricted_adaptation_equals_the_torch_statement(q, K, S, steps):
-    """The fused C++ steps (lmmem/kernels/mbpa_adapt.cpp) against mbpa.restricted_steps in fp32:
-    inactive slots (-inf), neighbours sharing a slot, zero weights (missing neighbours), keys whose
-    candidates hold nearly all of their mass (log_rest → -inf), one step and several."""
+def _native_score_or_skip():
     from conftest import native_toolchain_missing
-    from lmmem.memories import mbpa
+    from lmmem.memories import mbpa_restricted
 
     if native_toolchain_missing():
         pytest.skip(f"the native op cannot be built here: {native_toolchain_missing()}")
-    op = mbpa._native_adapt()
-    assert op is not None, "a C++ toolchain is present, so MbPA's native adaptation must build and pass its probe"
-    g = torch.Generator().manual_seed(q * 100 + S)
-    z0 = torch.randn(q, K, S, generator=g) * 4
-    z0[:, :, S - S // 4:] = float("-inf")  # the inactive tail of the candidate slots
-    keys = torch.randn(q, K, 16, generator=g)
-    G = torch.bmm(keys, keys.transpose(1, 2)).add_(1.0)
-    weights = torch.rand(q, K, generator=g)
-    weights[0, -1] = 0.0
-    slot = torch.randint(0, max(1, S - S // 4), (q, K), generator=g)
-    slot[:, 0] = slot[:, -1]  # two neighbours with the same word
-    key_lse = torch.logsumexp(z0, -1).double() + torch.rand(q, K, generator=g, dtype=torch.float64) * 2
-    key_lse[-1, 0] = torch.logsumexp(z0[-1, 0], -1).double()  # the candidates hold all of the key's mass
-    got = op(z0, G, weights, slot, key_lse, 0.3, 0.2, steps)
-    want = mbpa.restricted_steps(z0, G, weights, slot, key_lse, steps=steps, lr=0.3, alpha=0.2)
-    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
-    assert torch.isfinite(got).all()
+    op = mbpa_restricted._native_score()
+    assert op is not None, "a C++ toolchain is present, so MbPA's native scoring must build and pass its probe"
+    return op
+
+
+def _restricted_problem(q, K, D, V, seed, bias=True):
+    """Queries near their neighbours (adaptation moves their scores by nats, not hundreds), some
+    neighbours' words among the query's top logits and some not, two neighbours sharing a word,
+    missing neighbours (weight 0) at the end of query 0's list, and targets that are a neighbour's
+    word, the top word, or any word."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, D, generator=g) * 2
+    b = torch.randn(V, generator=g) if bias else None
+    h = torch.randn(q, D, generator=g) / D ** 0.5
+    keys = h[:, None, :] + 0.3 * torch.randn(q, K, D, generator=g) / D ** 0.5
+    zq = torch.nn.functional.linear(h, W, b)
+    values = torch.randint(0, V, (q, K), generator=g)
+    values[:, K // 2:] = torch.topk(zq, 3).indices[:, :1]
+    if K > 2:
+        values[:, 2] = values[:, 1]
+    weights = torch.rand(q, K, generator=g) * 2
+    weights[0, K - K // 3:] = 0.0
+    y = torch.randint(0, V, (q,), generator=g)
+    y[: q // 2] = values[: q // 2, 0]
+    y[-1] = torch.topk(zq[-1], 1).indices[0]
+    lse = torch.logsumexp(zq, -1).double()
+    key_lse = torch.logsumexp(torch.nn.functional.linear(keys, W, b), -1).double()
+    return W, b, h, keys, zq, values, weights, y, lse, key_lse
+
+
+@pytest.mark.parametrize("q,K,D,V,n,steps,bias", [(40, 32, 128, 30000, 128, 5, True), (9, 1, 16, 500, 7, 2, False),
+                                                  (13, 17, 20, 3001, 64, 4, True), (7, 64, 33, 900, 40, 1, True),
+                                                  (5, 33, 128, 1000, 128, 6, False), (4, 16, 5, 200, 200, 3, True)])
+def test_native_restricted_score_equals_the_torch_statement(q, K, D, V, n, steps, bias):
+    """The C++ op (lmmem/kernels/mbpa_adapt.cpp: candidates, their logits, the steps and the score,
+    per query) against restricted_target_log_probs in fp32 and in fp64: K of 1 to 64 (one to
+    four vector registers, padded columns), with and without bias, every word a candidate (n = V),
+    the queries' logits read as rows of a wider, permuted table, and one key whose candidates hold
+    all of its mass (its frozen rows' mass is 0)."""
+    from lmmem.memories import mbpa_restricted as mbpa
+
+    op = _native_score_or_skip()
+    W, b, h, keys, zq, values, weights, y, lse, key_lse = _restricted_problem(q, K, D, V, q + K, bias)
+    if n >= V:  # every word a candidate: the keys' normalisers are the candidates' own
+        key_lse[-1, 0] = torch.logsumexp(torch.nn.functional.linear(keys[-1, 0], W, b), -1).double()
+    table = torch.randn(q + 3, V + 5)  # rows of stride V + 5, in another order
+    rows = torch.randperm(q + 3, generator=torch.Generator().manual_seed(1))[:q]
+    table[rows, :V] = zq
+    args = dict(vocab=n, steps=steps, lr=0.3, alpha=0.2)
+    got = mbpa.score_natively(op, table[:, :V], rows, y, h, keys, values, weights, key_lse, lse, W, b, **args)
+    want = mbpa.restricted_target_log_probs(h, y, keys, values, weights, key_lse, W, b, base_logits=zq, query_lse=lse, **args)
+    d = torch.float64
+    want64 = mbpa.restricted_target_log_probs(h.to(d), y, keys.to(d), values, weights.to(d), key_lse, W.to(d),
+                                              b.to(d) if b is not None else None, base_logits=zq.to(d), query_lse=lse, **args)
+    base = zq.gather(1, y[:, None])[:, 0].double() - lse
+    assert (want64 - base).abs().max() > 1.0  # the adaptation moves the scores
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(got, want64, rtol=0, atol=2e-5)
+
+
+def test_mbpa_scores_natively_as_by_torch_in_the_scoring_loop(monkeypatch):
+    """MbPA.target_log_probs in fp32 with the native op and with the torch statement, chunk by chunk
+    over streams with padding (ignored targets: the live queries' rows of the logits)."""
+    from lmmem.memories import mbpa_restricted as mbpa
+
+    _native_score_or_skip()
+    layer = build_output_layer("full", 12, 500)
+    g = torch.Generator().manual_seed(5)
+    h, y = torch.randn(3, 40, 12, generator=g), torch.randint(0, 500, (3, 40), generator=g)
+    y[1, 30:] = -100  # padding
+    y[2, ::7] = -100
+    cfg = MbPAConfig(k=8, steps=4, memory=25, vocab=32, lr=0.5)
+
+    def run():
+        mb = MbPA(3, 12, cfg)
+        with torch.no_grad():
+            return torch.cat([mb.target_log_probs(h[:, lo:lo + 9], y[:, lo:lo + 9], layer) for lo in range(0, 40, 9)], 1)
+    native = run()
+    monkeypatch.setattr(mbpa, "_native_score", lambda: None)
+    torch_ = run()
+    torch.testing.assert_close(native, torch_, rtol=0, atol=2e-5)
+    assert (native[y < 0] == 0).all() and (native[y >= 0] != 0).all()
 
 
 @pytest.mark.parametrize("V,n", [(30000, 128), (4099, 64), (3001, 7), (300, 128)])
 @pytest.mark.parametrize("path", ["native", "torch"])
 def test_top_n_is_the_set_topk_gives(V, n, path, monkeypatch):
-    """mbpa._top_n, native and torch: the interleaved-class selection (rows wider than 4 · n ·
+    """mbpa_restricted._top_n, native and torch: the interleaved-class selection (rows wider than 4 · n ·
     classes; V not a multiple of the classes: the columns past the last whole class) and the narrow
     rows, against torch.topk's set, on distinct values and on rows whose top values repeat."""
     from conftest import native_toolchain_missing
-    from lmmem.memories import mbpa
+    from lmmem.memories import mbpa_restricted as mbpa
 
     if path == "torch":
         monkeypatch.setattr(mbpa, "_native_top_n", lambda: None)
@@ -199,7 +260,7 @@ def test_top_n_is_the_set_topk_gives(V, n, path, monkeypatch):
         torch.testing.assert_close(z[r, got[r]].sort().values, z[r, want[r]].sort().values, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name, probe, what", [("_native_adapt", "_probe_adapt", "adaptation"),
+@pytest.mark.parametrize("name, probe, what", [("_native_score", "_probe_score", "scoring"),
                                                ("_native_top_n", "_probe_top_n", "top-n")])
 def test_a_native_mbpa_op_that_fails_its_probe_warns_once_and_torch_runs(monkeypatch, name, probe, what):
     """A wrong result on the probe: one RuntimeWarning naming the op and the cause, then None (the
@@ -207,9 +268,9 @@ def test_a_native_mbpa_op_that_fails_its_probe_warns_once_and_torch_runs(monkeyp
     import warnings
 
     from lmmem.kernels import mbpa_native
-    from lmmem.memories import mbpa
+    from lmmem.memories import mbpa_restricted as mbpa
 
-    monkeypatch.setattr(mbpa_native, "restricted_adapt_op", lambda: (lambda *a: None))  # an op that is "built"
+    monkeypatch.setattr(mbpa_native, "restricted_score_op", lambda: (lambda *a: None))  # an op that is "built"
     monkeypatch.setattr(mbpa_native, "top_n_op", lambda: (lambda *a: None))
 
     def wrong(op):

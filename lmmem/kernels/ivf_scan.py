@@ -160,7 +160,7 @@ def _load():
         with FolderLock(folder.parent / f"{folder.name}.lock", "the native IVF scan's build folder", wait=True):
             (folder / "lock").unlink(missing_ok=True)
             if not (folder / f"{NAME}.so").exists():
-                print(f"lmmem: building the native ops (the IVF scan, MbPA's steps) in {folder} (once per machine, ~30 s)",
+                print(f"lmmem: building the native ops (the IVF scan, MbPA's scoring) in {folder} (once per machine, ~30 s)",
                       file=sys.stderr)
             with _ninja_on_path():
                 cpp_extension.load(NAME, [str(src) for src in SOURCES], extra_cflags=flags, build_directory=str(folder),

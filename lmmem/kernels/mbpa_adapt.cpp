@@ -1,15 +1,22 @@
-// MbPA's restricted adaptation on a CPU, fused per query, and its candidate selection (loaded by
-// lmmem/kernels/mbpa_native.py; the plain-torch statements of the same computations are
-// restricted_steps and _top_n in lmmem/memories/mbpa.py, and the tests hold each pair together).
+// MbPA's restricted variant on a CPU, one query start to end, and its candidate selection (loaded
+// by lmmem/kernels/mbpa_native.py; the plain-torch statements of the same computations are
+// restricted_target_log_probs and _top_n in lmmem/memories/mbpa.py, and the tests hold each pair
+// together).
 //
-// Why native: per query the adaptation works on a (K, |C|) table (32 x ~160 floats, in L1) for a
-// few steps, but the torch version runs each step as ~10 batched tensor operations over a whole
-// group of queries (amax, softmax, log, exp, sigmoid, mul, scatter, add ...), each a pass through
-// memory, which on small models cost more than the arithmetic. Here each query's steps run start
-// to end on its own table. (Measured: docs/results/knn-lm.md, "MbPA's restricted adaptation".)
+// Why native: per query the restricted adaptation works on a (|C|, K) table (~160 x 32 floats, in
+// L1) for a few steps. The torch statement runs each step as ~10 batched tensor operations over a
+// group of queries, and builds the candidates, their logits and the final score with ~40 more
+// (comparisons, argsorts, gathers, masks, small matmuls), each a pass through memory; on small
+// models those passes cost more than the arithmetic. Here one query runs from its logits to its
+// score on its own table: the top-n of its logits, its candidates and slots, the candidates'
+// logits for its neighbours, the Gram matrix, the steps, and the adapted log-probability of its
+// target. (Measured: docs/results/knn-lm.md, "MbPA's restricted adaptation".)
 //
-// The same formulas as the torch version, in the same precisions (the (K, |C|) work in fp32, the
-// per-key normalisers in fp64); sums run in another order, so results agree to fp32 rounding.
+// The table is the torch statement's transposed: candidates are rows and the K neighbours columns
+// (padded to KP, a multiple of 16), so every softmax over the candidates is a column reduction,
+// vertical across vector lanes, and the products run as broadcast-FMAs on KP/16 vector registers
+// per row. The same formulas in the same precisions (the table in fp32, the per-key normalisers
+// in fp64); sums run in another order, so results agree to fp32 rounding.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -63,135 +70,339 @@ inline float exp_nonpositive(float x0) {
   return y * scale;
 }
 
-// One query's adaptation: A (K, S) from its z0 (K, S), Gram matrix G (K, K), weights w (K), the
-// slot of each neighbour's own word (K) and the log-normaliser of each key's base logits (K).
-// The work runs on copies padded to P columns (a multiple of LANES: no loop tails; the padding's
-// z0 is -inf, so its columns stay apart from the real ones and take ~1e-38 of probability each).
-void adapt_one(const float* z0, const float* G, const float* w, const int64_t* slot, const double* key_lse,
-               int64_t K, int64_t S, int64_t P, int64_t steps, float lr, float keep, float* A_out,
-               std::vector<float>& z0p, std::vector<float>& z, std::vector<float>& A, std::vector<double>& log_rest) {
-  std::vector<float> row_max(K), row_inv(K), row_scale(K);
-  for (int64_t k = 0; k < K; ++k) {
-    std::memcpy(z0p.data() + k * P, z0 + k * S, S * sizeof(float));
-    std::fill(z0p.data() + k * P + S, z0p.data() + (k + 1) * P, -std::numeric_limits<float>::infinity());
-  }
-  for (int64_t s = 0; s < steps; ++s) {
-    if (s == 0) {
-      std::copy(z0p.begin(), z0p.end(), z.begin());
-    } else {
-      // z = z0 + G A, LANES columns of ROWS rows at a time in vector registers: ROWS independent
-      // FMA chains sharing each load of A (one chain would wait on the FMA latency at every term).
-      // Written with GCC/Clang vector types: the auto-vectoriser picked the wrong loop here.
-      constexpr int64_t ROWS = 4;
-      int64_t k = 0;
-      for (; k + ROWS <= K; k += ROWS)  // full blocks: ROWS a compile-time constant, acc in registers
-        for (int64_t j = 0; j < P; j += LANES) {
-          Vec acc[ROWS];
-          for (int64_t r = 0; r < ROWS; ++r) acc[r] = load(z0p.data() + (k + r) * P + j);
-          for (int64_t i = 0; i < K; ++i) {
-            const Vec a = load(A.data() + i * P + j);
-            for (int64_t r = 0; r < ROWS; ++r) acc[r] += G[(k + r) * K + i] * a;
-          }
-          for (int64_t r = 0; r < ROWS; ++r) store(z.data() + (k + r) * P + j, acc[r]);
-        }
-      for (; k < K; ++k)
-        for (int64_t j = 0; j < P; j += LANES) {
-          Vec acc = load(z0p.data() + k * P + j);
-          for (int64_t i = 0; i < K; ++i) acc += G[k * K + i] * load(A.data() + i * P + j);
-          store(z.data() + k * P + j, acc);
-        }
-    }
-    // three passes over the rows, so that the scalar fp64 chain of one row (log, exp, a division:
-    // hundreds of cycles of latency) does not hold up the vector work of the next
-    for (int64_t k = 0; k < K; ++k) {  // 1. e^(z - max) in place, and the row's max and sum
-      float* zk = z.data() + k * P;
-      // max and sum in LANES partial results: without -ffast-math a float reduction over one
-      // accumulator does not vectorise, and neither would the exponentials beside it
-      float mx[LANES], acc[LANES] = {};
-      for (int64_t t = 0; t < LANES; ++t) mx[t] = zk[t];
-      for (int64_t j = LANES; j < P; j += LANES)
-        for (int64_t t = 0; t < LANES; ++t) mx[t] = std::max(mx[t], zk[j + t]);
-      float m = mx[0];
-      for (int64_t t = 1; t < LANES; ++t) m = std::max(m, mx[t]);
-      for (int64_t j = 0; j < P; j += LANES)
-        for (int64_t t = 0; t < LANES; ++t) {
-          const float e = exp_nonpositive(zk[j + t] - m);
-          zk[j + t] = e;
-          acc[t] += e;
-        }
-      float sum = 0.f;
-      for (int64_t t = 0; t < LANES; ++t) sum += acc[t];
-      row_max[k] = m;
-      row_inv[k] = 1.0f / sum;  // the largest p: e^0 / sum
-    }
-    for (int64_t k = 0; k < K; ++k) {  // 2. each row's scale: -η w_k σ_k / sum
-      // log Σ_C e^z = max z − log max p, the candidates' share of the full normaliser as in the torch version
-      const double lse_c = static_cast<double>(row_max[k]) - std::log(static_cast<double>(row_inv[k]));
-      if (s == 0) {
-        const double frac = std::exp(lse_c - key_lse[k]);
-        log_rest[k] = key_lse[k] + std::log(std::max(1.0 - frac, 0.0));
-      }
-      const float sigma = static_cast<float>(1.0 / (1.0 + std::exp(log_rest[k] - lse_c)));
-      row_scale[k] = (-lr * w[k] * sigma) * row_inv[k];
-    }
-    for (int64_t k = 0; k < K; ++k) {  // 3. A ← (1 − ηα) A + η w_k (onehot − p_k)
-      const float* zk = z.data() + k * P;
-      const float scale = row_scale[k];
-      float* Ak = A.data() + k * P;
-      if (s == 0)
-        for (int64_t j = 0; j < P; ++j) Ak[j] = zk[j] * scale;
-      else
-        for (int64_t j = 0; j < P; ++j) Ak[j] = zk[j] * scale + keep * Ak[j];
-      Ak[slot[k]] += lr * w[k];
-    }
-  }
-  for (int64_t k = 0; k < K; ++k) std::memcpy(A_out + k * S, A.data() + k * P, S * sizeof(float));
-}
-
-}  // namespace
-
-// A (q, K, S) of restricted MbPA for q queries: z0 (q, K, S) fp32 (-inf on inactive slots),
-// G (q, K, K) fp32, weights (q, K) fp32, slot (q, K) int64, key_lse (q, K) fp64.
-at::Tensor restricted_adapt(const at::Tensor& z0, const at::Tensor& G, const at::Tensor& weights,
-                            const at::Tensor& slot, const at::Tensor& key_lse, double lr, double alpha,
-                            int64_t steps) {
-  TORCH_CHECK(z0.dim() == 3 && z0.scalar_type() == at::kFloat && z0.is_contiguous(), "z0: contiguous (q, K, S) float32");
-  const int64_t q = z0.size(0), K = z0.size(1), S = z0.size(2);
-  TORCH_CHECK(G.scalar_type() == at::kFloat && G.is_contiguous() && G.sizes() == at::IntArrayRef({q, K, K}),
-              "G: contiguous (q, K, K) float32");
-  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.sizes() == at::IntArrayRef({q, K}),
-              "weights: contiguous (q, K) float32");
-  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.is_contiguous() && slot.sizes() == at::IntArrayRef({q, K}),
-              "slot: contiguous (q, K) int64");
-  TORCH_CHECK(key_lse.scalar_type() == at::kDouble && key_lse.is_contiguous() && key_lse.sizes() == at::IntArrayRef({q, K}),
-              "key_lse: contiguous (q, K) float64");
-  TORCH_CHECK(steps >= 1 && S >= 1, "at least one step and one candidate");
-  at::Tensor A = at::empty({q, K, S}, z0.options());
-  const float* z0p_in = z0.data_ptr<float>();
-  const float* Gp = G.data_ptr<float>();
-  const float* wp = weights.data_ptr<float>();
-  const int64_t* sp = slot.data_ptr<int64_t>();
-  const double* lp = key_lse.data_ptr<double>();
-  float* Ap = A.data_ptr<float>();
-  for (int64_t i = 0; i < q * K; ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < S, "slot out of range");
-  const float lrf = static_cast<float>(lr), keep = static_cast<float>(1.0 - lr * alpha);
-  const int64_t P = (S + LANES - 1) / LANES * LANES;
-  at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> z0p(K * P), z(K * P), work(K * P);
-    std::vector<double> log_rest(K);
-    for (int64_t i = a; i < e; ++i)
-      adapt_one(z0p_in + i * K * S, Gp + i * K * K, wp + i * K, sp + i * K, lp + i * K, K, S, P, steps, lrf, keep,
-                Ap + i * K * S, z0p, z, work, log_rest);
-  });
-  return A;
-}
-
-// Indices (q, n) of the n largest entries of each row of z (q, V) fp32, unordered: the set
+// The indices of the n largest entries of row (V floats) into out[0, n), unordered: the set
 // torch.topk gives (up to which of several entries tied at the n-th value is kept). Columns are
 // dealt into `classes` interleaved slices as in the torch statement (_top_n in
 // lmmem/memories/mbpa.py); the n-th largest of the V / classes column maxima across slices, t0, is
 // at most the row's n-th largest value (n distinct columns reach it), so the row's entries >= t0
 // hold the answer: one vectorised pass finds them (a few hundred of 30,000), then a selection.
+void top_n_row(const float* row, int64_t V, int64_t n, int64_t classes, std::vector<float>& cm,
+               std::vector<std::pair<float, int64_t>>& pool, int64_t* out) {
+  auto larger = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) { return x.first > y.first; };
+  const int64_t nb = V / classes;
+  pool.clear();
+  float t0 = -std::numeric_limits<float>::infinity();
+  if (nb >= n) {
+    std::memcpy(cm.data(), row, nb * sizeof(float));
+    for (int64_t t = 1; t < classes; ++t)  // an elementwise max over the slices: vectorises
+      for (int64_t c = 0; c < nb; ++c) cm[c] = std::max(cm[c], row[t * nb + c]);
+    std::nth_element(cm.begin(), cm.begin() + (n - 1), cm.begin() + nb, std::greater<float>());
+    t0 = cm[n - 1];
+  }
+  constexpr int64_t L = 64;
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    int hits = 0;  // an integer count of a comparison vectorises
+    for (int64_t t = 0; t < L; ++t) hits += row[j + t] >= t0;
+    if (hits)
+      for (int64_t t = 0; t < L; ++t)
+        if (row[j + t] >= t0) pool.push_back({row[j + t], j + t});
+  }
+  for (; j < V; ++j)
+    if (row[j] >= t0) pool.push_back({row[j], j});
+  if (static_cast<int64_t>(pool.size()) < n)  // NaN entries compare false: keep the first columns
+    for (int64_t c = 0; c < V && static_cast<int64_t>(pool.size()) < n; ++c)
+      if (!(row[c] >= t0)) pool.push_back({-std::numeric_limits<float>::infinity(), c});
+  std::nth_element(pool.begin(), pool.begin() + (n - 1), pool.end(), larger);
+  for (int64_t t = 0; t < n; ++t) out[t] = pool[t].second;
+}
+
+constexpr int64_t SROWS = 4;  // table rows per register block: SROWS x NV accumulators
+
+// out[r] = rows[r] . keysT + add[r] for r < R (KP floats each, KP = NV LANES): keysT is (D, KP),
+// the neighbours' keys transposed. Each of the D terms is one load of keysT's row per vector and
+// one broadcast per table row, shared by SROWS x NV independent FMA chains.
+template <int NV>
+void times_keys(const float* const rows[SROWS], const float add[SROWS], int64_t R, const float* keysT, int64_t D,
+                float* out) {
+  constexpr int64_t KP = NV * LANES;
+  Vec acc[SROWS][NV];
+  for (int64_t r = 0; r < SROWS; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec{};
+  for (int64_t d = 0; d < D; ++d) {
+    Vec kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = load(keysT + d * KP + v * LANES);
+    for (int64_t r = 0; r < SROWS; ++r) {
+      const float a = rows[r][d];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * kv[v];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(out + r * KP + v * LANES, acc[r][v] + add[r]);
+}
+
+// A thread's working memory, sized once for the largest query (n + K candidates).
+struct Work {
+  std::vector<float> cm;
+  std::vector<std::pair<float, int64_t>> pool;
+  std::vector<int32_t> pos;  // V: a word's candidate slot, or -1 (reset after every query)
+  std::vector<int64_t> cand, slot;
+  std::vector<float> keysT, G, hq, z0, z, A, zero, buf;
+  std::vector<double> log_rest;
+  Work(int64_t V, int64_t n, int64_t K, int64_t D, int64_t classes) {
+    const int64_t KP = (K + LANES - 1) / LANES * LANES, SP = (n + K + SROWS - 1) / SROWS * SROWS;
+    cm.resize(std::max<int64_t>(V / classes, 1));
+    pos.assign(V, -1);
+    cand.resize(n + K);
+    slot.resize(K);
+    keysT.resize(D * KP);
+    G.resize((K + SROWS) * KP);
+    hq.resize(SROWS * KP);
+    z0.resize(SP * KP);
+    z.resize(SP * KP);
+    A.resize(SP * KP);
+    zero.assign(D, 0.f);
+    buf.resize(SP + LANES);
+    log_rest.resize(K);
+  }
+};
+
+// The sum of x[0, m) in LANES partial sums (a single accumulator would not vectorise); x is
+// readable up to the next multiple of LANES, and those entries are 0
+inline float sum_padded(const float* x, int64_t m) {
+  float acc[LANES] = {};
+  for (int64_t j = 0; j < m; j += LANES)
+    for (int64_t t = 0; t < LANES; ++t) acc[t] += x[j + t];
+  float s = 0.f;
+  for (int64_t t = 0; t < LANES; ++t) s += acc[t];
+  return s;
+}
+
+struct Query {  // one query's inputs (pointers into the op's tensors)
+  const float* z;  // its base logits (V)
+  int64_t target;
+  const float* h;  // D
+  const float* keys;  // K x D
+  const int64_t* values;  // K
+  const float* w;  // K
+  const double* key_lse;  // K
+  double lse;
+};
+
+struct Shared {  // what every query shares
+  const float* W;  // V x D
+  const float* bias;  // V, or nullptr
+  int64_t V, D, K, n, classes, steps;
+  float lr, keep;
+};
+
+// log p'(target) of one query: restricted MbPA start to end (the torch statement's steps, in
+// restricted_target_log_probs, name each quantity)
+template <int NV>
+double score_one(const Query& q, const Shared& c, Work& ws) {
+  constexpr int64_t KP = NV * LANES;
+  const int64_t K = c.K, D = c.D, n = c.n;
+  const float one = c.bias ? 1.0f : 0.0f;  // the bias change folds into the Gram matrix (a weight on input 1)
+  // 1. candidates: the top n of the logits, then each neighbour's word that is not among them yet
+  int64_t* cand = ws.cand.data();
+  int32_t* pos = ws.pos.data();
+  int64_t* slot = ws.slot.data();
+  top_n_row(q.z, c.V, n, c.classes, ws.cm, ws.pool, cand);
+  for (int64_t s = 0; s < n; ++s) pos[cand[s]] = static_cast<int32_t>(s);
+  int64_t S = n;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t v = q.values[k];
+    if (pos[v] >= 0) {
+      slot[k] = pos[v];
+    } else if (q.w[k] > 0) {  // a missing neighbour (weight 0) brings no word: its slot takes nothing
+      pos[v] = static_cast<int32_t>(S);
+      cand[S] = v;
+      slot[k] = S++;
+    } else {
+      slot[k] = 0;
+    }
+  }
+  const int64_t SP = (S + SROWS - 1) / SROWS * SROWS;
+  // 2. the keys transposed (zero columns past K), the Gram matrix G = H H^T + 1, h_k . h + 1, and
+  // the candidates' base logits for every neighbour, z0 (S, KP), -inf on the padding rows
+  float* kT = ws.keysT.data();
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t k = 0; k < K; ++k) kT[d * KP + k] = q.keys[k * D + d];
+    for (int64_t k = K; k < KP; ++k) kT[d * KP + k] = 0.f;
+  }
+  auto table = [&](auto row_of, auto add_of, int64_t count, float* out) {
+    for (int64_t s = 0; s < count; s += SROWS) {
+      const float* rows[SROWS];
+      float add[SROWS];
+      for (int64_t r = 0; r < SROWS; ++r) {
+        const bool real = s + r < count;
+        rows[r] = real ? row_of(s + r) : ws.zero.data();
+        add[r] = real ? add_of(s + r) : 0.f;
+      }
+      times_keys<NV>(rows, add, std::min(SROWS, count - s), kT, D, out + s * KP);
+    }
+  };
+  float *G = ws.G.data(), *hq = ws.hq.data(), *z0 = ws.z0.data(), *z = ws.z.data(), *A = ws.A.data();
+  table([&](int64_t i) { return q.keys + i * D; }, [&](int64_t) { return one; }, K, G);
+  table([&](int64_t) { return q.h; }, [&](int64_t) { return one; }, 1, hq);
+  table([&](int64_t s) { return c.W + cand[s] * D; }, [&](int64_t s) { return c.bias ? c.bias[cand[s]] : 0.f; }, S, z0);
+  std::fill(z0 + S * KP, z0 + SP * KP, -std::numeric_limits<float>::infinity());
+  // 3. the steps: z = z0 + A G (the transpose of G A), p = softmax over the candidates (columns),
+  // A <- (1 - eta alpha) A + eta w_k (onehot(v_k) - sigma_k p_k)
+  float sum[KP], scale[KP];
+  Vec mx[NV];
+  for (int64_t step = 0; step < c.steps; ++step) {
+    if (step == 0) {
+      std::copy(z0, z0 + SP * KP, z);
+    } else {
+      for (int64_t s = 0; s < SP; s += SROWS) {
+        Vec acc[SROWS][NV];
+        for (int64_t r = 0; r < SROWS; ++r)
+          for (int v = 0; v < NV; ++v) acc[r][v] = load(z0 + (s + r) * KP + v * LANES);
+        for (int64_t i = 0; i < K; ++i) {
+          Vec g[NV];
+          for (int v = 0; v < NV; ++v) g[v] = load(G + i * KP + v * LANES);
+          for (int64_t r = 0; r < SROWS; ++r) {
+            const float a = A[(s + r) * KP + i];
+            for (int v = 0; v < NV; ++v) acc[r][v] += a * g[v];
+          }
+        }
+        for (int64_t r = 0; r < SROWS; ++r)
+          for (int v = 0; v < NV; ++v) store(z + (s + r) * KP + v * LANES, acc[r][v]);
+      }
+    }
+    for (int v = 0; v < NV; ++v) mx[v] = load(z + v * LANES);
+    for (int64_t s = 1; s < SP; ++s)  // the column maxima (the vector conditional: a vmaxps)
+      for (int v = 0; v < NV; ++v) {
+        const Vec x = load(z + s * KP + v * LANES);
+        mx[v] = mx[v] > x ? mx[v] : x;
+      }
+    float m[KP];
+    for (int v = 0; v < NV; ++v) store(m + v * LANES, mx[v]);
+    for (int64_t k = 0; k < KP; ++k) sum[k] = 0.f;
+    for (int64_t s = 0; s < SP; ++s)
+      for (int64_t k = 0; k < KP; ++k) {
+        const float e = exp_nonpositive(z[s * KP + k] - m[k]);
+        z[s * KP + k] = e;
+        sum[k] += e;
+      }
+    for (int64_t k = 0; k < KP; ++k) {  // each column's scale: -eta w_k sigma_k / sum (0 past K)
+      if (k >= K) {
+        scale[k] = 0.f;
+        continue;
+      }
+      // log sum_C e^z = max z + log sum; sigma_k = the candidates' share of the full normaliser,
+      // the frozen rows' mass taken from the stored log-normaliser of the key's base logits
+      const double lse_c = static_cast<double>(m[k]) + std::log(static_cast<double>(sum[k]));
+      if (step == 0) {
+        const double frac = std::exp(lse_c - q.key_lse[k]);
+        ws.log_rest[k] = q.key_lse[k] + std::log(std::max(1.0 - frac, 0.0));
+      }
+      const float sigma = static_cast<float>(1.0 / (1.0 + std::exp(ws.log_rest[k] - lse_c)));
+      scale[k] = (-c.lr * q.w[k] * sigma) / sum[k];
+    }
+    for (int64_t s = 0; s < SP; ++s) {
+      const float* zs = z + s * KP;
+      float* As = A + s * KP;
+      if (step == 0)
+        for (int64_t k = 0; k < KP; ++k) As[k] = zs[k] * scale[k];
+      else
+        for (int64_t k = 0; k < KP; ++k) As[k] = zs[k] * scale[k] + c.keep * As[k];
+    }
+    for (int64_t k = 0; k < K; ++k) A[slot[k] * KP + k] += c.lr * q.w[k];
+  }
+  // 4. the query's adapted logits on the candidates, z_q + (h_k . h + 1) A, and its normaliser:
+  // the frozen rows' mass (Z0 minus the candidates' base mass) plus the candidates' adapted mass
+  float* t = ws.buf.data();
+  float tmax = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    float acc[LANES] = {};
+    for (int64_t k = 0; k < KP; k += LANES)
+      for (int64_t l = 0; l < LANES; ++l) acc[l] += hq[k + l] * A[s * KP + k + l];
+    float delta = 0.f;
+    for (int64_t l = 0; l < LANES; ++l) delta += acc[l];
+    z[s] = delta;  // z's first row is free now: the deltas
+    t[s] = q.z[cand[s]] + delta;
+    tmax = std::max(tmax, t[s]);
+  }
+  const int64_t SL = (S + LANES - 1) / LANES * LANES;
+  std::fill(t + S, t + SL, -std::numeric_limits<float>::infinity());
+  float* base = A;  // A is free now: the candidates' base mass e^(z_q - lse_q)
+  const float lse_q = static_cast<float>(q.lse);
+  for (int64_t s = 0; s < S; ++s) base[s] = q.z[cand[s]] - lse_q;
+  std::fill(base + S, base + SL, -std::numeric_limits<float>::infinity());
+  for (int64_t s = 0; s < SL; ++s) {
+    base[s] = s < S ? exp_nonpositive(std::min(base[s], 0.f)) : 0.f;
+    t[s] = s < S ? exp_nonpositive(t[s] - tmax) : 0.f;
+  }
+  const double frac = sum_padded(base, SL);
+  const double log_rest = q.lse + std::log(std::max(1.0 - frac, 0.0));
+  const double lse_c = static_cast<double>(tmax) + std::log(static_cast<double>(sum_padded(t, SL)));
+  const double hi = std::max(log_rest, lse_c), lo = std::min(log_rest, lse_c);
+  const double logZ = hi + std::log1p(std::exp(lo - hi));  // log(e^log_rest + e^lse_c), log_rest may be -inf
+  double zy = q.z[q.target];
+  if (pos[q.target] >= 0) zy += z[pos[q.target]];
+  for (int64_t s = 0; s < S; ++s) pos[cand[s]] = -1;
+  return zy - logZ;
+}
+
+}  // namespace
+
+// log p'(target) (q,) fp64 of restricted MbPA for q queries, each from its logits to its score
+// (restricted_target_log_probs in lmmem/memories/mbpa.py is the torch statement):
+// zq (R, V) fp32, rows of unit stride: base logits; rows (q,) int64: each query's row of zq;
+// targets (q,) int64; query (q, D), keys (q, K, D), weights (q, K) fp32; values (q, K) int64;
+// key_lse (q, K) and lse_q (q,) fp64: the keys' and the queries' base log-normalisers; W (V, D)
+// fp32 and bias (V,) fp32 or empty: the output layer; n: top-n candidates; classes: top_n's slices.
+at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const at::Tensor& targets,
+                            const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& weights, const at::Tensor& key_lse, const at::Tensor& lse_q,
+                            const at::Tensor& W, const at::Tensor& bias, int64_t n, int64_t classes, int64_t steps,
+                            double lr, double alpha) {
+  TORCH_CHECK(zq.dim() == 2 && zq.scalar_type() == at::kFloat && zq.stride(1) == 1, "zq: (R, V) float32, rows of unit stride");
+  TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous(), "W: contiguous (V, D) float32");
+  const int64_t V = W.size(0), D = W.size(1), q = rows.numel();
+  TORCH_CHECK(zq.size(1) == V, "zq and W disagree on V");
+  TORCH_CHECK(keys.dim() == 3 && keys.scalar_type() == at::kFloat && keys.is_contiguous() && keys.size(0) == q &&
+              keys.size(2) == D, "keys: contiguous (q, K, D) float32");
+  const int64_t K = keys.size(1);
+  TORCH_CHECK(K >= 1 && K <= 4 * LANES, "K must be in [1, 64]");
+  auto check = [&](const at::Tensor& t, at::ScalarType dt, at::IntArrayRef shape, const char* what) {
+    TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.sizes() == shape, what);
+  };
+  check(rows, at::kLong, {q}, "rows: contiguous (q,) int64");
+  check(targets, at::kLong, {q}, "targets: contiguous (q,) int64");
+  check(query, at::kFloat, {q, D}, "query: contiguous (q, D) float32");
+  check(values, at::kLong, {q, K}, "values: contiguous (q, K) int64");
+  check(weights, at::kFloat, {q, K}, "weights: contiguous (q, K) float32");
+  check(key_lse, at::kDouble, {q, K}, "key_lse: contiguous (q, K) float64");
+  check(lse_q, at::kDouble, {q}, "lse_q: contiguous (q,) float64");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == V),
+              "bias: contiguous (V,) float32 or empty");
+  TORCH_CHECK(n >= 1 && n <= V && classes >= 1 && steps >= 1, "n in [1, V], classes and steps at least 1");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  const int64_t* vp = values.data_ptr<int64_t>();
+  for (int64_t i = 0; i < q; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < zq.size(0) && tp[i] >= 0 && tp[i] < V, "row or target out of range");
+  for (int64_t i = 0; i < q * K; ++i) TORCH_CHECK(vp[i] >= 0 && vp[i] < V, "value out of range");
+  at::Tensor out = at::empty({q}, zq.options().dtype(at::kDouble));
+  const Shared c{W.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr, V, D, K, n, classes, steps,
+                 static_cast<float>(lr), static_cast<float>(1.0 - lr * alpha)};
+  const float* zp = zq.data_ptr<float>();
+  const float* hp = query.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* wp = weights.data_ptr<float>();
+  const double* klp = key_lse.data_ptr<double>();
+  const double* lqp = lse_q.data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  const int64_t zs = zq.stride(0);
+  const int nv = static_cast<int>((K + LANES - 1) / LANES);
+  at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
+    Work ws(V, n, K, D, classes);
+    for (int64_t i = a; i < e; ++i) {
+      const Query qi{zp + rp[i] * zs, tp[i], hp + i * D, kp + i * K * D, vp + i * K, wp + i * K, klp + i * K, lqp[i]};
+      switch (nv) {
+        case 1: op[i] = score_one<1>(qi, c, ws); break;
+        case 2: op[i] = score_one<2>(qi, c, ws); break;
+        case 3: op[i] = score_one<3>(qi, c, ws); break;
+        default: op[i] = score_one<4>(qi, c, ws); break;
+      }
+    }
+  });
+  return out;
+}
+
+// Indices (q, n) of the n largest entries of each row of z (q, V) fp32, unordered (top_n_row).
 at::Tensor top_n(const at::Tensor& z, int64_t n, int64_t classes) {
   TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kFloat && z.is_contiguous(), "z: contiguous (q, V) float32");
   const int64_t q = z.size(0), V = z.size(1);
@@ -199,44 +410,15 @@ at::Tensor top_n(const at::Tensor& z, int64_t n, int64_t classes) {
   at::Tensor out = at::empty({q, n}, z.options().dtype(at::kLong));
   const float* zp = z.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
-  const int64_t nb = V / classes;
   at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> cm(std::max<int64_t>(nb, 1));
+    std::vector<float> cm(std::max<int64_t>(V / classes, 1));
     std::vector<std::pair<float, int64_t>> pool;
-    auto larger = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) { return x.first > y.first; };
-    for (int64_t i = a; i < e; ++i) {
-      const float* row = zp + i * V;
-      pool.clear();
-      float t0 = -std::numeric_limits<float>::infinity();
-      if (nb >= n) {
-        std::memcpy(cm.data(), row, nb * sizeof(float));
-        for (int64_t t = 1; t < classes; ++t)  // an elementwise max over the slices: vectorises
-          for (int64_t c = 0; c < nb; ++c) cm[c] = std::max(cm[c], row[t * nb + c]);
-        std::nth_element(cm.begin(), cm.begin() + (n - 1), cm.begin() + nb, std::greater<float>());
-        t0 = cm[n - 1];
-      }
-      constexpr int64_t L = 64;
-      int64_t j = 0;
-      for (; j + L <= V; j += L) {
-        int hits = 0;  // an integer count of a comparison vectorises
-        for (int64_t t = 0; t < L; ++t) hits += row[j + t] >= t0;
-        if (hits)
-          for (int64_t t = 0; t < L; ++t)
-            if (row[j + t] >= t0) pool.push_back({row[j + t], j + t});
-      }
-      for (; j < V; ++j)
-        if (row[j] >= t0) pool.push_back({row[j], j});
-      if (static_cast<int64_t>(pool.size()) < n)  // NaN entries compare false: keep the first columns
-        for (int64_t c = 0; c < V && static_cast<int64_t>(pool.size()) < n; ++c)
-          if (!(row[c] >= t0)) pool.push_back({-std::numeric_limits<float>::infinity(), c});
-      std::nth_element(pool.begin(), pool.begin() + (n - 1), pool.end(), larger);
-      for (int64_t t = 0; t < n; ++t) op[i * n + t] = pool[t].second;
-    }
+    for (int64_t i = a; i < e; ++i) top_n_row(zp + i * V, V, n, classes, cm, pool, op + i * n);
   });
   return out;
 }
 
 TORCH_LIBRARY(lmmem_mbpa, m) {
-  m.def("restricted_adapt", &restricted_adapt);
+  m.def("restricted_score", &restricted_score);
   m.def("top_n", &top_n);
 }

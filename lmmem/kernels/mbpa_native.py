@@ -1,16 +1,17 @@
-"""MbPA's restricted adaptation as one fused C++ op on a CPU (``mbpa_adapt.cpp``), and its
-candidate selection (the top-n of each query's logits).
+"""MbPA's restricted variant as one C++ op on a CPU (``mbpa_adapt.cpp``): each query from its
+logits to its adapted score, and the candidate selection (the top-n of each query's logits) alone.
 
-Why native: per query the restricted adaptation works on a ``(K, |C|)`` table (32 × ~160 floats)
+Why native: per query the restricted adaptation works on a ``(|C|, K)`` table (~160 × 32 floats)
 for a few steps. Run as batched tensor operations over a group of queries, each step is ~10 passes
-through memory (amax, softmax, log, exp, sigmoid, scatter, add ...), and those passes, not the
-arithmetic, made cache + MbPA 2.2–3.5× the plain evaluation of the tiny models. The op runs each
-query's steps start to end on its own table.
+through memory (amax, softmax, log, exp, sigmoid, scatter, add ...), and building the candidates,
+their logits and the final score is ~40 more; those passes, not the arithmetic, made cache + MbPA
+2.2–3.5× the plain evaluation of the tiny models. The op runs each query start to end on its own
+table.
 
 The op is built into the native IVF scan's extension (:mod:`lmmem.kernels.ivf_scan`: one build,
 once per machine, the same cache folder, lock and ``LMMEM_NATIVE=0`` switch). Its statement in
 torch, which it must match and which runs wherever it does not, is
-:func:`lmmem.memories.mbpa.restricted_steps`; the probe and the choice live there (this layer does
+:func:`lmmem.memories.mbpa_restricted.restricted_target_log_probs`; the probe and the choice live there (this layer does
 not import the memories)."""
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import torch
 from lmmem.kernels import ivf_scan
 
 
-def restricted_adapt_op():
-    """``torch.ops.lmmem_mbpa.restricted_adapt`` where the native extension builds, else None."""
+def restricted_score_op():
+    """``torch.ops.lmmem_mbpa.restricted_score`` where the native extension builds, else None."""
     if ivf_scan.native_scan_op() is None:  # not built here (its warning said why) or switched off
         return None
-    return torch.ops.lmmem_mbpa.restricted_adapt
+    return torch.ops.lmmem_mbpa.restricted_score
 
 
 def top_n_op():
