@@ -46,7 +46,8 @@ from lmmem.evaluation.sources import adapter_for  # noqa: E402
 from lmmem.evaluation.engine import run_pass  # noqa: E402
 from lmmem.evaluation.methods import CacheMemory, KNNMemory, KNNVariants, MbPAMemory, MemorySet  # noqa: E402
 from lmmem.evaluation.sinks import GridSums  # noqa: E402
-from lmmem.memories import mbpa_restricted as mbpa_module  # noqa: E402
+from lmmem.memories import mbpa as mbpa_module  # noqa: E402
+from lmmem.memories import mbpa_restricted  # noqa: E402
 from lmmem.evaluation.windows import BpttWindows  # noqa: E402
 from lmmem.experiments.paths import portable_command  # noqa: E402
 from lmmem.memories import CacheConfig, MbPAConfig  # noqa: E402
@@ -141,20 +142,20 @@ def main(argv=None) -> int:
         sums = GridSums(mem.grid.size, 1, device=dev, bucket_of_vocab=np.zeros(vocab, dtype=np.int64))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        native = mbpa_module._native_score, mbpa_module._native_top_n
+        native = mbpa_module._native_score, mbpa_restricted._native_top_n
         if method.endswith(TORCH_MBPA):  # this method only: an A/B in one process, as the VM's speed drifts
-            mbpa_module._native_score = mbpa_module._native_top_n = lambda: None
+            mbpa_module._native_score = mbpa_restricted._native_top_n = lambda: None
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             res = run_pass(adapter, groups, mem, sums)
         finally:
-            mbpa_module._native_score, mbpa_module._native_top_n = native
+            mbpa_module._native_score, mbpa_restricted._native_top_n = native
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return (time.perf_counter() - t0, time.process_time() - c0), res
 
     timed("plain", stream[: bptt * args.batch_size * 2 + 1])  # warm-up
-    mbpa_module._native_score(), mbpa_module._native_top_n()  # untimed: the native ops' first build and probes
+    mbpa_module._native_score(), mbpa_restricted._native_top_n()  # untimed: the native ops' first build and probes
     rows, times = [], {}
     for n_tokens, names in ((args.tokens, args.methods), (args.exact_tokens, args.exact_methods)):
         names = [m for m in names.split(",") if m]

@@ -147,79 +147,91 @@ def test_nearest_breaks_ties_at_the_kth_by_lowest_index(shape, k):
 
 def _native_score_or_skip():
     from conftest import native_toolchain_missing
-    from lmmem.memories import mbpa_restricted
+    from lmmem.memories import mbpa
 
     if native_toolchain_missing():
         pytest.skip(f"the native op cannot be built here: {native_toolchain_missing()}")
-    op = mbpa_restricted._native_score()
+    op = mbpa._native_score()
     assert op is not None, "a C++ toolchain is present, so MbPA's native scoring must build and pass its probe"
     return op
 
 
-def _restricted_problem(q, K, D, V, seed, bias=True):
-    """Queries near their neighbours (adaptation moves their scores by nats, not hundreds), some
-    neighbours' words among the query's top logits and some not, two neighbours sharing a word,
-    missing neighbours (weight 0) at the end of query 0's list, and targets that are a neighbour's
-    word, the top word, or any word."""
+def _memory_problem(B, T, M, K, D, V, seed, bias):
+    """A chunk of B streams × T queries and, per stream, M stored pairs followed by the chunk's own:
+    queries near stored keys (adaptation moves their scores by nats), K + 3 stored keys equal and a
+    query equal to them (K + 3 candidates at distance 0 and different words: the K of lowest index
+    are its neighbours), words shared by several candidates and words among the queries' top
+    logits, candidates the queries may not use, and a query with fewer allowed candidates than K."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(V, D, generator=g) * 2
     b = torch.randn(V, generator=g) if bias else None
-    h = torch.randn(q, D, generator=g) / D ** 0.5
-    keys = h[:, None, :] + 0.3 * torch.randn(q, K, D, generator=g) / D ** 0.5
-    zq = torch.nn.functional.linear(h, W, b)
-    values = torch.randint(0, V, (q, K), generator=g)
-    values[:, K // 2:] = torch.topk(zq, 3).indices[:, :1]
-    if K > 2:
-        values[:, 2] = values[:, 1]
-    weights = torch.rand(q, K, generator=g) * 2
-    weights[0, K - K // 3:] = 0.0
-    y = torch.randint(0, V, (q,), generator=g)
-    y[: q // 2] = values[: q // 2, 0]
-    y[-1] = torch.topk(zq[-1], 1).indices[0]
-    lse = torch.logsumexp(zq, -1).double()
-    key_lse = torch.logsumexp(torch.nn.functional.linear(keys, W, b), -1).double()
-    return W, b, h, keys, zq, values, weights, y, lse, key_lse
+    mem = torch.randn(B, M, D, generator=g) / D ** 0.5
+    mem[:, 1:K + 3] = mem[:, :1]
+    h = mem[:, torch.randint(0, M, (T,), generator=g)] + 0.3 * torch.randn(B, T, D, generator=g) / D ** 0.5
+    h[:, -1] = mem[:, 0]
+    cand_k = torch.cat([mem, h], 1)
+    zq = torch.nn.functional.linear(h, W, b).reshape(B * T, V)
+    cand_v = torch.randint(0, V, (B, M + T), generator=g)
+    cand_v[:, ::3] = torch.topk(zq, 1).indices[0, 0]
+    cand_v[:, 0] = cand_v[:, 1]
+    allowed = torch.rand(B, T, M + T, generator=g) > 0.3
+    allowed[:, -1, :M] = True
+    allowed[0, 0, 3:] = False
+    cand_aux = torch.logsumexp(torch.nn.functional.linear(cand_k, W, b), -1).double()
+    y = cand_v[:, torch.randint(0, M + T, (T,), generator=g)].reshape(B * T)
+    y[::4] = torch.randint(0, V, (len(y[::4]),), generator=g)
+    return W, b, h, cand_k, cand_v, allowed, cand_aux, zq, y
 
 
-@pytest.mark.parametrize("q,K,D,V,n,steps,bias", [(40, 32, 128, 30000, 128, 5, True), (9, 1, 16, 500, 7, 2, False),
-                                                  (13, 17, 20, 3001, 64, 4, True), (7, 64, 33, 900, 40, 1, True),
-                                                  (5, 33, 128, 1000, 128, 6, False), (4, 16, 5, 200, 200, 3, True)])
-def test_native_restricted_score_equals_the_torch_statement(q, K, D, V, n, steps, bias):
-    """The C++ op (lmmem/kernels/mbpa_adapt.cpp: candidates, their logits, the steps and the score,
-    per query) against restricted_target_log_probs in fp32 and in fp64: K of 1 to 64 (one to
-    four vector registers, padded columns), with and without bias, every word a candidate (n = V),
-    the queries' logits read as rows of a wider, permuted table, and one key whose candidates hold
-    all of its mass (its frozen rows' mass is 0)."""
-    from lmmem.memories import mbpa_restricted as mbpa
+@pytest.mark.parametrize("B,T,M,K,D,V,n,steps,bias", [(2, 35, 200, 32, 128, 30000, 128, 5, True),
+                                                      (1, 5, 3, 8, 16, 500, 7, 2, False),
+                                                      (3, 9, 40, 17, 20, 3001, 64, 4, True),
+                                                      (2, 6, 80, 64, 33, 900, 40, 1, True),
+                                                      (2, 4, 30, 33, 128, 1000, 128, 6, False),
+                                                      (1, 7, 20, 16, 5, 200, 200, 3, True)])
+def test_native_restricted_score_equals_the_torch_statement(B, T, M, K, D, V, n, steps, bias):
+    """The C++ op (lmmem/kernels/mbpa_adapt.cpp: per query its neighbours, candidates, their logits,
+    the steps and the score) against its torch statement (select_neighbours, then
+    restricted_target_log_probs) in fp32 and in fp64: K of 1 to 64 (one to four vector registers,
+    padded columns), fewer allowed candidates than K, with and without bias, every word a
+    candidate (n = V), some positions not scored (padding), and the queries' logits read as rows of
+    a wider, permuted table."""
+    from lmmem.memories import mbpa
 
     op = _native_score_or_skip()
-    W, b, h, keys, zq, values, weights, y, lse, key_lse = _restricted_problem(q, K, D, V, q + K, bias)
-    if n >= V:  # every word a candidate: the keys' normalisers are the candidates' own
-        key_lse[-1, 0] = torch.logsumexp(torch.nn.functional.linear(keys[-1, 0], W, b), -1).double()
-    table = torch.randn(q + 3, V + 5)  # rows of stride V + 5, in another order
-    rows = torch.randperm(q + 3, generator=torch.Generator().manual_seed(1))[:q]
-    table[rows, :V] = zq
-    args = dict(vocab=n, steps=steps, lr=0.3, alpha=0.2)
-    got = mbpa.score_natively(op, table[:, :V], rows, y, h, keys, values, weights, key_lse, lse, W, b, **args)
-    want = mbpa.restricted_target_log_probs(h, y, keys, values, weights, key_lse, W, b, base_logits=zq, query_lse=lse, **args)
-    d = torch.float64
-    want64 = mbpa.restricted_target_log_probs(h.to(d), y, keys.to(d), values, weights.to(d), key_lse, W.to(d),
-                                              b.to(d) if b is not None else None, base_logits=zq.to(d), query_lse=lse, **args)
-    base = zq.gather(1, y[:, None])[:, 0].double() - lse
-    assert (want64 - base).abs().max() > 1.0  # the adaptation moves the scores
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
-    torch.testing.assert_close(got, want64, rtol=0, atol=2e-5)
+    W, b, h, cand_k, cand_v, allowed, cand_aux, zq, y = _memory_problem(B, T, M, K, D, V, B * T + K, bias)
+    cfg = MbPAConfig(k=K, steps=steps, lr=0.3, alpha=0.2, eps=0.5, vocab=n, memory=M)
+    qpos = torch.arange(B * T)[torch.arange(B * T) % 5 != 2]  # padding: positions not scored
+    table = torch.randn(B * T + 3, V + 5)  # rows of stride V + 5, in another order
+    rows = torch.randperm(B * T + 3, generator=torch.Generator().manual_seed(1))[:len(qpos)]
+    table[rows, :V] = zq[qpos]
+    lse = torch.logsumexp(zq[qpos], -1).double()
+
+    def inputs(dt):
+        f = (lambda t: t.to(dt))
+        hh, kk = f(h), f(cand_k)
+        return (f(table[:, :V]), rows, qpos, y[qpos], hh, kk, cand_v, allowed, torch.bmm(hh, kk.transpose(1, 2)),
+                (hh * hh).sum(-1), (kk * kk).sum(-1), cand_aux, lse, f(W), f(b) if b is not None else None, cfg)
+    got = mbpa.score_natively(op, *inputs(torch.float32))
+    want = mbpa._torch_score(*inputs(torch.float32))
+    want64 = mbpa._torch_score(*inputs(torch.float64))
+    base = zq[qpos].gather(1, y[qpos, None])[:, 0].double() - lse
+    assert (want64 - base).abs().max() > 0.05  # the adaptation moves the scores (by far more than the tolerance)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)  # fp32 rounding of scores up to ~10 nats
+    torch.testing.assert_close(got, want64, rtol=1e-5, atol=2e-5)
 
 
 def test_mbpa_scores_natively_as_by_torch_in_the_scoring_loop(monkeypatch):
     """MbPA.target_log_probs in fp32 with the native op and with the torch statement, chunk by chunk
-    over streams with padding (ignored targets: the live queries' rows of the logits)."""
-    from lmmem.memories import mbpa_restricted as mbpa
+    over streams with padding (ignored targets: the live queries' rows of the logits) and repeated
+    states (equal keys: ties in distance)."""
+    from lmmem.memories import mbpa
 
     _native_score_or_skip()
     layer = build_output_layer("full", 12, 500)
     g = torch.Generator().manual_seed(5)
     h, y = torch.randn(3, 40, 12, generator=g), torch.randint(0, 500, (3, 40), generator=g)
+    h[:, 20:30] = h[:, 5:15]  # the same states again
     y[1, 30:] = -100  # padding
     y[2, ::7] = -100
     cfg = MbPAConfig(k=8, steps=4, memory=25, vocab=32, lr=0.5)
@@ -268,8 +280,10 @@ def test_a_native_mbpa_op_that_fails_its_probe_warns_once_and_torch_runs(monkeyp
     import warnings
 
     from lmmem.kernels import mbpa_native
-    from lmmem.memories import mbpa_restricted as mbpa
+    from lmmem.memories import mbpa as mbpa_module
+    from lmmem.memories import mbpa_restricted
 
+    mbpa = mbpa_module if name == "_native_score" else mbpa_restricted
     monkeypatch.setattr(mbpa_native, "restricted_score_op", lambda: (lambda *a: None))  # an op that is "built"
     monkeypatch.setattr(mbpa_native, "top_n_op", lambda: (lambda *a: None))
 

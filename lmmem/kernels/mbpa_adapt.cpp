@@ -1,16 +1,17 @@
 // MbPA's restricted variant on a CPU, one query start to end, and its candidate selection (loaded
 // by lmmem/kernels/mbpa_native.py; the plain-torch statements of the same computations are
-// restricted_target_log_probs and _top_n in lmmem/memories/mbpa.py, and the tests hold each pair
-// together).
+// select_neighbours in lmmem/memories/mbpa.py, then restricted_target_log_probs and _top_n in
+// lmmem/memories/mbpa_restricted.py, and the tests hold each pair together).
 //
 // Why native: per query the restricted adaptation works on a (|C|, K) table (~160 x 32 floats, in
 // L1) for a few steps. The torch statement runs each step as ~10 batched tensor operations over a
-// group of queries, and builds the candidates, their logits and the final score with ~40 more
-// (comparisons, argsorts, gathers, masks, small matmuls), each a pass through memory; on small
-// models those passes cost more than the arithmetic. Here one query runs from its logits to its
-// score on its own table: the top-n of its logits, its candidates and slots, the candidates'
-// logits for its neighbours, the Gram matrix, the steps, and the adapted log-probability of its
-// target. (Measured: docs/results/knn-lm.md, "MbPA's restricted adaptation".)
+// group of queries, and chooses the neighbours and builds the candidates, their logits and the
+// final score with ~50 more (distances, masks, top-k, comparisons, argsorts, gathers, small
+// matmuls), each a pass through memory; on small models those passes cost more than the
+// arithmetic. Here one query runs from its products with the memory to its score on its own
+// table: its K nearest neighbours (read in place, not gathered), the top-n of its logits, its
+// candidates and slots, the candidates' logits for its neighbours, the Gram matrix, the steps,
+// and the adapted log-probability of its target. (Measured: docs/results/knn-lm.md.)
 //
 // The table is the torch statement's transposed: candidates are rows and the K neighbours columns
 // (padded to KP, a multiple of 16), so every softmax over the candidates is a column reduction,
@@ -139,6 +140,11 @@ struct Work {
   std::vector<int64_t> cand, slot;
   std::vector<float> keysT, G, hq, z0, z, A, zero, buf;
   std::vector<double> log_rest;
+  std::vector<uint64_t> near;  // select_one's pool
+  std::vector<const float*> keys;  // the neighbours: K rows, values, weights, log-normalisers
+  std::vector<int64_t> values;
+  std::vector<float> w;
+  std::vector<double> key_lse;
   Work(int64_t V, int64_t n, int64_t K, int64_t D, int64_t classes) {
     const int64_t KP = (K + LANES - 1) / LANES * LANES, SP = (n + K + SROWS - 1) / SROWS * SROWS;
     cm.resize(std::max<int64_t>(V / classes, 1));
@@ -154,6 +160,10 @@ struct Work {
     zero.assign(D, 0.f);
     buf.resize(SP + LANES);
     log_rest.resize(K);
+    keys.resize(K);
+    values.resize(K);
+    w.resize(K);
+    key_lse.resize(K);
   }
 };
 
@@ -168,16 +178,54 @@ inline float sum_padded(const float* x, int64_t m) {
   return s;
 }
 
-struct Query {  // one query's inputs (pointers into the op's tensors)
+struct Query {  // one query's inputs (pointers into the op's tensors, and its neighbours in a Work)
   const float* z;  // its base logits (V)
   int64_t target;
   const float* h;  // D
-  const float* keys;  // K x D
+  const float* const* keys;  // K rows of D
   const int64_t* values;  // K
   const float* w;  // K
   const double* key_lse;  // K
   double lse;
 };
+
+// One query's K nearest allowed candidates among C, as mbpa.select_neighbours picks them: squared
+// distances (|h|^2 + |k_j|^2) - 2 h.k_j from the products, clamped at 0, the K smallest, ties by
+// the lower index (a candidate is one 64-bit integer, distance bits over index: the order of
+// non-negative floats is the order of their bits), in no particular order. Fewer than K allowed: the rest are missing
+// neighbours (weight 0, a zero key), which change nothing.
+void select_one(const float* prod, const bool* allowed, float hn, const float* kn, int64_t C, int64_t K, float eps,
+                const float* cand_k, int64_t D, const int64_t* cand_v, const double* cand_aux, const float* zero,
+                std::vector<uint64_t>& pool, const float** keys, int64_t* values, float* w, double* key_lse) {
+  pool.clear();
+  for (int64_t j = 0; j < C; ++j) {
+    if (!allowed[j]) continue;
+    float d = (hn + kn[j]) - 2.0f * prod[j];
+    d = d > 0.f ? d : 0.f;  // also -0 to +0, whose bits would sort last
+    uint32_t bits;
+    std::memcpy(&bits, &d, sizeof bits);
+    pool.push_back((static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(j));
+  }
+  const int64_t m = std::min<int64_t>(K, static_cast<int64_t>(pool.size()));
+  // the K smallest, unordered: their order changes only the order of sums downstream
+  if (static_cast<int64_t>(pool.size()) > m) std::nth_element(pool.begin(), pool.begin() + m, pool.end());
+  for (int64_t k = 0; k < m; ++k) {
+    const int64_t j = static_cast<int64_t>(pool[k] & 0xffffffffu);
+    const uint32_t bits = static_cast<uint32_t>(pool[k] >> 32);
+    float d;
+    std::memcpy(&d, &bits, sizeof d);
+    keys[k] = cand_k + j * D;
+    values[k] = std::max<int64_t>(cand_v[j], 0);
+    w[k] = 1.0f / (eps + d);
+    key_lse[k] = cand_aux[j];
+  }
+  for (int64_t k = m; k < K; ++k) {
+    keys[k] = zero;
+    values[k] = 0;
+    w[k] = 0.f;
+    key_lse[k] = 0.0;
+  }
+}
 
 struct Shared {  // what every query shares
   const float* W;  // V x D
@@ -217,7 +265,7 @@ double score_one(const Query& q, const Shared& c, Work& ws) {
   // the candidates' base logits for every neighbour, z0 (S, KP), -inf on the padding rows
   float* kT = ws.keysT.data();
   for (int64_t d = 0; d < D; ++d) {
-    for (int64_t k = 0; k < K; ++k) kT[d * KP + k] = q.keys[k * D + d];
+    for (int64_t k = 0; k < K; ++k) kT[d * KP + k] = q.keys[k][d];
     for (int64_t k = K; k < KP; ++k) kT[d * KP + k] = 0.f;
   }
   auto table = [&](auto row_of, auto add_of, int64_t count, float* out) {
@@ -233,7 +281,7 @@ double score_one(const Query& q, const Shared& c, Work& ws) {
     }
   };
   float *G = ws.G.data(), *hq = ws.hq.data(), *z0 = ws.z0.data(), *z = ws.z.data(), *A = ws.A.data();
-  table([&](int64_t i) { return q.keys + i * D; }, [&](int64_t) { return one; }, K, G);
+  table([&](int64_t i) { return q.keys[i]; }, [&](int64_t) { return one; }, K, G);
   table([&](int64_t) { return q.h; }, [&](int64_t) { return one; }, 1, hq);
   table([&](int64_t s) { return c.W + cand[s] * D; }, [&](int64_t s) { return c.bias ? c.bias[cand[s]] : 0.f; }, S, z0);
   std::fill(z0 + S * KP, z0 + SP * KP, -std::numeric_limits<float>::infinity());
@@ -338,59 +386,80 @@ double score_one(const Query& q, const Shared& c, Work& ws) {
 
 }  // namespace
 
-// log p'(target) (q,) fp64 of restricted MbPA for q queries, each from its logits to its score
-// (restricted_target_log_probs in lmmem/memories/mbpa.py is the torch statement):
-// zq (R, V) fp32, rows of unit stride: base logits; rows (q,) int64: each query's row of zq;
-// targets (q,) int64; query (q, D), keys (q, K, D), weights (q, K) fp32; values (q, K) int64;
-// key_lse (q, K) and lse_q (q,) fp64: the keys' and the queries' base log-normalisers; W (V, D)
-// fp32 and bias (V,) fp32 or empty: the output layer; n: top-n candidates; classes: top_n's slices.
-at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const at::Tensor& targets,
-                            const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                            const at::Tensor& weights, const at::Tensor& key_lse, const at::Tensor& lse_q,
-                            const at::Tensor& W, const at::Tensor& bias, int64_t n, int64_t classes, int64_t steps,
+// log p'(target) (q,) fp64 of restricted MbPA for q queries of a chunk of B streams x T positions,
+// each from its products with the candidates to its score (the torch statement:
+// mbpa.select_neighbours, then mbpa_restricted.restricted_target_log_probs):
+// zq (R, V) fp32, rows of unit stride: base logits, query i's in row rows[i]; qpos (q,) int64: its
+// position b T + t in the chunk; targets (q,) int64; hidden (B, T, D) fp32: the queries; the C
+// candidates of each stream (its memory, then the chunk): cand_k (B, C, D) fp32 keys, cand_v
+// (B, C) int64 values, cand_aux (B, C) fp64 log-normalisers, allowed (B, T, C) bool, prod
+// (B, T, C) fp32 h . k, hn (B, T) and kn (B, C) fp32 squared norms; lse_q (q,) fp64; W (V, D) fp32
+// and bias (V,) fp32 or empty: the output layer; K neighbours, eps of the weights 1 / (eps + d^2);
+// n: top-n candidates; classes: top_n's slices.
+at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const at::Tensor& qpos, const at::Tensor& targets,
+                            const at::Tensor& hidden, const at::Tensor& cand_k, const at::Tensor& cand_v,
+                            const at::Tensor& cand_aux, const at::Tensor& allowed, const at::Tensor& prod,
+                            const at::Tensor& hn, const at::Tensor& kn, const at::Tensor& lse_q, const at::Tensor& W,
+                            const at::Tensor& bias, int64_t K, double eps, int64_t n, int64_t classes, int64_t steps,
                             double lr, double alpha) {
   TORCH_CHECK(zq.dim() == 2 && zq.scalar_type() == at::kFloat && zq.stride(1) == 1, "zq: (R, V) float32, rows of unit stride");
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous(), "W: contiguous (V, D) float32");
   const int64_t V = W.size(0), D = W.size(1), q = rows.numel();
   TORCH_CHECK(zq.size(1) == V, "zq and W disagree on V");
-  TORCH_CHECK(keys.dim() == 3 && keys.scalar_type() == at::kFloat && keys.is_contiguous() && keys.size(0) == q &&
-              keys.size(2) == D, "keys: contiguous (q, K, D) float32");
-  const int64_t K = keys.size(1);
+  TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) == D, "hidden: (B, T, D)");
+  TORCH_CHECK(cand_k.dim() == 3 && cand_k.size(2) == D, "cand_k: (B, C, D)");
+  const int64_t B = hidden.size(0), T = hidden.size(1), C = cand_k.size(1);
   TORCH_CHECK(K >= 1 && K <= 4 * LANES, "K must be in [1, 64]");
   auto check = [&](const at::Tensor& t, at::ScalarType dt, at::IntArrayRef shape, const char* what) {
     TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.sizes() == shape, what);
   };
   check(rows, at::kLong, {q}, "rows: contiguous (q,) int64");
+  check(qpos, at::kLong, {q}, "qpos: contiguous (q,) int64");
   check(targets, at::kLong, {q}, "targets: contiguous (q,) int64");
-  check(query, at::kFloat, {q, D}, "query: contiguous (q, D) float32");
-  check(values, at::kLong, {q, K}, "values: contiguous (q, K) int64");
-  check(weights, at::kFloat, {q, K}, "weights: contiguous (q, K) float32");
-  check(key_lse, at::kDouble, {q, K}, "key_lse: contiguous (q, K) float64");
+  check(hidden, at::kFloat, {B, T, D}, "hidden: contiguous (B, T, D) float32");
+  check(cand_k, at::kFloat, {B, C, D}, "cand_k: contiguous (B, C, D) float32");
+  check(cand_v, at::kLong, {B, C}, "cand_v: contiguous (B, C) int64");
+  check(cand_aux, at::kDouble, {B, C}, "cand_aux: contiguous (B, C) float64");
+  check(allowed, at::kBool, {B, T, C}, "allowed: contiguous (B, T, C) bool");
+  check(prod, at::kFloat, {B, T, C}, "prod: contiguous (B, T, C) float32");
+  check(hn, at::kFloat, {B, T}, "hn: contiguous (B, T) float32");
+  check(kn, at::kFloat, {B, C}, "kn: contiguous (B, C) float32");
   check(lse_q, at::kDouble, {q}, "lse_q: contiguous (q,) float64");
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == V),
               "bias: contiguous (V,) float32 or empty");
   TORCH_CHECK(n >= 1 && n <= V && classes >= 1 && steps >= 1, "n in [1, V], classes and steps at least 1");
   const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = qpos.data_ptr<int64_t>();
   const int64_t* tp = targets.data_ptr<int64_t>();
-  const int64_t* vp = values.data_ptr<int64_t>();
-  for (int64_t i = 0; i < q; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < zq.size(0) && tp[i] >= 0 && tp[i] < V, "row or target out of range");
-  for (int64_t i = 0; i < q * K; ++i) TORCH_CHECK(vp[i] >= 0 && vp[i] < V, "value out of range");
+  const int64_t* vp = cand_v.data_ptr<int64_t>();
+  for (int64_t i = 0; i < q; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < zq.size(0) && pp[i] >= 0 && pp[i] < B * T && tp[i] >= 0 && tp[i] < V,
+                "row, position or target out of range");
+  for (int64_t i = 0; i < B * C; ++i) TORCH_CHECK(vp[i] < V, "a candidate's value is out of range");
   at::Tensor out = at::empty({q}, zq.options().dtype(at::kDouble));
   const Shared c{W.data_ptr<float>(), bias.numel() ? bias.data_ptr<float>() : nullptr, V, D, K, n, classes, steps,
                  static_cast<float>(lr), static_cast<float>(1.0 - lr * alpha)};
   const float* zp = zq.data_ptr<float>();
-  const float* hp = query.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* wp = weights.data_ptr<float>();
-  const double* klp = key_lse.data_ptr<double>();
+  const float* hp = hidden.data_ptr<float>();
+  const float* ckp = cand_k.data_ptr<float>();
+  const double* cap = cand_aux.data_ptr<double>();
+  const bool* alp = allowed.data_ptr<bool>();
+  const float* prp = prod.data_ptr<float>();
+  const float* hnp = hn.data_ptr<float>();
+  const float* knp = kn.data_ptr<float>();
   const double* lqp = lse_q.data_ptr<double>();
   double* op = out.data_ptr<double>();
   const int64_t zs = zq.stride(0);
+  const float epsf = static_cast<float>(eps);
   const int nv = static_cast<int>((K + LANES - 1) / LANES);
   at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
     Work ws(V, n, K, D, classes);
     for (int64_t i = a; i < e; ++i) {
-      const Query qi{zp + rp[i] * zs, tp[i], hp + i * D, kp + i * K * D, vp + i * K, wp + i * K, klp + i * K, lqp[i]};
+      const int64_t p = pp[i], b = p / T;
+      select_one(prp + p * C, alp + p * C, hnp[p], knp + b * C, C, K, epsf, ckp + b * C * D, D, vp + b * C, cap + b * C,
+                 ws.zero.data(), ws.near, ws.keys.data(), ws.values.data(), ws.w.data(), ws.key_lse.data());
+      const Query qi{zp + rp[i] * zs, tp[i], hp + p * D, ws.keys.data(), ws.values.data(), ws.w.data(),
+                     ws.key_lse.data(), lqp[i]};
       switch (nv) {
         case 1: op[i] = score_one<1>(qi, c, ws); break;
         case 2: op[i] = score_one<2>(qi, c, ws); break;

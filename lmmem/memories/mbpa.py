@@ -74,10 +74,12 @@ neighbour at all is scored by the unadapted model.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
+from lmmem.kernels import mbpa_native
 from lmmem.memories import mbpa_restricted as restricted
 from lmmem.memories.neural_cache import StreamMemory
 
@@ -175,6 +177,96 @@ def nearest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals[..., :k], idx[..., :k]
 
 
+def select_neighbours(prod: torch.Tensor, allowed: torch.Tensor, hn: torch.Tensor, kn: torch.Tensor, cand_k: torch.Tensor,
+                      cand_v: torch.Tensor, k: int, eps: float, aux: torch.Tensor | None = None):
+    """The ``k`` nearest allowed candidates of every query from the products ``prod`` ``(B, T, C)``
+    of the queries with the candidates ``cand_k`` ``(B, C, D)`` (values ``cand_v`` ``(B, C)``,
+    log-normalisers ``aux`` ``(B, C)`` or None) and the squared norms ``hn`` ``(B, T)``, ``kn``
+    ``(B, C)``: ‖h − k‖² = ‖h‖² + ‖k‖² − 2 h·k, ties broken by :func:`nearest`. Returns keys
+    ``(B, T, k, D)``, values, weights ``1 / (eps + d²)`` (0 for missing neighbours) and the aux."""
+    d2 = hn[..., None] + kn[:, None, :] - 2 * prod
+    d2 = d2.clamp_min_(0).masked_fill_(~allowed, float("inf"))
+    dist, idx = nearest(d2, min(k, d2.shape[-1]))  # (B, T, k)
+    bi = torch.arange(prod.shape[0], device=prod.device)[:, None, None]
+    weights = torch.where(torch.isfinite(dist), 1.0 / (eps + dist), torch.zeros_like(dist))
+    return cand_k[bi, idx], cand_v[bi, idx].clamp_min(0), weights, aux[bi, idx] if aux is not None else None
+
+
+MAX_NATIVE_K = 64  # the native op keeps a candidate's K neighbours in at most 4 vector registers
+
+
+def score_natively(op, zq: torch.Tensor, rows: torch.Tensor, qpos: torch.Tensor, targets: torch.Tensor,
+                   hidden: torch.Tensor, cand_k: torch.Tensor, cand_v: torch.Tensor, allowed: torch.Tensor,
+                   prod: torch.Tensor, hn: torch.Tensor, kn: torch.Tensor, cand_aux: torch.Tensor,
+                   query_lse: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: MbPAConfig) -> torch.Tensor:
+    """Restricted MbPA of the queries at flat positions ``qpos`` of a chunk ``hidden`` ``(B, T, D)``
+    by the native op ``op`` (fp32 CPU tensors): :func:`select_neighbours` from :meth:`MbPA._products`'
+    ``cand_k, cand_v, allowed, prod, hn, kn`` and ``cand_aux``, then
+    :func:`~lmmem.memories.mbpa_restricted.restricted_target_log_probs`. Query ``i``'s base logits
+    are row ``rows[i]`` of ``zq`` ``(R, V)``, read in place. Returns ``(q,)`` fp64."""
+    V = weight.shape[0]
+    n = min(cfg.vocab, V)
+    return op(zq, rows.contiguous(), qpos.contiguous(), targets.contiguous(), hidden.contiguous(), cand_k.contiguous(),
+              cand_v.contiguous(), cand_aux.double().contiguous(), allowed.contiguous(), prod.contiguous(),
+              hn.contiguous(), kn.contiguous(), query_lse.double().contiguous(), weight,
+              bias if bias is not None else weight.new_empty(0), min(cfg.k, cand_k.shape[1]), float(cfg.eps), n,
+              max(1, V // (4 * n)), cfg.steps, float(cfg.lr), float(cfg.alpha))
+
+
+def _torch_score(zq, rows, qpos, targets, hidden, cand_k, cand_v, allowed, prod, hn, kn, cand_aux, query_lse, weight, bias,
+                 cfg: MbPAConfig) -> torch.Tensor:
+    """:func:`score_natively`'s torch statement."""
+    keys, values, weights, key_lse = select_neighbours(prod, allowed, hn, kn, cand_k, cand_v, cfg.k, cfg.eps, cand_aux)
+    B, T, k = values.shape
+    flat = (lambda t: t.reshape(B * T, *t.shape[2:])[qpos])
+    return restricted.restricted_target_log_probs(
+        hidden.reshape(B * T, -1)[qpos], targets, flat(keys), flat(values), flat(weights), flat(key_lse), weight, bias,
+        vocab=cfg.vocab, steps=cfg.steps, lr=cfg.lr, alpha=cfg.alpha, base_logits=zq[rows], query_lse=query_lse)
+
+
+def _probe_score(op) -> None:
+    g = torch.Generator().manual_seed(0)
+    B, T, M, D, V = 2, 4, 6, 8, 300
+    cfg = MbPAConfig(k=5, steps=3, lr=0.3, alpha=0.2, eps=0.5, vocab=7)
+    W, b = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    h, mem = torch.randn(B, T, D, generator=g), torch.randn(B, M, D, generator=g)
+    mem[:, 1] = mem[:, 0]  # two keys at the same distance
+    cand_k = torch.cat([mem, h], 1)
+    cand_v = torch.randint(0, V, (B, M + T), generator=g)
+    cand_v[:, 2] = cand_v[:, 3]  # two neighbours with the same word
+    allowed = torch.rand(B, T, M + T, generator=g) > 0.3
+    allowed[0, 0, 1:] = False  # a query with fewer than k candidates
+    zq = torch.nn.functional.linear(h, W, b).reshape(B * T, V)
+    cand_aux = torch.logsumexp(torch.nn.functional.linear(cand_k, W, b), -1).double()
+    hn, kn = (h * h).sum(-1), (cand_k * cand_k).sum(-1)
+    y = torch.randint(0, V, (B * T,), generator=g)
+    pos = torch.arange(B * T)
+    args = (zq, pos, pos, y, h, cand_k, cand_v, allowed, torch.bmm(h, cand_k.transpose(1, 2)), hn, kn, cand_aux,
+            torch.logsumexp(zq, -1).double(), W, b, cfg)
+    got, want = score_natively(op, *args), _torch_score(*args)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"its result on a probe problem differs from the torch statement by {(got - want).abs().max():.3g}")
+
+
+@functools.lru_cache(maxsize=None)  # a fact about this process's machine, as the native scan's verdict
+def _native_score():
+    """The native op (:mod:`lmmem.kernels.mbpa_native`) where it builds and matches its torch
+    statement on a probe problem; else None."""
+    return restricted._verified(mbpa_native.restricted_score_op(), _probe_score, "scoring",
+                                "adapting with torch instead (the same result, slower)")
+
+
+def _native_scorer(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logits: torch.Tensor,
+                   k: int, steps: int):
+    """The native op where it runs these inputs exactly as they are (fp32 on a CPU, K ≤ 64), else None."""
+    f32 = torch.float32
+    if (hidden.device.type != "cpu" or hidden.dtype != f32 or weight.dtype != f32 or logits.dtype != f32
+            or (bias is not None and bias.dtype != f32) or not weight.is_contiguous() or logits.stride(-1) != 1
+            or k > MAX_NATIVE_K or steps < 1):
+        return None
+    return _native_score()
+
+
 class MbPA:
     """MbPA over ``rows`` parallel streams: :meth:`target_log_probs` scores a chunk with adapted
     parameters, then stores the chunk's pairs in the (bounded) memory."""
@@ -194,29 +286,27 @@ class MbPA:
             raise ValueError("the restricted MbPA memory needs the log-normaliser of every prefilled key")
         self.memory.append(keys[None].expand(rows, -1, -1), values[None].expand(rows, -1), aux)
 
-    @torch.no_grad()
-    def neighbours(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None):
-        """K nearest stored pairs of every query of a chunk: keys ``(B, T, K, D)``, values
-        ``(B, T, K)``, weights ``(B, T, K)`` (0 for missing neighbours)."""
-        cfg = self.cfg
+    def _products(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """What the nearest-neighbour choice of a chunk's queries reads (before the chunk is
+        appended): :meth:`StreamMemory.candidates`, the products ``h · k`` ``(B, T, C)`` and the
+        squared norms of the queries ``(B, T)`` and of the candidates ``(B, C)``."""
         cand_k, cand_v, allowed = self.memory.candidates(hidden, targets)
         h = hidden.to(cand_k.dtype)
         hn = (h * h).sum(-1)
-        # ‖h − k‖² = ‖h‖² + ‖k‖² − 2 h·k, the stored keys' norms kept by the memory (the same sums as
-        # computing them here, in the same order: exact ties between equal keys break as before)
+        # the stored keys' norms kept by the memory (the same sums as computing them here, in the
+        # same order: exact ties between equal keys break as before)
         kn = torch.cat([self.memory.norms, hn], 1)
-        d2 = hn[..., None] + kn[:, None, :] - 2 * torch.bmm(h, cand_k.transpose(1, 2))
-        d2 = d2.clamp_min_(0).masked_fill_(~allowed, float("inf"))
-        k = min(cfg.k, d2.shape[-1])
-        dist, idx = nearest(d2, k)  # (B, T, k)
-        B, T = targets.shape
-        bi = torch.arange(B, device=h.device)[:, None, None]
-        keys = cand_k[bi, idx]  # (B, T, k, D)
-        values = cand_v[bi, idx].clamp_min(0)
-        weights = torch.where(torch.isfinite(dist), 1.0 / (cfg.eps + dist), torch.zeros_like(dist))
-        if lse is not None:
-            return keys, values, weights, self.memory.candidates_aux(lse)[bi, idx]
-        return keys, values, weights
+        return cand_k, cand_v, allowed, torch.bmm(h, cand_k.transpose(1, 2)), hn, kn
+
+    @torch.no_grad()
+    def neighbours(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None):
+        """K nearest stored pairs of every query of a chunk: keys ``(B, T, K, D)``, values
+        ``(B, T, K)``, weights ``(B, T, K)`` (0 for missing neighbours) and, given the chunk's
+        log-normalisers ``lse``, the neighbours' ``(B, T, K)``."""
+        cand_k, cand_v, allowed, prod, hn, kn = self._products(hidden, targets)
+        aux = self.memory.candidates_aux(lse) if lse is not None else None
+        got = select_neighbours(prod, allowed, hn, kn, cand_k, cand_v, self.cfg.k, self.cfg.eps, aux)
+        return got if lse is not None else got[:3]
 
     @torch.no_grad()
     def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, output, base_logits: torch.Tensor | None = None,
@@ -239,6 +329,15 @@ class MbPA:
                 lse = lse.masked_fill(y < 0, 0.0).view(B, T)
             else:
                 lse = torch.logsumexp(base_logits, -1).double().view(B, T)
+            native = _native_scorer(hidden, output.weight, output.bias, base_logits, cfg.k, cfg.steps)
+            if native is not None:  # neighbours, adaptation and score per query, the logits read in place
+                live = (y >= 0).nonzero()[:, 0]
+                out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+                out[live] = score_natively(native, base_logits, live, live, y[live], hidden, *self._products(hidden, targets),
+                                           self.memory.candidates_aux(lse), lse.reshape(N)[live], output.weight,
+                                           output.bias, cfg).to(out.dtype)
+                self.memory.append(hidden, targets, lse)
+                return out.view(B, T)
             keys, values, weights, key_lse = self.neighbours(hidden, targets, lse)
             self.memory.append(hidden, targets, lse)
         else:
@@ -252,14 +351,6 @@ class MbPA:
         budget = cfg.max_elements or (1 << 26 if hidden.is_cuda else 1 << 21)
         if cfg.vocab > 0:
             key_lse, lse_flat = key_lse.reshape(N, k), lse.reshape(N)
-            native = restricted._native_scorer(hidden, output.weight, output.bias, base_logits, k, cfg.steps)
-            if native is not None:  # every query in one call, the logits read in place
-                pick = (lambda t: t) if every else (lambda t: t[live])
-                out[live] = restricted.score_natively(
-                    native, base_logits, live, y[live], pick(q_all), pick(keys), pick(values), pick(weights), pick(key_lse),
-                    pick(lse_flat), output.weight, output.bias, vocab=cfg.vocab, steps=cfg.steps, lr=cfg.lr,
-                    alpha=cfg.alpha).to(out.dtype)
-                return out.view(B, T)
             S = min(cfg.vocab, V) + k
             step = max(1, budget // (S * max(k, D)))
             for lo in range(0, len(live), step):

@@ -1,9 +1,10 @@
 """The restricted variant of MbPA (``vocab = N > 0``; :mod:`lmmem.memories.mbpa` states the
-rule): the candidate words of each query, the adaptation steps on the candidate rows, the adapted
-score of the target, and the native op that runs all three per query on a CPU
-(:mod:`lmmem.kernels.mbpa_native`). :func:`restricted_target_log_probs` is the torch statement
-of that op: it runs wherever the op does not (fp64, GPUs, K > 64, no C++ compiler), and the op
-must match it to fp32 rounding, on a probe before first use and in the tests."""
+rule): the candidate words of each query, the adaptation steps on the candidate rows and the
+adapted score of the target. :func:`restricted_target_log_probs` is, after
+:func:`lmmem.memories.mbpa.select_neighbours`, the torch statement of the native op that runs all
+of it per query on a CPU (:mod:`lmmem.kernels.mbpa_native`, chosen in :mod:`lmmem.memories.mbpa`):
+it runs wherever the op does not (fp64, GPUs, K > 64, no C++ compiler), and the op must match it
+to fp32 rounding, on a probe before first use and in the tests."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def restricted_target_log_probs(
     ``key_lse`` ``(q, K)``: logsumexp of each key's base logits; ``base_logits`` ``(q, V)`` and
     ``query_lse`` ``(q,)``: the queries' base logits and their logsumexp (computed if not given).
     The ``(q, K, |C|)`` work runs in the activations' dtype (≥ fp32), the per-key normalisers in fp64.
-    The torch statement of :func:`score_natively`'s op."""
+    After :func:`lmmem.memories.mbpa.select_neighbours`, the torch statement of its native op."""
     dt = torch.promote_types(query.dtype, torch.float32)
     query, keys, weights = query.to(dt), keys.to(dt), weights.to(dt)
     W = weight.to(dt)
@@ -162,60 +163,3 @@ def restricted_target_log_probs(
     logZq = torch.logaddexp(log_rest_q, torch.logsumexp(zc + delta + inactive, -1).double())
     zy = zy + (delta * ((C == targets[:, None]) & active)).sum(-1).double()
     return zy - logZq
-
-
-MAX_NATIVE_K = 64  # the native op keeps a candidate's K neighbours in at most 4 vector registers
-
-
-def score_natively(op, zq: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, query: torch.Tensor,
-                   keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, key_lse: torch.Tensor,
-                   query_lse: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, vocab: int,
-                   steps: int, lr: float, alpha: float) -> torch.Tensor:
-    """:func:`restricted_target_log_probs` by the native op ``op`` (fp32 CPU tensors, ``steps`` ≥ 1,
-    K ≤ :data:`MAX_NATIVE_K`): query ``i``'s base logits are row ``rows[i]`` of ``zq`` ``(R, V)``,
-    so the caller's logits are read in place. Returns ``(q,)`` fp64."""
-    n = min(vocab, weight.shape[0])
-    empty = weight.new_empty(0)
-    return op(zq, rows.contiguous(), targets.contiguous(), query.contiguous(), keys.contiguous(), values.contiguous(),
-              weights.contiguous(), key_lse.double().contiguous(), query_lse.double().contiguous(), weight,
-              bias if bias is not None else empty, n, max(1, weight.shape[0] // (4 * n)), steps, float(lr), float(alpha))
-
-
-def _probe_score(op) -> None:
-    g = torch.Generator().manual_seed(0)
-    q, K, D, V, n = 6, 5, 8, 300, 7
-    W, b = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
-    h, keys = torch.randn(q, D, generator=g), torch.randn(q, K, D, generator=g)
-    values = torch.randint(0, V, (q, K), generator=g)
-    values[:, 1] = values[:, 0]  # two neighbours with the same word
-    weights = torch.rand(q, K, generator=g)
-    weights[0, -1] = 0.0  # a missing neighbour
-    zq = h @ W.T + b
-    lse = torch.logsumexp(zq, -1).double()
-    key_lse = torch.logsumexp(keys @ W.T + b, -1).double()
-    y = torch.randint(0, V, (q,), generator=g)
-    y[0] = values[0, 0]
-    args = dict(vocab=n, steps=3, lr=0.3, alpha=0.2)
-    got = score_natively(op, zq, torch.arange(q), y, h, keys, values, weights, key_lse, lse, W, b, **args)
-    want = restricted_target_log_probs(h, y, keys, values, weights, key_lse, W, b, base_logits=zq, query_lse=lse, **args)
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"its result on a probe problem differs from the torch statement by {(got - want).abs().max():.3g}")
-
-
-@functools.lru_cache(maxsize=None)  # a fact about this process's machine, as the native scan's verdict
-def _native_score():
-    """The native op (:mod:`lmmem.kernels.mbpa_native`) where it builds and matches
-    :func:`restricted_target_log_probs` on a probe problem; else None."""
-    return _verified(mbpa_native.restricted_score_op(), _probe_score, "scoring",
-                     "adapting with torch instead (the same result, slower)")
-
-
-def _native_scorer(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logits: torch.Tensor,
-                   k: int, steps: int):
-    """The native op where it runs these inputs exactly as they are (fp32 on a CPU, K ≤ 64), else None."""
-    f32 = torch.float32
-    if (hidden.device.type != "cpu" or hidden.dtype != f32 or weight.dtype != f32 or logits.dtype != f32
-            or (bias is not None and bias.dtype != f32) or not weight.is_contiguous() or logits.stride(-1) != 1
-            or k > MAX_NATIVE_K or steps < 1):
-        return None
-    return _native_score()
