@@ -213,6 +213,12 @@ def test_native_restricted_score_equals_the_torch_statement(B, T, M, K, D, V, n,
         return (f(table[:, :V]), rows, qpos, y[qpos], hh, kk, cand_v, allowed, torch.bmm(hh, kk.transpose(1, 2)),
                 (hh * hh).sum(-1), (kk * kk).sum(-1), cand_aux, lse, f(W), f(b) if b is not None else None, cfg)
     got = mbpa.score_natively(op, *inputs(torch.float32))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(mbpa.score_natively(op, *inputs(torch.float32)), got)  # queries split between threads
+    finally:
+        torch.set_num_threads(threads)
     want = mbpa._torch_score(*inputs(torch.float32))
     want64 = mbpa._torch_score(*inputs(torch.float64))
     base = zq[qpos].gather(1, y[qpos, None])[:, 0].double() - lse
