@@ -284,13 +284,19 @@ def test_torch_compile_keeps_one_graph(gen):
 
 
 def test_chunk_size_rule():
-    """~200 MiB of logits per chunk on CPU (fp32; plus the fp32 working copy for bf16), never below
-    16 rows nor above N; a shape- and device-determined size (the same bits every run)."""
+    """On CPU: 16 MiB of logits per chunk but at least 128 rows while that stays under 30 MiB (a block
+    the allocator reuses), else ~200 MiB (fp32; plus the fp32 working copy for bf16); never above N;
+    a shape- and device-determined size (the same bits every run)."""
+    cpu, f32 = torch.device("cpu"), torch.float32
     V = 267_735
-    rows = chunk_rows(2048, V, 512, torch.device("cpu"), torch.float32, use_triton=False)
+    rows = chunk_rows(2048, V, 512, cpu, f32, use_triton=False)
     assert rows == 192 and rows * V * 4 <= 200 << 20
-    assert chunk_rows(2048, V, 512, torch.device("cpu"), torch.bfloat16, use_triton=False) < rows
-    assert chunk_rows(37, 131, 24, torch.device("cpu"), torch.float32, use_triton=False) == 37
+    assert chunk_rows(2048, V, 512, cpu, torch.bfloat16, use_triton=False) < rows
+    assert chunk_rows(37, 131, 24, cpu, f32, use_triton=False) == 37
+    assert chunk_rows(4096, 30_000, 128, cpu, f32, use_triton=False) == 128  # 15 MiB (16 MiB holds 139 rows)
+    assert chunk_rows(4096, 10_000, 128, cpu, f32, use_triton=False) == 416  # 16 MiB
+    assert chunk_rows(4096, 50_257, 512, cpu, f32, use_triton=False) == 128  # 25 MiB: the 128-row floor
+    assert chunk_rows(4096, 61_441, 512, cpu, f32, use_triton=False) == 848  # 128 rows would be 30 MiB: 200 MiB
 
 
 # -- the Triton step under the interpreter against the PyTorch step --------------------------------
@@ -632,6 +638,18 @@ def test_benchmark_script_runs_in_smoke_mode(tmp_path):
     rows = json.loads(out.read_text())["results"]
     expected = {"lmmem", "eager"} | ({"F.linear_cross_entropy"} if hasattr(torch.nn.functional, "linear_cross_entropy") else set())
     assert {r["method"] for r in rows} == expected and all(r.get("ms", 0) > 0 for r in rows), rows
+
+
+def test_cpu_chunk_benchmark_runs_in_smoke_mode(tmp_path):
+    """benchmarks/bench_cpu_chunk.py (the CPU chunk rule against the previous one, in one process)."""
+    import json
+
+    from conftest import run_script
+
+    out = tmp_path / "bench.json"
+    run_script("benchmarks/bench_cpu_chunk.py", "--smoke", "--out", str(out), check=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["rule ms"] > 0 and r["200MiB ms"] > 0 for r in rows), rows
 
 
 @pytest.mark.slow
