@@ -78,3 +78,30 @@ def test_train_then_evaluate_through_the_clis(small_corpus, tmp_path):
     # the metrics log has training and validation records
     log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in log) and any("tokens_per_s" in r for r in log)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_lmmem_adapters_logits_for_memories_are_the_heads_and_reuse_one_buffer(bias):
+    """LmmemAdapter's logits for MbPA: bit for bit the head's, written into one buffer that the
+    next batch reuses (smaller batches into its first rows); with autograd on, a fresh tensor."""
+    from lmmem.evaluation.adapters import Forward, LmmemAdapter
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=300, embed_dim=16, hidden_dim=24, tie_weights=False)).eval()
+    if not bias:
+        model.output.bias = None
+    adapter = LmmemAdapter(model)
+    D = model.output.weight.shape[1]
+    with torch.no_grad():
+        outs = []
+        for n in (50, 20):
+            h = torch.randn(1, n, D)
+            y = torch.randint(0, 300, (n,))
+            lp, z = adapter.target_log_probs(Forward(h, None, None), y, want_logits=True)
+            assert torch.equal(z, model.output.logits(h[0]))
+            torch.testing.assert_close(lp, torch.log_softmax(model.output.logits(h[0]), -1)[torch.arange(n), y])
+            outs.append(z)
+        assert outs[1].data_ptr() == outs[0].data_ptr()  # the same storage, overwritten
+    h = torch.randn(1, 7, D)
+    _, z = adapter.target_log_probs(Forward(h, None, None), torch.zeros(7, dtype=torch.long), want_logits=True)
+    assert z.data_ptr() != outs[0].data_ptr() and z.requires_grad  # autograd: the head's own tensor

@@ -162,8 +162,8 @@ class LmmemAdapter(Adapter):
     def _linear_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The linear head's logits ``(N, V)``, the same bits as ``head.logits``. Without autograd
         they are written into one buffer that the next call overwrites: a fresh ``(N, V)`` tensor is
-        new pages from the kernel on every batch (67 MB for a tiny LSTM's), whose first touch cost
-        about as much as the product. So logits returned by :meth:`target_log_probs` are valid until
+        new pages from the kernel on every batch (67 MB for a tiny LSTM's), whose first touch costs
+        time the product does not. So logits returned by :meth:`target_log_probs` are valid until
         its next call (the engine's memories use them within the batch)."""
         out = self.model.output
         W, b = out.weight, out.bias

@@ -60,7 +60,7 @@ _FLOAT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 CPU_CHUNK_BYTES = 16 << 20  # the CPU chunk's logits where the rows allow (see chunk_rows)
 CPU_REUSED_BYTES = 30 << 20  # under glibc's largest mmap threshold (32 MiB): such freed blocks are reused
-CPU_MIN_ROWS = 128  # fewer rows made the chunk's matmuls slower (V = 50,257, D = 512: 80 rows +16%)
+CPU_MIN_ROWS = 128  # fewer rows made the chunk's matmuls slower (docs/results/linear-cross-entropy.md)
 
 
 def chunk_rows(N: int, V: int, D: int, device: torch.device, compute_dtype: torch.dtype, use_triton: bool,
@@ -73,10 +73,9 @@ def chunk_rows(N: int, V: int, D: int, device: torch.device, compute_dtype: torc
     On CPU, 16 MiB but at least 128 rows, where that chunk takes at most 30 MiB: the C allocator
     keeps a freed block under 32 MiB (glibc's largest mmap threshold) and hands it out again,
     while a larger block is new pages from the kernel on every call, whose first touch cost more
-    than the arithmetic at small vocabularies (tiny LSTM, V = 30,000: 128-row chunks instead of one
-    of 1,744 rows took a third less time for a training step). Wider rows (V > 61,440 in fp32) get
-    200 MiB (192 rows at V = 267,735), where larger chunks ran faster and the peak above the inputs
-    stays under the acceptance bound of 1/8 of eager PyTorch's (docs/results/linear-cross-entropy.md).
+    than the arithmetic at small vocabularies. Wider rows (V > 61,440 in fp32) get 200 MiB (192 rows
+    at V = 267,735), where larger chunks ran faster and the peak above the inputs stays under the
+    acceptance bound of 1/8 of eager PyTorch's. (The measurements: docs/results/linear-cross-entropy.md.)
 
     The size depends on the shape and the device, never on the momentary free memory, so the
     summation order (and the result, bit for bit) is the same every run; it is halved only when

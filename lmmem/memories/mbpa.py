@@ -50,10 +50,10 @@ key's base logits (one float per memory entry) and of the query: ``Z_k = Z⁰_k 
 Σ_{c∈C} e^{z_kc}``. Cost per query ``steps·K²·|C| + K·|C|·D``. With ``C`` = the whole vocabulary it is
 exact MbPA (tested); for ``N < V`` the tests compare it with a per-query autograd version whose
 gradient is masked to ``C``.
-The variant lives in :mod:`lmmem.memories.mbpa_restricted`. On a CPU in fp32 (K ≤ 64) each query
-runs there from its logits to its score as one C++ op where it builds
-(:mod:`lmmem.kernels.mbpa_native`); the module's torch statement, which the op must match to fp32
-rounding, runs everywhere else.
+Its torch statement is :func:`select_neighbours` then
+:mod:`lmmem.memories.mbpa_restricted`. On a CPU in fp32 (K ≤ 64) each query instead runs from its
+products with the memory to its score as one C++ op where it builds (:func:`score_natively`,
+:mod:`lmmem.kernels.mbpa_native`), which must match the torch statement to fp32 rounding.
 
 Training data: with ``train_pairs = P`` every stream's memory starts with the last ``P``
 (activation, next word) pairs of the training split (the model read over the split's last ``P + 1``

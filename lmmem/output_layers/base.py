@@ -205,8 +205,8 @@ def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, reduc
 
 
 # one chunk's (rows, V) buffer: 1 MB in fp32, so that it stays in a core's L2 cache through the
-# chunk's four passes (subtract, exp, sum; 16 MB chunks went to memory and back each time: the tiny
-# LSTM's cache + MbPA evaluation took 7% longer with them)
+# chunk's passes (subtract, exp, sum); 16 MB chunks went to memory and back each time
+# (docs/results/knn-lm.md, "Restricted MbPA as one native op per query")
 LSE_CHUNK_ELEMENTS = 1 << 18
 
 
