@@ -169,8 +169,8 @@ def _load():
     except Exception as e:  # noqa: BLE001 - any failure to build or run means: use the torch scan
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         warnings.warn(f"the native IVF scan (and MbPA's native ops) is not used here ({type(e).__name__}: {cause}); "
-                      f"searching with the torch scan instead (same neighbours, slower at large k). LMMEM_NATIVE=0 "
-                      f"skips the attempt.",
+                      f"their torch statements run instead (the kNN scan: same neighbours; MbPA: the same scores to "
+                      f"fp32 rounding; both slower). LMMEM_NATIVE=0 skips the attempt.",
                       NativeScanWarning, stacklevel=3)
         return None
 
