@@ -17,8 +17,8 @@ it fits in memory, by the native op where it builds); ``knn-scan@K`` (the scan w
 width); ``knn-fp32scan@K`` (the native scan with fp32 products, ``bf16=False``; the default uses bf16
 ones on CPUs with AMX); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same
 over PQ codes + exact re-ranking, ``backend="faiss"``). A method with the suffix ``-torchmbpa``
-(``cache+mbpa-torchmbpa``) runs restricted MbPA, its top-n and the cache's scores by their torch
-statements instead of the native ops, in the same process. The stream is Zipf-distributed token ids. Each method is timed on the
+(``cache+mbpa-torchmbpa``) runs restricted MbPA and its top-n by their torch statements instead
+of the native ops, in the same process. The stream is Zipf-distributed token ids. Each method is timed on the
 same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
 time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
 
@@ -47,7 +47,7 @@ from lmmem.evaluation.engine import run_pass  # noqa: E402
 from lmmem.evaluation.methods import CacheMemory, KNNMemory, KNNVariants, MbPAMemory, MemorySet  # noqa: E402
 from lmmem.evaluation.sinks import GridSums  # noqa: E402
 from lmmem.memories import mbpa as mbpa_module  # noqa: E402
-from lmmem.memories import mbpa_restricted, neural_cache  # noqa: E402
+from lmmem.memories import mbpa_restricted  # noqa: E402
 from lmmem.evaluation.windows import BpttWindows  # noqa: E402
 from lmmem.experiments.paths import portable_command  # noqa: E402
 from lmmem.memories import CacheConfig, MbPAConfig  # noqa: E402
@@ -70,7 +70,7 @@ def build_model(name: str, vocab: int):
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=1024, **size)).eval(), None
 
 
-TORCH_MBPA = "-torchmbpa"  # method suffix: MbPA's and the cache's torch statements, not their native ops
+TORCH_MBPA = "-torchmbpa"  # method suffix: restricted MbPA and its top-n by their torch statements, not the native ops
 
 
 def memories(method: str, args, stores: dict) -> MemorySet:
@@ -142,20 +142,20 @@ def main(argv=None) -> int:
         sums = GridSums(mem.grid.size, 1, device=dev, bucket_of_vocab=np.zeros(vocab, dtype=np.int64))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        native = mbpa_module._native_score, mbpa_restricted._native_top_n, neural_cache._native_cache
+        native = mbpa_module._native_score, mbpa_restricted._native_top_n
         if method.endswith(TORCH_MBPA):  # this method only: an A/B in one process, as the VM's speed drifts
-            mbpa_module._native_score = mbpa_restricted._native_top_n = neural_cache._native_cache = lambda: None
+            mbpa_module._native_score = mbpa_restricted._native_top_n = lambda: None
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             res = run_pass(adapter, groups, mem, sums)
         finally:
-            mbpa_module._native_score, mbpa_restricted._native_top_n, neural_cache._native_cache = native
+            mbpa_module._native_score, mbpa_restricted._native_top_n = native
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return (time.perf_counter() - t0, time.process_time() - c0), res
 
     timed("plain", stream[: bptt * args.batch_size * 2 + 1])  # warm-up
-    mbpa_module._native_score(), mbpa_restricted._native_top_n(), neural_cache._native_cache()  # untimed: the native ops' first build and probes
+    mbpa_module._native_score(), mbpa_restricted._native_top_n()  # untimed: the native ops' first build and probes
     rows, times = [], {}
     for n_tokens, names in ((args.tokens, args.methods), (args.exact_tokens, args.exact_methods)):
         names = [m for m in names.split(",") if m]

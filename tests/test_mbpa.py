@@ -278,29 +278,27 @@ def test_top_n_is_the_set_topk_gives(V, n, path, monkeypatch):
         torch.testing.assert_close(z[r, got[r]].sort().values, z[r, want[r]].sort().values, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name, probe, what", [("_native_score", "_probe_score", "MbPA's native scoring"),
-                                               ("_native_top_n", "_probe_top_n", "MbPA's native top-n"),
-                                               ("_native_cache", "_probe_cache", "the neural cache's native scores")])
-def test_a_native_op_beside_the_scan_that_fails_its_probe_warns_once_and_torch_runs(monkeypatch, name, probe, what):
+@pytest.mark.parametrize("name, probe, what", [("_native_score", "_probe_score", "scoring"),
+                                               ("_native_top_n", "_probe_top_n", "top-n")])
+def test_a_native_mbpa_op_that_fails_its_probe_warns_once_and_torch_runs(monkeypatch, name, probe, what):
     """A wrong result on the probe: one RuntimeWarning naming the op and the cause, then None (the
     torch statement runs) without asking again."""
     import warnings
 
-    from lmmem.kernels import cache_native, mbpa_native
+    from lmmem.kernels import mbpa_native
     from lmmem.memories import mbpa as mbpa_module
-    from lmmem.memories import mbpa_restricted, neural_cache
+    from lmmem.memories import mbpa_restricted
 
-    mbpa = {"_native_score": mbpa_module, "_native_top_n": mbpa_restricted, "_native_cache": neural_cache}[name]
+    mbpa = mbpa_module if name == "_native_score" else mbpa_restricted
     monkeypatch.setattr(mbpa_native, "restricted_score_op", lambda: (lambda *a: None))  # an op that is "built"
     monkeypatch.setattr(mbpa_native, "top_n_op", lambda: (lambda *a: None))
-    monkeypatch.setattr(cache_native, "cache_log_probs_op", lambda: (lambda *a: None))
 
     def wrong(op):
         raise RuntimeError("its result on a probe problem differs")
     monkeypatch.setattr(mbpa, probe, wrong)
     getattr(mbpa, name).cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=f"{what} is not used here .*differs"):
+        with pytest.warns(RuntimeWarning, match=f"MbPA's native {what} is not used here .*differs"):
             assert getattr(mbpa, name)() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")

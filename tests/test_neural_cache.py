@@ -35,57 +35,6 @@ def test_vectorised_cache_equals_a_per_token_loop(window, chunk):
             torch.testing.assert_close(fast[i, r][ok], ref[ok], rtol=1e-10, atol=1e-10)
 
 
-def _native_cache_or_skip():
-    from conftest import native_toolchain_missing
-    from lmmem.memories import neural_cache
-
-    if native_toolchain_missing():
-        pytest.skip(f"the native op cannot be built here: {native_toolchain_missing()}")
-    op = neural_cache._native_cache()
-    assert op is not None, "a C++ toolchain is present, so the cache's native scores must build and pass their probe"
-    return op
-
-
-@pytest.mark.parametrize("B,T,C", [(16, 35, 2035), (3, 7, 5), (2, 1, 17), (1, 40, 1000)])
-def test_native_cache_scores_equal_the_torch_statement(B, T, C):
-    """lmmem/kernels (cache_log_probs) against neural_cache.cache_scores in fp32: several θ, rows
-    with nothing allowed (NaN or -inf, as torch gives them), padded targets, targets in no
-    candidate, and candidates not allowed whose scores are far above the allowed ones."""
-    from lmmem.memories import neural_cache
-
-    op = _native_cache_or_skip()
-    g = torch.Generator().manual_seed(B * T + C)
-    scores = torch.randn(B, T, C, generator=g) * 4
-    allowed = torch.rand(B, T, C, generator=g) > 0.2
-    allowed[0, 0] = False
-    scores[~allowed] += 1e4  # a not-allowed candidate must not enter the maximum or the sums
-    cand_v = torch.randint(0, 5, (B, C), generator=g)
-    targets = torch.randint(0, 6, (B, T), generator=g)
-    targets[0, -1] = -100
-    thetas = [0.1, 0.3, 1.0]
-    got = op(scores, allowed, cand_v, targets, torch.tensor(thetas, dtype=torch.float64))
-    want = neural_cache.cache_scores(scores, allowed, cand_v, targets, thetas)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6, equal_nan=True)
-    assert torch.isfinite(want).any() and torch.isinf(want).any()
-
-
-def test_the_cache_scores_natively_as_by_torch_chunk_by_chunk(monkeypatch):
-    """NeuralCache in fp32 over consecutive chunks, with the native op and with the torch statement."""
-    from lmmem.memories import neural_cache
-
-    _native_cache_or_skip()
-    h, y = _streams(B=3, N=60, D=6, V=7, seed=4)
-    h, y = h.float(), y.clone()
-    y[1, 50:] = -100  # padding ends a row
-
-    def run():
-        cache = NeuralCache(3, 6, 20)
-        return torch.cat([cache.target_log_probs(h[:, lo:lo + 9], y[:, lo:lo + 9], [0.3, 1.0])[0] for lo in range(0, 60, 9)], 2)
-    native = run()
-    monkeypatch.setattr(neural_cache, "_native_cache", lambda: None)
-    torch.testing.assert_close(native, run(), rtol=1e-5, atol=2e-6, equal_nan=True)
-
-
 def test_cache_memory_does_not_grow_with_the_stream():
     cache = NeuralCache(2, 4, 10)
     nbytes = cache.memory.nbytes()

@@ -48,8 +48,8 @@ import torch
 from lmmem.safety import FolderLock
 
 SOURCE = Path(__file__).with_name("ivf_scan.cpp")
-# built into the same extension (one build, one probe of the toolchain): MbPA's restricted variant
-# and the neural cache's scores, lmmem/kernels/mbpa_native.py and cache_native.py
+# built into the same extension (one build, one probe of the toolchain): MbPA's fused restricted
+# adaptation, lmmem/kernels/mbpa_native.py
 SOURCES = (SOURCE, Path(__file__).with_name("mbpa_adapt.cpp"))
 NAME = "lmmem_ivf_scan"  # the TORCH_LIBRARY namespace in ivf_scan.cpp: torch.ops.lmmem_ivf_scan.ivf_scan
 POOL_MIN_EXTRA = 256  # a pool holds at least k + this many candidates: a shrink every ≥ max(k, 256) appends
@@ -66,22 +66,6 @@ class NativeScanWarning(RuntimeWarning):
 def native_enabled() -> bool:
     """Not switched off by ``LMMEM_NATIVE=0``."""
     return os.environ.get("LMMEM_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def verified(op, probe, name: str, instead: str):
-    """``op`` where ``probe(op)`` returns without raising, else None, with one warning naming the
-    op (``name``), the cause and what runs ``instead``; None where the op did not build (the build
-    warned already). For the ops built into this extension beside the scan (MbPA's, the cache's),
-    whose probes compare them with torch statements the kernels layer does not import."""
-    if op is None:
-        return None
-    try:
-        probe(op)
-        return op
-    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"{name} is not used here ({type(e).__name__}: {cause}); {instead}", RuntimeWarning, stacklevel=4)
-        return None
 
 
 def pool_size(k: int) -> int:
@@ -176,7 +160,7 @@ def _load():
         with FolderLock(folder.parent / f"{folder.name}.lock", "the native IVF scan's build folder", wait=True):
             (folder / "lock").unlink(missing_ok=True)
             if not (folder / f"{NAME}.so").exists():
-                print(f"lmmem: building the native ops (the IVF scan, MbPA's scoring, the cache's scores) in {folder} (once per machine, ~30 s)",
+                print(f"lmmem: building the native ops (the IVF scan, MbPA's scoring) in {folder} (once per machine, ~30 s)",
                       file=sys.stderr)
             with _ninja_on_path():
                 cpp_extension.load(NAME, [str(src) for src in SOURCES], extra_cflags=flags, build_directory=str(folder),
@@ -184,9 +168,9 @@ def _load():
         return _probed(torch.ops.lmmem_ivf_scan.ivf_scan)
     except Exception as e:  # noqa: BLE001 - any failure to build or run means: use the torch scan
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"the native IVF scan (and MbPA's and the cache's native ops) is not used here ({type(e).__name__}: "
-                      f"{cause}); their torch statements run instead (the kNN scan: same neighbours; MbPA and the "
-                      f"cache: the same scores to fp32 rounding; all slower). LMMEM_NATIVE=0 skips the attempt.",
+        warnings.warn(f"the native IVF scan (and MbPA's native ops) is not used here ({type(e).__name__}: {cause}); "
+                      f"their torch statements run instead (the kNN scan: same neighbours; MbPA: the same scores to "
+                      f"fp32 rounding; both slower). LMMEM_NATIVE=0 skips the attempt.",
                       NativeScanWarning, stacklevel=3)
         return None
 

@@ -13,10 +13,6 @@
 // candidates and slots, the candidates' logits for its neighbours, the Gram matrix, the steps,
 // and the adapted log-probability of its target. (Measured: docs/results/knn-lm.md.)
 //
-// The file also holds the neural cache's scores (cache_log_probs, below), which share the
-// vectorised exponential: per query one pass over its ~2,000 stored pairs instead of the torch
-// statement's ~8 batched passes (scale, mask, softmax, mask, sum, log).
-//
 // The table is the torch statement's transposed: candidates are rows and the K neighbours columns
 // (padded to KP, a multiple of 16), so every softmax over the candidates is a column reduction,
 // vertical across vector lanes, and the products run as broadcast-FMAs on KP/16 vector registers
@@ -490,88 +486,6 @@ at::Tensor top_n(const at::Tensor& z, int64_t n, int64_t classes) {
   });
   return out;
 }
-
-// log p_cache(target) (n_theta, B, T) fp32 of the neural cache (Grave et al. 2017; the torch
-// statement is NeuralCache.target_log_probs in lmmem/memories/neural_cache.py): for query (b, t)
-// and each theta, log sum_{j allowed, v_j = y} e^{theta s_j} - log sum_{j allowed} e^{theta s_j}
-// over its C candidates (the stored pairs, then the chunk's own); -inf where none holds the
-// target's word; where no candidate is allowed, what the torch statement gives (below). scores (B, T, C) fp32 (h . k), allowed
-// (B, T, C) bool, cand_v (B, C) int64, targets (B, T) int64, thetas (n_theta,) fp64.
-at::Tensor cache_log_probs(const at::Tensor& scores, const at::Tensor& allowed, const at::Tensor& cand_v,
-                           const at::Tensor& targets, const at::Tensor& thetas) {
-  TORCH_CHECK(scores.dim() == 3 && scores.scalar_type() == at::kFloat && scores.is_contiguous(),
-              "scores: contiguous (B, T, C) float32");
-  const int64_t B = scores.size(0), T = scores.size(1), C = scores.size(2);
-  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.is_contiguous() && allowed.sizes() == scores.sizes(),
-              "allowed: contiguous (B, T, C) bool");
-  TORCH_CHECK(cand_v.scalar_type() == at::kLong && cand_v.is_contiguous() && cand_v.sizes() == at::IntArrayRef({B, C}),
-              "cand_v: contiguous (B, C) int64");
-  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && targets.sizes() == at::IntArrayRef({B, T}),
-              "targets: contiguous (B, T) int64");
-  TORCH_CHECK(thetas.scalar_type() == at::kDouble && thetas.dim() == 1 && thetas.is_contiguous(), "thetas: (n,) float64");
-  const int64_t nt = thetas.size(0);
-  at::Tensor out = at::empty({nt, B, T}, scores.options());
-  const float* sp = scores.data_ptr<float>();
-  const bool* ap = allowed.data_ptr<bool>();
-  const int64_t* vp = cand_v.data_ptr<int64_t>();
-  const int64_t* tp = targets.data_ptr<int64_t>();
-  const double* thp = thetas.data_ptr<double>();
-  float* op = out.data_ptr<float>();
-  const float ninf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, B * T, 1, [&](int64_t a, int64_t e) {
-    for (int64_t p = a; p < e; ++p) {
-      const float* s = sp + p * C;
-      const bool* al = ap + p * C;
-      const int64_t* v = vp + (p / T) * C;
-      const int64_t y = tp[p];
-      for (int64_t i = 0; i < nt; ++i) {
-        const float th = static_cast<float>(thp[i]);
-        // the maximum over the allowed candidates, and the sums, in LANES partial results (a
-        // single accumulator would not vectorise)
-        float mx[LANES], tot[LANES] = {}, hit[LANES] = {};
-        for (int64_t l = 0; l < LANES; ++l) mx[l] = ninf;
-        int64_t j = 0;
-        for (; j + LANES <= C; j += LANES)
-          for (int64_t l = 0; l < LANES; ++l) mx[l] = std::max(mx[l], al[j + l] ? th * s[j + l] : ninf);
-        float m = ninf;
-        for (int64_t l = 0; l < LANES; ++l) m = std::max(m, mx[l]);
-        for (int64_t r = j; r < C; ++r) m = std::max(m, al[r] ? th * s[r] : ninf);
-        float* o = op + i * B * T + p;
-        if (m == ninf) {  // nothing allowed: as the torch statement's softmax of -inf only (NaN
-          // everywhere, then 0 on the candidates without the target's word): NaN where a candidate
-          // holds the word, else log 0 (the engine scores such a position by the model alone)
-          bool any = false;
-          for (int64_t r = 0; r < C; ++r) any = any || v[r] == y;
-          *o = any ? std::numeric_limits<float>::quiet_NaN() : ninf;
-          continue;
-        }
-        for (j = 0; j + LANES <= C; j += LANES)
-          for (int64_t l = 0; l < LANES; ++l) {
-            // a candidate not allowed may score above m: its exponent is taken of -inf (a select
-            // on the input, which vectorises), then multiplied by 0
-            const float z = al[j + l] ? th * s[j + l] - m : ninf;
-            const float x = exp_nonpositive(z) * static_cast<float>(al[j + l]);
-            tot[l] += x;
-            hit[l] += v[j + l] == y ? x : 0.f;
-          }
-        float t = 0.f, h = 0.f;
-        for (int64_t l = 0; l < LANES; ++l) {
-          t += tot[l];
-          h += hit[l];
-        }
-        for (int64_t r = j; r < C; ++r) {
-          const float x = al[r] ? exp_nonpositive(th * s[r] - m) : 0.f;
-          t += x;
-          h += v[r] == y ? x : 0.f;
-        }
-        *o = std::log(h) - std::log(t);  // log 0 = -inf: the target is not in the cache
-      }
-    }
-  });
-  return out;
-}
-
-TORCH_LIBRARY(lmmem_cache, m) { m.def("cache_log_probs", &cache_log_probs); }
 
 TORCH_LIBRARY(lmmem_mbpa, m) {
   m.def("restricted_score", &restricted_score);

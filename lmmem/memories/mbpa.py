@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmmem.kernels import ivf_scan, mbpa_native
+from lmmem.kernels import mbpa_native
 from lmmem.memories import mbpa_restricted as restricted
 from lmmem.memories.neural_cache import StreamMemory
 
@@ -252,8 +252,8 @@ def _probe_score(op) -> None:
 def _native_score():
     """The native op (:mod:`lmmem.kernels.mbpa_native`) where it builds and matches its torch
     statement on a probe problem; else None."""
-    return ivf_scan.verified(mbpa_native.restricted_score_op(), _probe_score, "MbPA's native scoring",
-                             "adapting with torch instead (the same result, slower)")
+    return restricted._verified(mbpa_native.restricted_score_op(), _probe_score, "scoring",
+                                "adapting with torch instead (the same result, slower)")
 
 
 def _native_scorer(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, logits: torch.Tensor,

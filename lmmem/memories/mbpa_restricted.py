@@ -9,10 +9,11 @@ to fp32 rounding, on a probe before first use and in the tests."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
-from lmmem.kernels import ivf_scan, mbpa_native
+from lmmem.kernels import mbpa_native
 
 
 TOP_N_CLASSES = 16  # interleaved column classes of _top_n
@@ -40,6 +41,21 @@ def _top_n(z: torch.Tensor, n: int) -> torch.Tensor:
     return cols.gather(1, pick)
 
 
+def _verified(op, probe, what: str, instead: str):
+    """``op`` where ``probe(op)`` returns without raising, else None, with one warning naming the
+    cause and what runs ``instead``; None where the op did not build (its build warned already)."""
+    if op is None:
+        return None
+    try:
+        probe(op)
+        return op
+    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"MbPA's native {what} is not used here ({type(e).__name__}: {cause}); {instead}",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
 def _probe_top_n(op) -> None:
     z = torch.randn(5, 3001, generator=torch.Generator().manual_seed(0))
     z[0, -2:] = 9.0  # the largest values past the last whole slice
@@ -52,8 +68,7 @@ def _probe_top_n(op) -> None:
 def _native_top_n():
     """The native top-n (:mod:`lmmem.kernels.mbpa_native`) where it builds and returns torch.topk's
     set on a probe problem; else None."""
-    return ivf_scan.verified(mbpa_native.top_n_op(), _probe_top_n, "MbPA's native top-n",
-                             "selecting with torch instead (the same set, slower)")
+    return _verified(mbpa_native.top_n_op(), _probe_top_n, "top-n", "selecting with torch instead (the same set, slower)")
 
 
 def _candidates(zq: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, n: int):

@@ -15,9 +15,6 @@ keeps for query ``t`` exactly the ``W`` candidates that precede it (candidate ``
 
     p_cache(target) = Σ_{allowed, value = target} softmax_{allowed}(θ s).
 
-That last step is :func:`cache_scores` in torch; on a CPU in fp32 a C++ op does it in one pass
-per query (:mod:`lmmem.kernels.cache_native`, probed against :func:`cache_scores` before use).
-
 Each stream (row of the batch) has its own cache, which spans BPTT chunk boundaries; its size is
 fixed (a ring buffer of ``W`` keys and values per row) whatever the length of the stream.
 
@@ -31,12 +28,10 @@ windows help on WikiText-103). Tune them on the validation split with ``evaluate
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 
-from lmmem.kernels import cache_native, ivf_scan
 from lmmem.output_layers.base import IGNORE_INDEX
 
 
@@ -142,55 +137,18 @@ class NeuralCache:
         scores = torch.cat([torch.bmm(h, mem.keys.transpose(1, 2)), torch.bmm(h, h.transpose(1, 2))], dim=2)
         cand_v = torch.cat([mem.values, targets], dim=1)
         allowed = mem.allowed(targets)
+        match = cand_v[:, None, :] == targets[:, :, None]
         # a stream's first position has an empty cache; any later one has at least the pair before
         # it (padding only ever ends a row). Rows with no allowed candidate give NaN, ignored.
         T = targets.shape[1]
         nonempty = (torch.arange(T, device=targets.device) > 0)[None, :] | mem.valid.any(1)[:, None]
-        native = _native_cache() if scores.dtype == torch.float32 and scores.device.type == "cpu" else None
-        if native is not None:  # one pass per query (lmmem/kernels/cache_native.py)
-            lq = native(scores, allowed, cand_v, targets.contiguous(), torch.tensor([float(t) for t in thetas], dtype=torch.float64))
-        else:
-            lq = cache_scores(scores, allowed, cand_v, targets, thetas)
+        blocked, other = ~allowed, ~match
+        out = []
+        for theta in thetas:
+            p = torch.softmax((scores * theta).masked_fill_(blocked, float("-inf")), dim=-1)
+            out.append(torch.log(p.masked_fill_(other, 0).sum(-1)))
         self.memory.append(hidden, targets)
-        return lq, nonempty
-
-
-def cache_scores(scores: torch.Tensor, allowed: torch.Tensor, cand_v: torch.Tensor, targets: torch.Tensor, thetas) -> torch.Tensor:
-    """``log p_cache(target)`` ``(len(thetas), B, T)`` from the scores ``h · k`` ``(B, T, C)`` of a
-    chunk's queries against its candidates (values ``cand_v`` ``(B, C)``), of which ``allowed``
-    ``(B, T, C)`` may be used: log of the softmax(θ s) mass on the candidates holding the target's
-    word (−inf where none does; where nothing is allowed, NaN if a candidate holds the word, else
-    −inf: the engine scores such positions by the model alone). The torch statement of
-    ``cache_log_probs`` (lmmem/kernels/cache_native.py), which runs instead on CPU in fp32."""
-    blocked, other = ~allowed, ~(cand_v[:, None, :] == targets[:, :, None])
-    out = []
-    for theta in thetas:
-        p = torch.softmax((scores * theta).masked_fill_(blocked, float("-inf")), dim=-1)
-        out.append(torch.log(p.masked_fill_(other, 0).sum(-1)))
-    return torch.stack(out)
-
-
-def _probe_cache(op) -> None:
-    g = torch.Generator().manual_seed(0)
-    B, T, C = 2, 3, 37
-    scores = torch.randn(B, T, C, generator=g) * 3
-    allowed = torch.rand(B, T, C, generator=g) > 0.4
-    allowed[0, 0] = False  # nothing allowed: NaN
-    cand_v = torch.randint(0, 5, (B, C), generator=g)
-    targets = torch.randint(0, 6, (B, T), generator=g)
-    thetas = [0.3, 1.0]
-    got = op(scores, allowed, cand_v, targets, torch.tensor(thetas, dtype=torch.float64))
-    want = cache_scores(scores, allowed, cand_v, targets, thetas)
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True):
-        raise RuntimeError("its result on a probe problem differs from the torch statement")
-
-
-@functools.lru_cache(maxsize=None)  # a fact about this process's machine, as the native scan's verdict
-def _native_cache():
-    """The native op (:mod:`lmmem.kernels.cache_native`) where it builds and matches
-    :func:`cache_scores` on a probe problem; else None."""
-    return ivf_scan.verified(cache_native.cache_log_probs_op(), _probe_cache, "the neural cache's native scores",
-                             "scoring with torch instead (the same result, slower)")
+        return torch.stack(out), nonempty
 
 
 def cache_reference(hidden: torch.Tensor, targets: torch.Tensor, window: int, theta: float) -> torch.Tensor:
