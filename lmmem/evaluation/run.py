@@ -223,11 +223,13 @@ class Evaluation:
             if result.diverged:
                 if tuned is None:  # the user's learning rate: say which flag to change
                     raise LmmemError(f"dynamic evaluation diverged on {self.config.split} at --dynamic-lr {run.cfg.lr:g}; give a "
-                                     "smaller one, or --tune to choose it on the valid split")
+                                     "smaller one or a larger --dynamic-eps, or --tune to choose it on the valid split")
                 # chosen on valid: that it diverges here is a result; the other methods' are kept
                 names = [r.name for r in part]
                 self.log(f"dynamic evaluation diverged on {self.config.split} at the learning rate chosen on valid "
-                         f"({run.cfg.lr:g}): {', '.join(names)} left out of the results")
+                         f"({run.cfg.lr:g}): {', '.join(names)} left out of the results. A valid split much shorter than "
+                         f"{self.config.split} can hide it; a larger --dynamic-eps steadies the rarely-trained weights "
+                         "(docs/results/dynamic-evaluation.md, 'Divergence on long test splits')")
                 meta["diverged"] = {"split": self.config.split, "dynamic_lr": run.cfg.lr, "methods": names}
                 continue
             for r in part:
