@@ -305,3 +305,61 @@ def test_a_native_mbpa_op_that_fails_its_probe_warns_once_and_torch_runs(monkeyp
             assert getattr(mbpa, name)() is None  # the verdict is kept: no second warning
     finally:
         getattr(mbpa, name).cache_clear()
+
+
+@pytest.mark.parametrize("vocab", [32])
+def test_mbpa_reads_the_logits_of_sliding_windows_in_batch_order(vocab, monkeypatch):
+    """With sliding windows the memories see the batch in stream order; MbPA reads each position's
+    logits from the batch's own rows (no copy; restricted MbPA by the native op, exact MbPA by
+    torch): the same sums as the torch statement reading a copy in stream order (fp32)."""
+    import numpy as np
+
+    from lmmem.evaluation.adapters import LmmemAdapter
+    from lmmem.evaluation.engine import run_pass
+    from lmmem.evaluation.methods import MbPAMemory, MemorySet
+    from lmmem.evaluation.sinks import GridSums
+    from lmmem.evaluation.windows import SlidingWindows
+    from lmmem.memories import mbpa
+    from lmmem.models import ModelConfig, build_model
+
+    if vocab:
+        _native_score_or_skip()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="transformer", vocab_size=200, embed_dim=16, hidden_dim=16, num_layers=1,
+                                    num_heads=2, context=32, tie_weights=False)).eval()
+    tokens = np.random.default_rng(0).integers(0, 200, size=301).astype("<u4")
+
+    def run():
+        memset = MemorySet([MbPAMemory(MbPAConfig(k=6, steps=3, memory=40, vocab=vocab, lr=0.5), [0.5])])
+        sums = GridSums(memset.grid.size, 1, device="cpu", bucket_of_vocab=np.zeros(200, dtype=np.int64))
+        groups = SlidingWindows(tokens, window=24, context=8, batch_size=4, streams=2).groups()
+        run_pass(LmmemAdapter(model), groups, memset, sums)
+        return sums.nll.clone()
+    got = run()
+
+    def copied(self, h, y, view):  # the reference: the logits copied into stream order, the torch statement
+        logits = view.base_logits[view.logit_rows] if view.logit_rows is not None else view.base_logits
+        lq = self.mbpa.target_log_probs(h, y, view.head, base_logits=logits, base_log_probs=view.base_lp)
+        return view.to_flat(lq.double()[None])[0]
+    monkeypatch.setattr(MbPAMemory, "score", copied)
+    monkeypatch.setattr(mbpa, "_native_score", lambda: None)
+    torch.testing.assert_close(got, run(), rtol=1e-5, atol=1e-4)
+    assert got[1].sum() != got[0].sum()  # MbPA moved the scores
+
+
+@pytest.mark.parametrize("vocab", [0, 5])
+def test_mbpa_logit_rows_equal_logits_in_stream_order(vocab):
+    """MbPA.target_log_probs given the logits in another order with logit_rows equals it given them
+    in stream order (exact and restricted MbPA; fp64, the torch statements)."""
+    layer = _layer()
+    g = torch.Generator().manual_seed(6)
+    h, y = torch.randn(2, 9, 5, generator=g, dtype=torch.float64), torch.randint(0, 7, (2, 9), generator=g)
+    cfg = MbPAConfig(k=3, steps=2, lr=0.5, memory=12, vocab=vocab)
+    logits = layer.logits(h.reshape(18, 5))
+    lp = torch.log_softmax(logits, -1).gather(1, y.reshape(18, 1))[:, 0]
+    perm = torch.randperm(18, generator=g)
+    shuffled = torch.empty_like(logits)
+    shuffled[perm] = logits  # stream position i's logits in row perm[i]
+    a = MbPA(2, 5, cfg, dtype=torch.float64).target_log_probs(h, y, layer, base_logits=logits, base_log_probs=lp)
+    b = MbPA(2, 5, cfg, dtype=torch.float64).target_log_probs(h, y, layer, base_logits=shuffled, base_log_probs=lp, logit_rows=perm)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

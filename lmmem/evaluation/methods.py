@@ -126,7 +126,8 @@ class MbPAMemory:
 
     def score(self, h, y, view) -> torch.Tensor:
         logits, lp = view.base_logits, view.base_lp
-        lq = self.mbpa.target_log_probs(h, y, view.head, base_logits=logits, base_log_probs=lp if logits is not None else None)
+        lq = self.mbpa.target_log_probs(h, y, view.head, base_logits=logits, base_log_probs=lp if logits is not None else None,
+                                        logit_rows=view.logit_rows)
         return view.to_flat(lq.double()[None])[0]
 
     def nbytes(self) -> int:
@@ -189,15 +190,18 @@ class MemoryView:
         self.flat_targets = targets.reshape(-1)
         self.lp, self.head = lp, head
         self.order = None if order is None else torch.as_tensor(order, device=hidden.device)
+        # the batch's (N, V) logits stay in batch order; stream position i's are row logit_rows[i]
+        # (None: the same order). Copying them into stream order would be another (N, V) a batch.
+        self.base_logits, self.logit_rows = base_logits, None
         if self.order is None:
             self.hidden, self.targets = hidden, targets
-            self.base_logits, self.base_lp = base_logits, base_lp
+            self.base_lp = base_lp
             return
         idx = self.order.clamp_min(0)
         self._pad = self.order < 0
         self.hidden = self.flat_hidden[idx].masked_fill_(self._pad[..., None], 0.0)
         self.targets = self.flat_targets[idx].masked_fill_(self._pad, IGNORE_INDEX)
-        self.base_logits = base_logits[idx.reshape(-1)] if base_logits is not None else None
+        self.logit_rows = idx.reshape(-1) if base_logits is not None else None
         self.base_lp = base_lp[idx.reshape(-1)] if base_lp is not None else None
 
     def to_flat(self, lq: torch.Tensor) -> torch.Tensor:

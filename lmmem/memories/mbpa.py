@@ -310,37 +310,44 @@ class MbPA:
 
     @torch.no_grad()
     def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, output, base_logits: torch.Tensor | None = None,
-                         base_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+                         base_log_probs: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """``log p_θ′(target)`` ``(B, T)`` of a chunk (0 on padding), then appends the chunk.
 
         ``base_logits`` ``(B·T, V)`` and ``base_log_probs`` ``(B·T,)`` (the plain model's
         log p(target)) may be passed when the caller has them; the log-normaliser of each position
-        is then ``logit[target] − log p(target)`` instead of a logsumexp over V."""
+        is then ``logit[target] − log p(target)`` instead of a logsumexp over V. With
+        ``logit_rows`` ``(B·T,)``, position ``i``'s logits are row ``logit_rows[i]`` of
+        ``base_logits`` ``(R, V)`` (the caller's own order; the native op reads them in place)."""
         cfg = self.cfg
         B, T, D = hidden.shape
         N, V = B * T, output.weight.shape[0]
         y = targets.reshape(N)
         if cfg.vocab > 0:
             if base_logits is None:
-                base_logits = output.logits(hidden.reshape(N, D))
-            base_logits = base_logits.reshape(N, V)
+                base_logits, logit_rows = output.logits(hidden.reshape(N, D)), None
+            base_logits = base_logits.reshape(-1, V)
+            rows = logit_rows if logit_rows is not None else torch.arange(N, device=y.device)
             if base_log_probs is not None:
-                lse = base_logits.gather(1, y.clamp_min(0)[:, None])[:, 0].double() - base_log_probs.reshape(N).double()
+                lse = base_logits[rows, y.clamp_min(0)].double() - base_log_probs.reshape(N).double()
                 lse = lse.masked_fill(y < 0, 0.0).view(B, T)
             else:
-                lse = torch.logsumexp(base_logits, -1).double().view(B, T)
+                lse = torch.logsumexp(base_logits[rows], -1).double().view(B, T)
             native = _native_scorer(hidden, output.weight, output.bias, base_logits, cfg.k, cfg.steps)
             if native is not None:  # neighbours, adaptation and score per query, the logits read in place
                 live = (y >= 0).nonzero()[:, 0]
                 out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-                out[live] = score_natively(native, base_logits, live, live, y[live], hidden, *self._products(hidden, targets),
+                out[live] = score_natively(native, base_logits, rows[live], live, y[live], hidden, *self._products(hidden, targets),
                                            self.memory.candidates_aux(lse), lse.reshape(N)[live], output.weight,
                                            output.bias, cfg).to(out.dtype)
                 self.memory.append(hidden, targets, lse)
                 return out.view(B, T)
+            if logit_rows is not None:  # the torch statement reads them in stream order
+                base_logits = base_logits[logit_rows]
             keys, values, weights, key_lse = self.neighbours(hidden, targets, lse)
             self.memory.append(hidden, targets, lse)
         else:
+            if base_logits is not None and logit_rows is not None:
+                base_logits = base_logits.reshape(-1, V)[logit_rows]
             keys, values, weights = self.neighbours(hidden, targets)
             self.memory.append(hidden, targets)
         k = keys.shape[2]
