@@ -188,14 +188,18 @@ def _memory_problem(B, T, M, K, D, V, seed, bias):
                                                       (3, 9, 40, 17, 20, 3001, 64, 4, True),
                                                       (2, 6, 80, 64, 33, 900, 40, 1, True),
                                                       (2, 4, 30, 33, 128, 1000, 128, 6, False),
-                                                      (1, 7, 20, 16, 5, 200, 200, 3, True)])
+                                                      (1, 7, 20, 16, 5, 200, 200, 3, True),
+                                                      (2, 35, 2000, 32, 128, 30000, 128, 5, True),
+                                                      (2, 9, 300, 1, 16, 500, 7, 3, False),
+                                                      (1, 11, 150, 5, 8, 300, 9, 2, True)])
 def test_native_restricted_score_equals_the_torch_statement(B, T, M, K, D, V, n, steps, bias):
     """The C++ op (lmmem/kernels/mbpa_adapt.cpp: per query its neighbours, candidates, their logits,
     the steps and the score) against its torch statement (select_neighbours, then
     restricted_target_log_probs) in fp32 and in fp64: K of 1 to 64 (one to four vector registers,
     padded columns), fewer allowed candidates than K, with and without bias, every word a
     candidate (n = V), some positions not scored (padding), and the queries' logits read as rows of
-    a wider, permuted table."""
+    a wider, permuted table. The last three have at least 8K candidates, where the op selects the
+    neighbours among those at or below a threshold (K + 3 of them tied at it)."""
     from lmmem.memories import mbpa
 
     op = _native_score_or_skip()

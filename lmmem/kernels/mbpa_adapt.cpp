@@ -140,12 +140,13 @@ struct Work {
   std::vector<int64_t> cand, slot;
   std::vector<float> keysT, G, hq, z0, z, A, zero, buf;
   std::vector<double> log_rest;
+  std::vector<uint32_t> dist_bits, mins;  // select_one's distances (C) and column minima (4K)
   std::vector<uint64_t> near;  // select_one's pool
   std::vector<const float*> keys;  // the neighbours: K rows, values, weights, log-normalisers
   std::vector<int64_t> values;
   std::vector<float> w;
   std::vector<double> key_lse;
-  Work(int64_t V, int64_t n, int64_t K, int64_t D, int64_t classes) {
+  Work(int64_t V, int64_t n, int64_t K, int64_t D, int64_t classes, int64_t C) {
     const int64_t KP = (K + LANES - 1) / LANES * LANES, SP = (n + K + SROWS - 1) / SROWS * SROWS;
     cm.resize(std::max<int64_t>(V / classes, 1));
     pos.assign(V, -1);
@@ -158,6 +159,9 @@ struct Work {
     z.resize(SP * KP);
     A.resize(SP * KP);
     zero.assign(D, 0.f);
+    dist_bits.resize(C);
+    mins.resize(4 * K);
+    near.reserve(C);
     buf.resize(SP + LANES);
     log_rest.resize(K);
     keys.resize(K);
@@ -191,29 +195,51 @@ struct Query {  // one query's inputs (pointers into the op's tensors, and its n
 
 // One query's K nearest allowed candidates among C, as mbpa.select_neighbours picks them: squared
 // distances (|h|^2 + |k_j|^2) - 2 h.k_j from the products, clamped at 0, the K smallest, ties by
-// the lower index (a candidate is one 64-bit integer, distance bits over index: the order of
-// non-negative floats is the order of their bits), in no particular order. Fewer than K allowed: the rest are missing
-// neighbours (weight 0, a zero key), which change nothing.
+// the lower index, in no particular order. Fewer than K allowed: the rest are missing neighbours
+// (weight 0, a zero key), which change nothing.
+// How: a non-negative float orders as its bits, so each candidate becomes the 32 bits of its
+// distance, or BLOCKED (above every float's bits) where it is not allowed; one vectorised pass.
+// The columns are dealt into nb = 4K interleaved slices; the K-th smallest of the nb column minima,
+// t0, is at least the K-th smallest distance (K distinct candidates reach it), so the candidates at
+// or below t0, anywhere in the row, hold the answer: typically a few more than K of C. Among them,
+// one selection on (distance bits << 32 | index) takes the K smallest with ties to the lower index:
+// the same set as a selection over all C, which costs several times more.
+constexpr uint32_t BLOCKED = 0xffffffffu;
+
 void select_one(const float* prod, const bool* allowed, float hn, const float* kn, int64_t C, int64_t K, float eps,
                 const float* cand_k, int64_t D, const int64_t* cand_v, const double* cand_aux, const float* zero,
-                std::vector<uint64_t>& pool, const float** keys, int64_t* values, float* w, double* key_lse) {
-  pool.clear();
+                std::vector<uint32_t>& bits, std::vector<uint32_t>& mins, std::vector<uint64_t>& pool,
+                const float** keys, int64_t* values, float* w, double* key_lse) {
+  uint32_t* u = bits.data();
   for (int64_t j = 0; j < C; ++j) {
-    if (!allowed[j]) continue;
     float d = (hn + kn[j]) - 2.0f * prod[j];
     d = d > 0.f ? d : 0.f;  // also -0 to +0, whose bits would sort last
-    uint32_t bits;
-    std::memcpy(&bits, &d, sizeof bits);
-    pool.push_back((static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(j));
+    uint32_t b;
+    std::memcpy(&b, &d, sizeof b);
+    u[j] = allowed[j] ? b : BLOCKED;
   }
+  const int64_t nb = 4 * K, slices = C / nb;
+  uint32_t t0 = BLOCKED;  // one slice: select among all allowed
+  if (slices >= 2) {
+    uint32_t* mn = mins.data();
+    std::copy(u, u + nb, mn);
+    for (int64_t s = 1; s < slices; ++s)  // an elementwise minimum over the slices: vectorises
+      for (int64_t c = 0; c < nb; ++c) mn[c] = std::min(mn[c], u[s * nb + c]);
+    std::nth_element(mn, mn + (K - 1), mn + nb);
+    t0 = mn[K - 1];
+  }
+  pool.clear();
+  for (int64_t j = 0; j < C; ++j)
+    if (u[j] <= t0 && u[j] != BLOCKED)
+      pool.push_back((static_cast<uint64_t>(u[j]) << 32) | static_cast<uint64_t>(j));
   const int64_t m = std::min<int64_t>(K, static_cast<int64_t>(pool.size()));
   // the K smallest, unordered: their order changes only the order of sums downstream
   if (static_cast<int64_t>(pool.size()) > m) std::nth_element(pool.begin(), pool.begin() + m, pool.end());
   for (int64_t k = 0; k < m; ++k) {
     const int64_t j = static_cast<int64_t>(pool[k] & 0xffffffffu);
-    const uint32_t bits = static_cast<uint32_t>(pool[k] >> 32);
+    const uint32_t b = static_cast<uint32_t>(pool[k] >> 32);
     float d;
-    std::memcpy(&d, &bits, sizeof d);
+    std::memcpy(&d, &b, sizeof d);
     keys[k] = cand_k + j * D;
     values[k] = std::max<int64_t>(cand_v[j], 0);
     w[k] = 1.0f / (eps + d);
@@ -453,11 +479,11 @@ at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const 
   const float epsf = static_cast<float>(eps);
   const int nv = static_cast<int>((K + LANES - 1) / LANES);
   at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
-    Work ws(V, n, K, D, classes);
+    Work ws(V, n, K, D, classes, C);
     for (int64_t i = a; i < e; ++i) {
       const int64_t p = pp[i], b = p / T;
       select_one(prp + p * C, alp + p * C, hnp[p], knp + b * C, C, K, epsf, ckp + b * C * D, D, vp + b * C, cap + b * C,
-                 ws.zero.data(), ws.near, ws.keys.data(), ws.values.data(), ws.w.data(), ws.key_lse.data());
+                 ws.zero.data(), ws.dist_bits, ws.mins, ws.near, ws.keys.data(), ws.values.data(), ws.w.data(), ws.key_lse.data());
       const Query qi{zp + rp[i] * zs, tp[i], hp + p * D, ws.keys.data(), ws.values.data(), ws.w.data(),
                      ws.key_lse.data(), lqp[i]};
       switch (nv) {
