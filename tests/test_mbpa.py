@@ -214,7 +214,7 @@ def test_native_restricted_score_equals_the_torch_statement(B, T, M, K, D, V, n,
     def inputs(dt):
         f = (lambda t: t.to(dt))
         hh, kk = f(h), f(cand_k)
-        return (f(table[:, :V]), rows, qpos, y[qpos], hh, kk, cand_v, allowed, torch.bmm(hh, kk.transpose(1, 2)),
+        return (f(table[:, :V]), rows, qpos, y[qpos], hh, kk[:, :M], cand_v, allowed, torch.bmm(hh, kk.transpose(1, 2)),
                 (hh * hh).sum(-1), (kk * kk).sum(-1), cand_aux, lse, f(W), f(b) if b is not None else None, cfg)
     got = mbpa.score_natively(op, *inputs(torch.float32))
     threads = torch.get_num_threads()
@@ -367,3 +367,47 @@ def test_mbpa_logit_rows_equal_logits_in_stream_order(vocab):
     a = MbPA(2, 5, cfg, dtype=torch.float64).target_log_probs(h, y, layer, base_logits=logits, base_log_probs=lp)
     b = MbPA(2, 5, cfg, dtype=torch.float64).target_log_probs(h, y, layer, base_logits=shuffled, base_log_probs=lp, logit_rows=perm)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab", [0, 32])
+def test_the_cache_and_mbpa_share_the_products_of_the_same_keys(vocab, monkeypatch):
+    """The cache and MbPA over the same window hold the same keys: one product of each chunk with
+    them serves both (computed before either appends it), with the same scores, bit for bit, as
+    each computing its own. With another window or MbPA's training pairs the keys differ and
+    nothing is shared."""
+    import numpy as np
+
+    from lmmem.evaluation.adapters import LmmemAdapter
+    from lmmem.evaluation.engine import run_pass
+    from lmmem.evaluation.methods import CacheMemory, MbPAMemory, MemorySet
+    from lmmem.evaluation.sinks import GridSums
+    from lmmem.evaluation.windows import BpttWindows
+    from lmmem.memories.neural_cache import CacheConfig, StreamMemory
+    from lmmem.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="lstm", vocab_size=200, embed_dim=16, hidden_dim=16, num_layers=1)).eval()
+    tokens = np.random.default_rng(0).integers(0, 200, size=301).astype("<u4")
+    calls = []
+    products = StreamMemory.products
+    monkeypatch.setattr(StreamMemory, "products", lambda self, h: calls.append(1) or products(self, h))
+
+    def memset(window=30, prefill=None):
+        mbpa = MbPAMemory(MbPAConfig(k=6, steps=3, memory=30, vocab=vocab, lr=0.5), [0.5], prefill=prefill)
+        return MemorySet([CacheMemory(CacheConfig(window=window), [0.3], [0.2]), mbpa])
+
+    def run(memories):
+        calls.clear()
+        sums = GridSums(memories.grid.size, 1, device="cpu", bucket_of_vocab=np.zeros(200, dtype=np.int64))
+        run_pass(LmmemAdapter(model), BpttWindows(tokens, batch_size=3, bptt=7).groups(), memories, sums)
+        return sums.nll.clone(), len(calls)
+    batches = sum(g.steps for g in BpttWindows(tokens, batch_size=3, bptt=7).groups())
+    shared, n_shared = run(memset())
+    assert n_shared == batches  # one product a chunk for both memories
+    assert memset(window=31)._same_keys() is None
+    assert memset(prefill=(torch.zeros(2, 16), torch.zeros(2, dtype=torch.long), torch.zeros(2)))._same_keys() is None
+    monkeypatch.setattr(MemorySet, "_same_keys", lambda self: None)
+    alone, n_alone = run(memset())
+    assert n_alone == 2 * batches
+    assert torch.equal(shared, alone)
+    assert shared[-1].sum() != shared[0].sum()  # the memories moved the scores

@@ -101,7 +101,7 @@ class CacheMemory:
         self.cache = NeuralCache(rows, dim, self.cfg.window, device=device, dtype=dtype)
 
     def score(self, h, y, view) -> torch.Tensor:
-        lq, nonempty = self.cache.target_log_probs(h, y, self.thetas)  # (nθ, R, T'), (R, T')
+        lq, nonempty = self.cache.target_log_probs(h, y, self.thetas, view.products)  # (nθ, R, T'), (R, T')
         lq = view.to_flat(lq.double())
         return torch.where(view.to_flat_mask(nonempty), lq, view.lp)  # an empty cache: p_cache := p_model
 
@@ -127,7 +127,7 @@ class MbPAMemory:
     def score(self, h, y, view) -> torch.Tensor:
         logits, lp = view.base_logits, view.base_lp
         lq = self.mbpa.target_log_probs(h, y, view.head, base_logits=logits, base_log_probs=lp if logits is not None else None,
-                                        logit_rows=view.logit_rows)
+                                        logit_rows=view.logit_rows, products=view.products)
         return view.to_flat(lq.double()[None])[0]
 
     def nbytes(self) -> int:
@@ -193,6 +193,7 @@ class MemoryView:
         # the batch's (N, V) logits stay in batch order; stream position i's are row logit_rows[i]
         # (None: the same order). Copying them into stream order would be another (N, V) a batch.
         self.base_logits, self.logit_rows = base_logits, None
+        self.products = None  # h · k with the stored keys, where memories share them (MemorySet.mix)
         if self.order is None:
             self.hidden, self.targets = hidden, targets
             self.base_lp = base_lp
@@ -246,9 +247,22 @@ class MemorySet:
         for m in self.memories:
             m.start(rows, dim, device=device, dtype=dtype)
 
+    def _same_keys(self):
+        """The cache, where MbPA's memory holds the same keys as the cache (the same window, no
+        training pairs; both store every chunk's activations), else None: then one product of each
+        chunk with those keys serves both."""
+        cache = next((m for m in self.memories if isinstance(m, CacheMemory)), None)
+        mbpa = next((m for m in self.memories if isinstance(m, MbPAMemory)), None)
+        if cache is None or mbpa is None or mbpa.prefill is not None or cache.cfg.window != mbpa.cfg.memory:
+            return None
+        return cache.cache
+
     def mix(self, lp: torch.Tensor, view: MemoryView | None) -> torch.Tensor:
         """The grid's log-probabilities ``(grid size, N)`` from the model's ``lp`` ``(N,)`` (float64)."""
         mixed = lp
+        shared = self._same_keys()
+        if shared is not None:  # before either memory appends the chunk
+            view.products = shared.memory.products(view.hidden)
         for m in self.memories:
             lq = m.score(view.hidden, view.targets, view)
             lam = torch.tensor(m.lambdas, dtype=torch.float64, device=lp.device)

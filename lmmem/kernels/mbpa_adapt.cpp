@@ -207,7 +207,8 @@ struct Query {  // one query's inputs (pointers into the op's tensors, and its n
 constexpr uint32_t BLOCKED = 0xffffffffu;
 
 void select_one(const float* prod, const bool* allowed, float hn, const float* kn, int64_t C, int64_t K, float eps,
-                const float* cand_k, int64_t D, const int64_t* cand_v, const double* cand_aux, const float* zero,
+                const float* mem_k, int64_t M, const float* chunk_k, int64_t D, const int64_t* cand_v,
+                const double* cand_aux, const float* zero,
                 std::vector<uint32_t>& bits, std::vector<uint32_t>& mins, std::vector<uint64_t>& pool,
                 const float** keys, int64_t* values, float* w, double* key_lse) {
   uint32_t* u = bits.data();
@@ -240,7 +241,7 @@ void select_one(const float* prod, const bool* allowed, float hn, const float* k
     const uint32_t b = static_cast<uint32_t>(pool[k] >> 32);
     float d;
     std::memcpy(&d, &b, sizeof d);
-    keys[k] = cand_k + j * D;
+    keys[k] = j < M ? mem_k + j * D : chunk_k + (j - M) * D;  // read in place, not gathered
     values[k] = std::max<int64_t>(cand_v[j], 0);
     w[k] = 1.0f / (eps + d);
     key_lse[k] = cand_aux[j];
@@ -416,14 +417,15 @@ double score_one(const Query& q, const Shared& c, Work& ws) {
 // each from its products with the candidates to its score (the torch statement:
 // mbpa.select_neighbours, then mbpa_restricted.restricted_target_log_probs):
 // zq (R, V) fp32, rows of unit stride: base logits, query i's in row rows[i]; qpos (q,) int64: its
-// position b T + t in the chunk; targets (q,) int64; hidden (B, T, D) fp32: the queries; the C
-// candidates of each stream (its memory, then the chunk): cand_k (B, C, D) fp32 keys, cand_v
-// (B, C) int64 values, cand_aux (B, C) fp64 log-normalisers, allowed (B, T, C) bool, prod
-// (B, T, C) fp32 h . k, hn (B, T) and kn (B, C) fp32 squared norms; lse_q (q,) fp64; W (V, D) fp32
+// position b T + t in the chunk; targets (q,) int64; hidden (B, T, D) fp32: the queries; the
+// C = M + T candidates of each stream are its memory, then the chunk: mem_k (B, M, D) fp32 the
+// stored keys (the chunk's keys are the queries themselves), cand_v (B, C) int64 values, cand_aux
+// (B, C) fp64 log-normalisers, allowed (B, T, C) bool, prod (B, T, C) fp32 h . k, hn (B, T) and
+// kn (B, C) fp32 squared norms; lse_q (q,) fp64; W (V, D) fp32
 // and bias (V,) fp32 or empty: the output layer; K neighbours, eps of the weights 1 / (eps + d^2);
 // n: top-n candidates; classes: top_n's slices.
 at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const at::Tensor& qpos, const at::Tensor& targets,
-                            const at::Tensor& hidden, const at::Tensor& cand_k, const at::Tensor& cand_v,
+                            const at::Tensor& hidden, const at::Tensor& mem_k, const at::Tensor& cand_v,
                             const at::Tensor& cand_aux, const at::Tensor& allowed, const at::Tensor& prod,
                             const at::Tensor& hn, const at::Tensor& kn, const at::Tensor& lse_q, const at::Tensor& W,
                             const at::Tensor& bias, int64_t K, double eps, int64_t n, int64_t classes, int64_t steps,
@@ -433,8 +435,8 @@ at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const 
   const int64_t V = W.size(0), D = W.size(1), q = rows.numel();
   TORCH_CHECK(zq.size(1) == V, "zq and W disagree on V");
   TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) == D, "hidden: (B, T, D)");
-  TORCH_CHECK(cand_k.dim() == 3 && cand_k.size(2) == D, "cand_k: (B, C, D)");
-  const int64_t B = hidden.size(0), T = hidden.size(1), C = cand_k.size(1);
+  TORCH_CHECK(mem_k.dim() == 3 && mem_k.size(2) == D, "mem_k: (B, M, D)");
+  const int64_t B = hidden.size(0), T = hidden.size(1), M = mem_k.size(1), C = M + T;
   TORCH_CHECK(K >= 1 && K <= 4 * LANES, "K must be in [1, 64]");
   auto check = [&](const at::Tensor& t, at::ScalarType dt, at::IntArrayRef shape, const char* what) {
     TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.sizes() == shape, what);
@@ -443,7 +445,7 @@ at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const 
   check(qpos, at::kLong, {q}, "qpos: contiguous (q,) int64");
   check(targets, at::kLong, {q}, "targets: contiguous (q,) int64");
   check(hidden, at::kFloat, {B, T, D}, "hidden: contiguous (B, T, D) float32");
-  check(cand_k, at::kFloat, {B, C, D}, "cand_k: contiguous (B, C, D) float32");
+  check(mem_k, at::kFloat, {B, M, D}, "mem_k: contiguous (B, M, D) float32");
   check(cand_v, at::kLong, {B, C}, "cand_v: contiguous (B, C) int64");
   check(cand_aux, at::kDouble, {B, C}, "cand_aux: contiguous (B, C) float64");
   check(allowed, at::kBool, {B, T, C}, "allowed: contiguous (B, T, C) bool");
@@ -467,7 +469,7 @@ at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const 
                  static_cast<float>(lr), static_cast<float>(1.0 - lr * alpha)};
   const float* zp = zq.data_ptr<float>();
   const float* hp = hidden.data_ptr<float>();
-  const float* ckp = cand_k.data_ptr<float>();
+  const float* mkp = mem_k.data_ptr<float>();
   const double* cap = cand_aux.data_ptr<double>();
   const bool* alp = allowed.data_ptr<bool>();
   const float* prp = prod.data_ptr<float>();
@@ -482,8 +484,9 @@ at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const 
     Work ws(V, n, K, D, classes, C);
     for (int64_t i = a; i < e; ++i) {
       const int64_t p = pp[i], b = p / T;
-      select_one(prp + p * C, alp + p * C, hnp[p], knp + b * C, C, K, epsf, ckp + b * C * D, D, vp + b * C, cap + b * C,
-                 ws.zero.data(), ws.dist_bits, ws.mins, ws.near, ws.keys.data(), ws.values.data(), ws.w.data(), ws.key_lse.data());
+      select_one(prp + p * C, alp + p * C, hnp[p], knp + b * C, C, K, epsf, mkp + b * M * D, M, hp + b * T * D, D,
+                 vp + b * C, cap + b * C, ws.zero.data(), ws.dist_bits, ws.mins, ws.near, ws.keys.data(),
+                 ws.values.data(), ws.w.data(), ws.key_lse.data());
       const Query qi{zp + rp[i] * zs, tp[i], hp + p * D, ws.keys.data(), ws.values.data(), ws.w.data(),
                      ws.key_lse.data(), lqp[i]};
       switch (nv) {

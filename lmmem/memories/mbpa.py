@@ -196,26 +196,28 @@ MAX_NATIVE_K = 64  # the native op keeps a candidate's K neighbours in at most 4
 
 
 def score_natively(op, zq: torch.Tensor, rows: torch.Tensor, qpos: torch.Tensor, targets: torch.Tensor,
-                   hidden: torch.Tensor, cand_k: torch.Tensor, cand_v: torch.Tensor, allowed: torch.Tensor,
+                   hidden: torch.Tensor, mem_k: torch.Tensor, cand_v: torch.Tensor, allowed: torch.Tensor,
                    prod: torch.Tensor, hn: torch.Tensor, kn: torch.Tensor, cand_aux: torch.Tensor,
                    query_lse: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: MbPAConfig) -> torch.Tensor:
     """Restricted MbPA of the queries at flat positions ``qpos`` of a chunk ``hidden`` ``(B, T, D)``
-    by the native op ``op`` (fp32 CPU tensors): :func:`select_neighbours` from :meth:`MbPA._products`'
-    ``cand_k, cand_v, allowed, prod, hn, kn`` and ``cand_aux``, then
+    by the native op ``op`` (fp32 CPU tensors): :func:`select_neighbours` among the stored keys
+    ``mem_k`` ``(B, M, D)`` and the chunk's own, from :meth:`MbPA._products`'
+    ``cand_v, allowed, prod, hn, kn`` and ``cand_aux``, then
     :func:`~lmmem.memories.mbpa_restricted.restricted_target_log_probs`. Query ``i``'s base logits
     are row ``rows[i]`` of ``zq`` ``(R, V)``, read in place. Returns ``(q,)`` fp64."""
     V = weight.shape[0]
     n = min(cfg.vocab, V)
-    return op(zq, rows.contiguous(), qpos.contiguous(), targets.contiguous(), hidden.contiguous(), cand_k.contiguous(),
+    return op(zq, rows.contiguous(), qpos.contiguous(), targets.contiguous(), hidden.contiguous(), mem_k.contiguous(),
               cand_v.contiguous(), cand_aux.double().contiguous(), allowed.contiguous(), prod.contiguous(),
               hn.contiguous(), kn.contiguous(), query_lse.double().contiguous(), weight,
-              bias if bias is not None else weight.new_empty(0), min(cfg.k, cand_k.shape[1]), float(cfg.eps), n,
+              bias if bias is not None else weight.new_empty(0), min(cfg.k, cand_v.shape[1]), float(cfg.eps), n,
               max(1, V // (4 * n)), cfg.steps, float(cfg.lr), float(cfg.alpha))
 
 
-def _torch_score(zq, rows, qpos, targets, hidden, cand_k, cand_v, allowed, prod, hn, kn, cand_aux, query_lse, weight, bias,
+def _torch_score(zq, rows, qpos, targets, hidden, mem_k, cand_v, allowed, prod, hn, kn, cand_aux, query_lse, weight, bias,
                  cfg: MbPAConfig) -> torch.Tensor:
     """:func:`score_natively`'s torch statement."""
+    cand_k = torch.cat([mem_k, hidden.to(mem_k.dtype)], 1)
     keys, values, weights, key_lse = select_neighbours(prod, allowed, hn, kn, cand_k, cand_v, cfg.k, cfg.eps, cand_aux)
     B, T, k = values.shape
     flat = (lambda t: t.reshape(B * T, *t.shape[2:])[qpos])
@@ -241,7 +243,7 @@ def _probe_score(op) -> None:
     hn, kn = (h * h).sum(-1), (cand_k * cand_k).sum(-1)
     y = torch.randint(0, V, (B * T,), generator=g)
     pos = torch.arange(B * T)
-    args = (zq, pos, pos, y, h, cand_k, cand_v, allowed, torch.bmm(h, cand_k.transpose(1, 2)), hn, kn, cand_aux,
+    args = (zq, pos, pos, y, h, mem, cand_v, allowed, torch.bmm(h, cand_k.transpose(1, 2)), hn, kn, cand_aux,
             torch.logsumexp(zq, -1).double(), W, b, cfg)
     got, want = score_natively(op, *args), _torch_score(*args)
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
@@ -286,38 +288,47 @@ class MbPA:
             raise ValueError("the restricted MbPA memory needs the log-normaliser of every prefilled key")
         self.memory.append(keys[None].expand(rows, -1, -1), values[None].expand(rows, -1), aux)
 
-    def _products(self, hidden: torch.Tensor, targets: torch.Tensor):
+    def _products(self, hidden: torch.Tensor, targets: torch.Tensor, products: torch.Tensor | None = None):
         """What the nearest-neighbour choice of a chunk's queries reads (before the chunk is
-        appended): :meth:`StreamMemory.candidates`, the products ``h · k`` ``(B, T, C)`` and the
-        squared norms of the queries ``(B, T)`` and of the candidates ``(B, C)``."""
-        cand_k, cand_v, allowed = self.memory.candidates(hidden, targets)
-        h = hidden.to(cand_k.dtype)
+        appended): the candidates' values and mask (:meth:`StreamMemory.allowed`: the stored
+        pairs, then the chunk's), the products ``h · k`` ``(B, T, C)`` (``products`` where the
+        caller has them) and the squared norms of the queries ``(B, T)`` and of the candidates
+        ``(B, C)``."""
+        mem = self.memory
+        cand_v, allowed = torch.cat([mem.values, targets], 1), mem.allowed(targets)
+        h = hidden.to(mem.keys.dtype)
         hn = (h * h).sum(-1)
         # the stored keys' norms kept by the memory (the same sums as computing them here, in the
         # same order: exact ties between equal keys break as before)
-        kn = torch.cat([self.memory.norms, hn], 1)
-        return cand_k, cand_v, allowed, torch.bmm(h, cand_k.transpose(1, 2)), hn, kn
+        kn = torch.cat([mem.norms, hn], 1)
+        return cand_v, allowed, mem.products(h) if products is None else products, hn, kn
 
     @torch.no_grad()
-    def neighbours(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None):
+    def neighbours(self, hidden: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor | None = None,
+                   products: torch.Tensor | None = None):
         """K nearest stored pairs of every query of a chunk: keys ``(B, T, K, D)``, values
         ``(B, T, K)``, weights ``(B, T, K)`` (0 for missing neighbours) and, given the chunk's
-        log-normalisers ``lse``, the neighbours' ``(B, T, K)``."""
-        cand_k, cand_v, allowed, prod, hn, kn = self._products(hidden, targets)
+        log-normalisers ``lse``, the neighbours' ``(B, T, K)``. ``products``: as
+        :meth:`target_log_probs`."""
+        cand_v, allowed, prod, hn, kn = self._products(hidden, targets, products)
+        cand_k = torch.cat([self.memory.keys, hidden.to(self.memory.keys.dtype)], 1)
         aux = self.memory.candidates_aux(lse) if lse is not None else None
         got = select_neighbours(prod, allowed, hn, kn, cand_k, cand_v, self.cfg.k, self.cfg.eps, aux)
         return got if lse is not None else got[:3]
 
     @torch.no_grad()
     def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, output, base_logits: torch.Tensor | None = None,
-                         base_log_probs: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+                         base_log_probs: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None,
+                         products: torch.Tensor | None = None) -> torch.Tensor:
         """``log p_θ′(target)`` ``(B, T)`` of a chunk (0 on padding), then appends the chunk.
 
         ``base_logits`` ``(B·T, V)`` and ``base_log_probs`` ``(B·T,)`` (the plain model's
         log p(target)) may be passed when the caller has them; the log-normaliser of each position
         is then ``logit[target] − log p(target)`` instead of a logsumexp over V. With
         ``logit_rows`` ``(B·T,)``, position ``i``'s logits are row ``logit_rows[i]`` of
-        ``base_logits`` ``(R, V)`` (the caller's own order; the native op reads them in place)."""
+        ``base_logits`` ``(R, V)`` (the caller's own order; the native op reads them in place).
+        ``products``: the chunk's :meth:`StreamMemory.products` with this memory's keys, where the
+        caller has them (another memory that holds the same keys computed them)."""
         cfg = self.cfg
         B, T, D = hidden.shape
         N, V = B * T, output.weight.shape[0]
@@ -336,19 +347,20 @@ class MbPA:
             if native is not None:  # neighbours, adaptation and score per query, the logits read in place
                 live = (y >= 0).nonzero()[:, 0]
                 out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-                out[live] = score_natively(native, base_logits, rows[live], live, y[live], hidden, *self._products(hidden, targets),
-                                           self.memory.candidates_aux(lse), lse.reshape(N)[live], output.weight,
-                                           output.bias, cfg).to(out.dtype)
+                h = hidden.to(self.memory.keys.dtype)
+                out[live] = score_natively(native, base_logits, rows[live], live, y[live], h, self.memory.keys,
+                                           *self._products(h, targets, products), self.memory.candidates_aux(lse),
+                                           lse.reshape(N)[live], output.weight, output.bias, cfg).to(out.dtype)
                 self.memory.append(hidden, targets, lse)
                 return out.view(B, T)
             if logit_rows is not None:  # the torch statement reads them in stream order
                 base_logits = base_logits[logit_rows]
-            keys, values, weights, key_lse = self.neighbours(hidden, targets, lse)
+            keys, values, weights, key_lse = self.neighbours(hidden, targets, lse, products)
             self.memory.append(hidden, targets, lse)
         else:
             if base_logits is not None and logit_rows is not None:
                 base_logits = base_logits.reshape(-1, V)[logit_rows]
-            keys, values, weights = self.neighbours(hidden, targets)
+            keys, values, weights = self.neighbours(hidden, targets, products=products)
             self.memory.append(hidden, targets)
         k = keys.shape[2]
         q_all, keys, values, weights = hidden.reshape(N, D), keys.reshape(N, k, D), values.reshape(N, k), weights.reshape(N, k)

@@ -82,14 +82,17 @@ class StreamMemory:
         chunk = (u < t) & (u >= t - self.size)
         return mem, chunk
 
-    def candidates(self, keys: torch.Tensor, values: torch.Tensor):
-        """Stored pairs followed by a chunk's ``(B, T, D)`` keys / ``(B, T)`` values, and the
-        ``(B, T, size + T)`` mask of the candidates each query of the chunk may use."""
-        cand_k = torch.cat([self.keys, keys.to(self.keys.dtype)], dim=1)
-        cand_v = torch.cat([self.values, values], dim=1)
-        return cand_k, cand_v, self.allowed(values)
+    def products(self, h: torch.Tensor) -> torch.Tensor:
+        """``h · k`` of a chunk's queries ``(B, T, D)`` with its candidates, in :meth:`allowed`'s
+        order: the stored keys (slot order), then the chunk's own, ``(B, T, size + T)``. Two
+        products, so that the candidates' keys are never concatenated; memories that hold the same
+        keys (the cache and MbPA over the same window) share one result."""
+        h = h.to(self.keys.dtype)
+        return torch.cat([torch.bmm(h, self.keys.transpose(1, 2)), torch.bmm(h, h.transpose(1, 2))], dim=2)
 
     def allowed(self, values: torch.Tensor) -> torch.Tensor:
+        """The ``(B, T, size + T)`` mask of the candidates (the stored pairs, then the chunk's
+        ``(B, T)`` values) that each query of the chunk may use."""
         mem, chunk = self.masks(values.shape[1], values.device)
         return torch.cat([mem[None] & self.valid[:, None, :], chunk[None] & (values != IGNORE_INDEX)[:, None, :]], dim=2)
 
@@ -127,14 +130,15 @@ class NeuralCache:
         self.memory = StreamMemory(rows, window, dim, device=device, dtype=dtype)
 
     @torch.no_grad()
-    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, thetas) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_log_probs(self, hidden: torch.Tensor, targets: torch.Tensor, thetas,
+                         products: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``log p_cache(target)`` of every position of a chunk for each θ: ``(len(thetas), B, T)``
         (−inf where the target is not in the cache), and the ``(B, T)`` mask of positions whose
-        cache is non-empty. Then appends the chunk to the cache."""
+        cache is non-empty. Then appends the chunk to the cache. ``products``: the chunk's
+        :meth:`StreamMemory.products` with this cache's keys, where the caller has them."""
         mem = self.memory
-        h = hidden.to(mem.keys.dtype)
         # (B, T, W + T) scores against the stored keys (slot order) and the chunk's own keys
-        scores = torch.cat([torch.bmm(h, mem.keys.transpose(1, 2)), torch.bmm(h, h.transpose(1, 2))], dim=2)
+        scores = mem.products(hidden) if products is None else products
         cand_v = torch.cat([mem.values, targets], dim=1)
         allowed = mem.allowed(targets)
         match = cand_v[:, None, :] == targets[:, :, None]
