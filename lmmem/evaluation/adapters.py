@@ -155,26 +155,27 @@ class LmmemAdapter(Adapter):
         h = fwd.hidden.reshape(-1, fwd.hidden.shape[-1])
         if want_logits and self.linear_head() is None:
             # one V × D product for both the plain score and MbPA's candidate rows
-            logits = self._linear_logits(h)
-            return target_log_probs_from_logits(logits, targets), logits
+            logits, bias = self._linear_logits(h)
+            return target_log_probs_from_logits(logits, targets, bias=bias), logits
         return out.target_log_probs(h, targets), None
 
-    def _linear_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The linear head's logits ``(N, V)``, the same bits as ``head.logits``. Without autograd
-        they are written into one buffer that the next call overwrites: a fresh ``(N, V)`` tensor is
-        new pages from the kernel on every batch (67 MB for a tiny LSTM's), whose first touch costs
-        time the product does not. So logits returned by :meth:`target_log_probs` are valid until
-        its next call (the engine's memories use them within the batch)."""
+    def _linear_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The linear head's logits ``(N, V)``, and its bias where they do not hold it yet (it is
+        added in place as their normalisers are computed: :func:`target_log_probs_from_logits`;
+        with it they equal ``head.logits``). Without autograd they are written into one buffer that
+        the next call overwrites: a fresh ``(N, V)`` tensor is new pages from the kernel on every
+        batch (67 MB for a tiny LSTM's), whose first touch costs time the product does not. So
+        logits returned by :meth:`target_log_probs` are valid until its next call (the engine's
+        memories use them within the batch)."""
         out = self.model.output
         W, b = out.weight, out.bias
         if torch.is_grad_enabled() or h.dtype != W.dtype or (b is not None and b.dtype != W.dtype):
-            return out.logits(h)
+            return out.logits(h), None
         n, V = h.shape[0], W.shape[0]
         buf = self._logits_buffer
         if buf is None or buf.shape[0] < n or buf.shape[1] != V or buf.dtype != W.dtype or buf.device != W.device:
             buf = self._logits_buffer = torch.empty(n, V, dtype=W.dtype, device=W.device)
-        z = buf[:n]
-        return torch.addmm(b, h, W.t(), out=z) if b is not None else torch.mm(h, W.t(), out=z)
+        return torch.mm(h, W.t(), out=buf[:n]), b
 
     def loss(self, inputs, targets, state=None):
         return self.model(inputs, targets, state)  # the model's own training loss (its mean)

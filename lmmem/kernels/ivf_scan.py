@@ -49,8 +49,9 @@ from lmmem.safety import FolderLock
 
 SOURCE = Path(__file__).with_name("ivf_scan.cpp")
 # built into the same extension (one build, one probe of the toolchain): MbPA's fused restricted
-# adaptation, lmmem/kernels/mbpa_native.py
-SOURCES = (SOURCE, Path(__file__).with_name("mbpa_adapt.cpp"))
+# adaptation (lmmem/kernels/mbpa_native.py) and the logits' row normalisers (lmmem/kernels/row_lse.py)
+SOURCES = (SOURCE, Path(__file__).with_name("mbpa_adapt.cpp"), Path(__file__).with_name("row_lse.cpp"))
+HEADERS = (Path(__file__).with_name("native_math.h"),)  # included by the sources: in the build's digest
 NAME = "lmmem_ivf_scan"  # the TORCH_LIBRARY namespace in ivf_scan.cpp: torch.ops.lmmem_ivf_scan.ivf_scan
 POOL_MIN_EXTRA = 256  # a pool holds at least k + this many candidates: a shrink every ≥ max(k, 256) appends
 # bf16 products by default from this key width (on AMX): at k = 1,024 they made evaluation faster at
@@ -73,6 +74,21 @@ def pool_size(k: int) -> int:
     Each full pool is cut back to its k nearest; a larger pool cuts less often and takes more memory
     (8 bytes an entry)."""
     return max(2 * k, k + POOL_MIN_EXTRA)
+
+
+def verified(op, probe, what: str, instead: str):
+    """``op`` where ``probe(op)`` returns without raising, else None, with one warning naming
+    ``what`` failed, the cause and what runs ``instead``; None where the op did not build (the
+    build warned already). For the extension's other ops, each with its own probe."""
+    if op is None:
+        return None
+    try:
+        probe(op)
+        return op
+    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(f"{what} is not used here ({type(e).__name__}: {cause}); {instead}", RuntimeWarning, stacklevel=5)
+        return None
 
 
 def native_scan_op():
@@ -119,7 +135,7 @@ def _cpu_flags() -> str:
 
 def _build_folder(flags: list[str]) -> Path:
     digest = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES), " ".join(flags).encode(), torch.__version__.encode(), _cpu_flags().encode(),
+    for part in (*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(flags).encode(), torch.__version__.encode(), _cpu_flags().encode(),
                  sys.version.encode()):
         digest.update(part)
     cache = Path(os.environ.get("LMMEM_CACHE", Path.home() / ".cache" / "lmmem"))
@@ -160,7 +176,8 @@ def _load():
         with FolderLock(folder.parent / f"{folder.name}.lock", "the native IVF scan's build folder", wait=True):
             (folder / "lock").unlink(missing_ok=True)
             if not (folder / f"{NAME}.so").exists():
-                print(f"lmmem: building the native ops (the IVF scan, MbPA's scoring) in {folder} (once per machine, ~30 s)",
+                print(f"lmmem: building the native ops (the IVF scan, MbPA's scoring, the logits' normalisers) in {folder} "
+                      "(once per machine, ~30 s)",
                       file=sys.stderr)
             with _ninja_on_path():
                 cpp_extension.load(NAME, [str(src) for src in SOURCES], extra_cflags=flags, build_directory=str(folder),
@@ -168,9 +185,9 @@ def _load():
         return _probed(torch.ops.lmmem_ivf_scan.ivf_scan)
     except Exception as e:  # noqa: BLE001 - any failure to build or run means: use the torch scan
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"the native IVF scan (and MbPA's native ops) is not used here ({type(e).__name__}: {cause}); "
-                      f"their torch statements run instead (the kNN scan: same neighbours; MbPA: the same scores to "
-                      f"fp32 rounding; both slower). LMMEM_NATIVE=0 skips the attempt.",
+        warnings.warn(f"the native IVF scan (and MbPA's and the logits' native ops) is not used here ({type(e).__name__}: "
+                      f"{cause}); their torch statements run instead (the kNN scan: same neighbours; MbPA and the "
+                      f"normalisers: the same results to fp32 rounding; all slower). LMMEM_NATIVE=0 skips the attempt.",
                       NativeScanWarning, stacklevel=3)
         return None
 

@@ -9,11 +9,10 @@ to fp32 rounding, on a probe before first use and in the tests."""
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
-from lmmem.kernels import mbpa_native
+from lmmem.kernels import ivf_scan, mbpa_native
 
 
 TOP_N_CLASSES = 16  # interleaved column classes of _top_n
@@ -42,18 +41,8 @@ def _top_n(z: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _verified(op, probe, what: str, instead: str):
-    """``op`` where ``probe(op)`` returns without raising, else None, with one warning naming the
-    cause and what runs ``instead``; None where the op did not build (its build warned already)."""
-    if op is None:
-        return None
-    try:
-        probe(op)
-        return op
-    except Exception as e:  # noqa: BLE001 - any failure means: the torch statement runs
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(f"MbPA's native {what} is not used here ({type(e).__name__}: {cause}); {instead}",
-                      RuntimeWarning, stacklevel=4)
-        return None
+    """:func:`lmmem.kernels.ivf_scan.verified` for MbPA's native ``what``."""
+    return ivf_scan.verified(op, probe, f"MbPA's native {what}", instead)
 
 
 def _probe_top_n(op) -> None:

@@ -38,6 +38,7 @@ from torch import nn
 
 from lmmem.constants import IGNORE_INDEX
 from lmmem.errors import LmmemError
+from lmmem.kernels import row_lse
 from lmmem.kernels.linear_cross_entropy import linear_cross_entropy
 from lmmem.kernels.runtime import triton_usable
 
@@ -210,27 +211,56 @@ def cross_entropy_from_logits(logits: torch.Tensor, targets: torch.Tensor, reduc
 LSE_CHUNK_ELEMENTS = 1 << 18
 
 
-def target_log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def target_log_probs_from_logits(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``log p(target)`` ``(N,)`` from ``logits`` ``(N, V)``: ``−F.cross_entropy`` (at least float32,
     0 where ignored), differentiable where autograd records.
 
     Without autograd it runs over chunks of rows in one reused buffer: ``logit[target] − (m +
     log Σ exp(logit − m))``, ``m`` the row's maximum. Why: F.cross_entropy writes the whole ``(N, V)``
     log-softmax, and at evaluation sizes (4,096 × 50,257 logits: 823 MB) the allocator hands out
-    fresh pages for it on every batch, whose first touch costs more than the arithmetic."""
+    fresh pages for it on every batch, whose first touch costs more than the arithmetic. On a CPU in
+    float32 one native op (:mod:`lmmem.kernels.row_lse`) computes the same normalisers reading each
+    row once; this loop is its statement and runs wherever it does not.
+
+    ``bias`` ``(V,)``, without autograd only: a linear head's bias that the caller's product left
+    out, added to ``logits`` (2-D, rows of unit stride) in place first, in the same pass; the logits
+    are then the head's. A product that adds the bias itself (``addmm``) first copies it into the
+    whole output: one more pass over the table."""
     if torch.is_grad_enabled() and logits.requires_grad:
+        if bias is not None:
+            raise ValueError("a bias is added to the logits in place: not while autograd records them")
         return -cross_entropy_from_logits(logits, targets, "none", ignore_index)
+    if bias is not None and (logits.dim() != 2 or logits.stride(-1) != 1):
+        raise ValueError(f"a bias is added to the logits in place: they must be (N, V) with rows of unit stride, "
+                         f"got shape {tuple(logits.shape)} and strides {logits.stride()}")
     x = logits.reshape(-1, logits.shape[-1])
     t = targets.reshape(-1)
     dt = torch.promote_types(x.dtype, torch.float32)
-    rows = max(1, LSE_CHUNK_ELEMENTS // max(x.shape[1], 1))
-    lse = torch.empty(x.shape[0], dtype=dt, device=x.device)
-    buf = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=dt, device=x.device)
-    for i in range(0, x.shape[0], rows):
-        chunk = x[i:i + rows]
-        m = chunk.amax(-1, keepdim=True).to(dt)
-        m = m.masked_fill_(~torch.isfinite(m), 0.0)  # all -inf (or an inf) row: as torch.logsumexp
-        b = torch.sub(chunk, m, out=buf[:chunk.shape[0]]).exp_()
-        lse[i:i + rows] = m[:, 0] + b.sum(-1).log_()
+    native = _native_row_lse(x, bias)
+    if native is not None:
+        lse = native(x, bias if bias is not None else x.new_empty(0))
+    else:
+        rows = max(1, LSE_CHUNK_ELEMENTS // max(x.shape[1], 1))
+        lse = torch.empty(x.shape[0], dtype=dt, device=x.device)
+        buf = torch.empty((min(rows, x.shape[0]), x.shape[1]), dtype=dt, device=x.device)
+        for i in range(0, x.shape[0], rows):
+            chunk = x[i:i + rows]
+            if bias is not None:
+                chunk.add_(bias)
+            m = chunk.amax(-1, keepdim=True).to(dt)
+            m = m.masked_fill_(~torch.isfinite(m), 0.0)  # all -inf (or an inf) row: as torch.logsumexp
+            b = torch.sub(chunk, m, out=buf[:chunk.shape[0]]).exp_()
+            lse[i:i + rows] = m[:, 0] + b.sum(-1).log_()
     picked = x.gather(1, t.clamp_min(0)[:, None])[:, 0].to(dt)
     return torch.where(t != ignore_index, picked - lse, torch.zeros((), dtype=dt, device=x.device))
+
+
+def _native_row_lse(x: torch.Tensor, bias: torch.Tensor | None):
+    """The native row normaliser where it runs these inputs as they are (fp32 on a CPU, rows of
+    unit stride), else None."""
+    f32 = torch.float32
+    if (x.device.type != "cpu" or x.dtype != f32 or x.stride(-1) != 1 or x.numel() == 0
+            or (bias is not None and (bias.dtype != f32 or bias.device.type != "cpu" or not bias.is_contiguous()))):
+        return None
+    return row_lse.row_lse_op()
