@@ -34,6 +34,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 using lmmem_native::exp_nonpositive;
@@ -55,11 +59,51 @@ inline void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
 // lmmem/memories/mbpa.py); the n-th largest of the V / classes column maxima across slices, t0, is
 // at most the row's n-th largest value (n distinct columns reach it), so the row's entries >= t0
 // hold the answer: one vectorised pass finds them (a few hundred of 30,000), then a selection.
+// The entries of row >= t0 as (value, column) pairs into pool, in column order. With AVX-512 each
+// 16 columns are one comparison and, where any passes, two compressions into hit_v / hit_i (V + 16
+// entries each); a branch per column costs more where hits are scattered over the row.
+void entries_at_least(const float* row, int64_t V, float t0, std::vector<float>& hit_v, std::vector<int32_t>& hit_i,
+                      std::vector<std::pair<float, int64_t>>& pool) {
+  pool.clear();
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  int64_t count = 0;
+  float* pv = hit_v.data();
+  int32_t* pi = hit_i.data();
+  const __m512 t = _mm512_set1_ps(t0);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; j + 16 <= V; j += 16, ids = _mm512_add_epi32(ids, step)) {
+    const __m512 x = _mm512_loadu_ps(row + j);
+    const __mmask16 k = _mm512_cmp_ps_mask(x, t, _CMP_GE_OQ);  // ordered: a NaN passes no threshold
+    if (k) {
+      _mm512_storeu_ps(pv + count, _mm512_maskz_compress_ps(k, x));
+      _mm512_storeu_si512(pi + count, _mm512_maskz_compress_epi32(k, ids));
+      count += __builtin_popcount(k);
+    }
+  }
+  for (int64_t c = 0; c < count; ++c) pool.push_back({pv[c], pi[c]});
+#else
+  (void)hit_v;
+  (void)hit_i;
+  constexpr int64_t L = 64;
+  for (; j + L <= V; j += L) {
+    int hits = 0;  // an integer count of a comparison vectorises
+    for (int64_t t = 0; t < L; ++t) hits += row[j + t] >= t0;
+    if (hits)
+      for (int64_t t = 0; t < L; ++t)
+        if (row[j + t] >= t0) pool.push_back({row[j + t], j + t});
+  }
+#endif
+  for (; j < V; ++j)
+    if (row[j] >= t0) pool.push_back({row[j], j});
+}
+
 void top_n_row(const float* row, int64_t V, int64_t n, int64_t classes, std::vector<float>& cm,
-               std::vector<std::pair<float, int64_t>>& pool, int64_t* out) {
+               std::vector<float>& hit_v, std::vector<int32_t>& hit_i, std::vector<std::pair<float, int64_t>>& pool,
+               int64_t* out) {
   auto larger = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) { return x.first > y.first; };
   const int64_t nb = V / classes;
-  pool.clear();
   float t0 = -std::numeric_limits<float>::infinity();
   if (nb >= n) {
     std::memcpy(cm.data(), row, nb * sizeof(float));
@@ -68,17 +112,7 @@ void top_n_row(const float* row, int64_t V, int64_t n, int64_t classes, std::vec
     std::nth_element(cm.begin(), cm.begin() + (n - 1), cm.begin() + nb, std::greater<float>());
     t0 = cm[n - 1];
   }
-  constexpr int64_t L = 64;
-  int64_t j = 0;
-  for (; j + L <= V; j += L) {
-    int hits = 0;  // an integer count of a comparison vectorises
-    for (int64_t t = 0; t < L; ++t) hits += row[j + t] >= t0;
-    if (hits)
-      for (int64_t t = 0; t < L; ++t)
-        if (row[j + t] >= t0) pool.push_back({row[j + t], j + t});
-  }
-  for (; j < V; ++j)
-    if (row[j] >= t0) pool.push_back({row[j], j});
+  entries_at_least(row, V, t0, hit_v, hit_i, pool);
   if (static_cast<int64_t>(pool.size()) < n)  // NaN entries compare false: keep the first columns
     for (int64_t c = 0; c < V && static_cast<int64_t>(pool.size()) < n; ++c)
       if (!(row[c] >= t0)) pool.push_back({-std::numeric_limits<float>::infinity(), c});
@@ -112,7 +146,8 @@ void times_keys(const float* const rows[SROWS], const float add[SROWS], int64_t 
 
 // A thread's working memory, sized once for the largest query (n + K candidates).
 struct Work {
-  std::vector<float> cm;
+  std::vector<float> cm, hit_v;  // top_n_row's column maxima and entries above its threshold
+  std::vector<int32_t> hit_i;
   std::vector<std::pair<float, int64_t>> pool;
   std::vector<int32_t> pos;  // V: a word's candidate slot, or -1 (reset after every query)
   std::vector<int64_t> cand, slot;
@@ -127,6 +162,8 @@ struct Work {
   Work(int64_t V, int64_t n, int64_t K, int64_t D, int64_t classes, int64_t C) {
     const int64_t KP = (K + LANES - 1) / LANES * LANES, SP = (n + K + SROWS - 1) / SROWS * SROWS;
     cm.resize(std::max<int64_t>(V / classes, 1));
+    hit_v.resize(V + 16);
+    hit_i.resize(V + 16);
     pos.assign(V, -1);
     cand.resize(n + K);
     slot.resize(K);
@@ -250,7 +287,7 @@ double score_one(const Query& q, const Shared& c, Work& ws) {
   int64_t* cand = ws.cand.data();
   int32_t* pos = ws.pos.data();
   int64_t* slot = ws.slot.data();
-  top_n_row(q.z, c.V, n, c.classes, ws.cm, ws.pool, cand);
+  top_n_row(q.z, c.V, n, c.classes, ws.cm, ws.hit_v, ws.hit_i, ws.pool, cand);
   for (int64_t s = 0; s < n; ++s) pos[cand[s]] = static_cast<int32_t>(s);
   int64_t S = n;
   for (int64_t k = 0; k < K; ++k) {
@@ -412,6 +449,7 @@ at::Tensor restricted_score(const at::Tensor& zq, const at::Tensor& rows, const 
   TORCH_CHECK(W.dim() == 2 && W.scalar_type() == at::kFloat && W.is_contiguous(), "W: contiguous (V, D) float32");
   const int64_t V = W.size(0), D = W.size(1), q = rows.numel();
   TORCH_CHECK(zq.size(1) == V, "zq and W disagree on V");
+  TORCH_CHECK(V < (int64_t{1} << 31) - 16, "V must fit 32-bit column indices");
   TORCH_CHECK(hidden.dim() == 3 && hidden.size(2) == D, "hidden: (B, T, D)");
   TORCH_CHECK(mem_k.dim() == 3 && mem_k.size(2) == D, "mem_k: (B, M, D)");
   const int64_t B = hidden.size(0), T = hidden.size(1), M = mem_k.size(1), C = M + T;
@@ -483,13 +521,15 @@ at::Tensor top_n(const at::Tensor& z, int64_t n, int64_t classes) {
   TORCH_CHECK(z.dim() == 2 && z.scalar_type() == at::kFloat && z.is_contiguous(), "z: contiguous (q, V) float32");
   const int64_t q = z.size(0), V = z.size(1);
   TORCH_CHECK(n >= 1 && n <= V && classes >= 1, "n must be in [1, V], classes at least 1");
+  TORCH_CHECK(V < (int64_t{1} << 31) - 16, "V must fit 32-bit column indices");
   at::Tensor out = at::empty({q, n}, z.options().dtype(at::kLong));
   const float* zp = z.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, q, 1, [&](int64_t a, int64_t e) {
-    std::vector<float> cm(std::max<int64_t>(V / classes, 1));
+    std::vector<float> cm(std::max<int64_t>(V / classes, 1)), hit_v(V + 16);
+    std::vector<int32_t> hit_i(V + 16);
     std::vector<std::pair<float, int64_t>> pool;
-    for (int64_t i = a; i < e; ++i) top_n_row(zp + i * V, V, n, classes, cm, pool, op + i * n);
+    for (int64_t i = a; i < e; ++i) top_n_row(zp + i * V, V, n, classes, cm, hit_v, hit_i, pool, op + i * n);
   });
   return out;
 }
