@@ -18,7 +18,9 @@ width); ``knn-fp32scan@K`` (the native scan with fp32 products, ``bf16=False``; 
 ones on CPUs with AMX); ``knn-torchscan@K`` (the scan by the torch scan, ``native=False``); ``knn-pq@K`` (the same
 over PQ codes + exact re-ranking, ``backend="faiss"``). A method with the suffix ``-torchmbpa``
 (``cache+mbpa-torchmbpa``) runs restricted MbPA and its top-n by their torch statements instead
-of the native ops, in the same process. The stream is Zipf-distributed token ids. Each method is timed on the
+of the native ops, in the same process; ``-unshared``: the cache and MbPA each compute the products
+with their (identical) keys; ``-torchlse``: the logits' normalisers by their torch statement, not
+the native op. Suffixes combine (``cache+mbpa-unshared-torchlse``). The stream is Zipf-distributed token ids. Each method is timed on the
 same stream, interleaved over ``--repeats`` (median); the ratio to plain is of this process's CPU
 time (the wall clock of a shared machine swings with other jobs' load; on GPU the wall clock).
 
@@ -52,6 +54,7 @@ from lmmem.evaluation.windows import BpttWindows  # noqa: E402
 from lmmem.experiments.paths import portable_command  # noqa: E402
 from lmmem.memories import CacheConfig, MbPAConfig  # noqa: E402
 from lmmem.memories.knn import Datastore  # noqa: E402
+from lmmem.output_layers import base as output_base  # noqa: E402
 
 
 def build_model(name: str, vocab: int):
@@ -71,10 +74,27 @@ def build_model(name: str, vocab: int):
 
 
 TORCH_MBPA = "-torchmbpa"  # method suffix: restricted MbPA and its top-n by their torch statements, not the native ops
+# Method suffixes for A/Bs in one process (the VM's speed drifts between processes), each the
+# attribute it replaces for that method only (module or class, name, stand-in); they combine.
+AB_SUFFIXES = {
+    TORCH_MBPA: [(mbpa_module, "_native_score", lambda: None), (mbpa_restricted, "_native_top_n", lambda: None)],
+    "-unshared": [(MemorySet, "_same_keys", lambda self: None)],  # the cache and MbPA: a product each
+    "-torchlse": [(output_base, "_native_row_lse", lambda x, bias: None)],  # normalisers: the torch loop
+}
+
+
+def ab_suffixes(method: str) -> tuple[str, list[str]]:
+    """The method without its A/B suffixes, and those suffixes."""
+    found = []
+    while any(method.endswith(sfx) for sfx in AB_SUFFIXES):
+        sfx = next(sfx for sfx in AB_SUFFIXES if method.endswith(sfx))
+        found.append(sfx)
+        method = method.removesuffix(sfx)
+    return method, found
 
 
 def memories(method: str, args, stores: dict) -> MemorySet:
-    method = method.removesuffix(TORCH_MBPA)
+    method, _ = ab_suffixes(method)
     cache = CacheMemory(CacheConfig(window=2000), [0.3], [0.1])
     mbpa = MbPAMemory(MbPAConfig(vocab=args.mbpa_vocab), [0.1])
     if method == "plain":
@@ -142,20 +162,22 @@ def main(argv=None) -> int:
         sums = GridSums(mem.grid.size, 1, device=dev, bucket_of_vocab=np.zeros(vocab, dtype=np.int64))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        native = mbpa_module._native_score, mbpa_restricted._native_top_n
-        if method.endswith(TORCH_MBPA):  # this method only: an A/B in one process, as the VM's speed drifts
-            mbpa_module._native_score = mbpa_restricted._native_top_n = lambda: None
+        patches = [p for sfx in ab_suffixes(method)[1] for p in AB_SUFFIXES[sfx]]  # this method only
+        kept = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        for owner, name, stand_in in patches:
+            setattr(owner, name, stand_in)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             res = run_pass(adapter, groups, mem, sums)
         finally:
-            mbpa_module._native_score, mbpa_restricted._native_top_n = native
+            for owner, name, value in kept:
+                setattr(owner, name, value)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return (time.perf_counter() - t0, time.process_time() - c0), res
 
     timed("plain", stream[: bptt * args.batch_size * 2 + 1])  # warm-up
-    mbpa_module._native_score(), mbpa_restricted._native_top_n()  # untimed: the native ops' first build and probes
+    mbpa_module._native_score(), mbpa_restricted._native_top_n(), output_base.row_lse.row_lse_op()  # untimed: the native ops' first build and probes
     rows, times = [], {}
     for n_tokens, names in ((args.tokens, args.methods), (args.exact_tokens, args.exact_methods)):
         names = [m for m in names.split(",") if m]

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,27 @@ def test_an_lmmem_adapters_logits_for_memories_are_the_heads_and_reuse_one_buffe
     h = torch.randn(1, 7, D)
     _, z = adapter.target_log_probs(Forward(h, None, None), torch.zeros(7, dtype=torch.long), want_logits=True)
     assert z.data_ptr() != outs[0].data_ptr() and z.requires_grad  # autograd: the head's own tensor
+
+
+def test_the_test_time_benchmark_runs_its_ab_variants_in_one_process(tmp_path):
+    """benchmarks/bench_test_time.py on a small model: plain, cache + MbPA, and cache + MbPA with
+    every A/B suffix (the torch statements, separate products, the torch normalisers), each timed,
+    with the same memory."""
+    import json
+
+    from conftest import run_script
+
+    out = tmp_path / "bench.json"
+    methods = "plain,cache+mbpa,cache+mbpa-unshared-torchlse-torchmbpa"
+    run_script("benchmarks/bench_test_time.py", "--vocab", "500", "--tokens", "300", "--repeats", "1",
+               "--methods", methods, "--out", str(out), check=True, timeout=300)
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(methods.split(",")) and all(r["cpu seconds"] > 0 for r in rows.values()), rows
+    assert rows["cache+mbpa"]["memory MiB"] == rows["cache+mbpa-unshared-torchlse-torchmbpa"]["memory MiB"] > 0
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_test_time", Path(__file__).parents[1] / "benchmarks" / "bench_test_time.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.ab_suffixes("cache+mbpa-unshared-torchlse-torchmbpa") == ("cache+mbpa", ["-torchmbpa", "-torchlse", "-unshared"])
+    assert bench.ab_suffixes("knn@64") == ("knn@64", [])
