@@ -230,3 +230,59 @@ def test_tuned_learning_rate_diverging_on_test_keeps_the_other_methods(small_cor
     assert "+cache" in result["methods"] and "plain" in result["methods"]
     assert not any(m.startswith("+dynamic") for m in result["methods"])
     assert "diverged on test at the learning rate chosen on valid" in capsys.readouterr().out
+
+
+def _run_tuned(small_corpus, tmp_path, monkeypatch, lr):
+    """evaluate.py --dynamic --tune on a small checkpoint, with valid "choosing" ``lr``: exit code, JSON."""
+    import json
+
+    import lmmem.evaluation.run as run_module
+    from lmmem.cli import run_cli
+    from lmmem.evaluation.cli import main
+    from lmmem.evaluation.tuning import untuned_rows
+    from test_evaluate_methods import _checkpoint
+
+    def choose(ev, methods, knn, grid):
+        return {"choice": {"+dynamic": {"lr": lr}}}, untuned_rows(methods, knn)
+
+    monkeypatch.setattr(run_module, "choose", choose)
+    ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
+    out = tmp_path / "e.json"
+    code = run_cli(main, [str(ckpt), "--dynamic", "--dynamic-method", "rms", "--tune", "--max-tokens", "200",
+                          "--batch-size", "2", "--json", str(out)])
+    return code, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_a_tuned_learning_rate_whose_perplexity_overflows_counts_as_diverged(small_corpus, tmp_path, capsys, monkeypatch):
+    """A loss that stays finite but grows past e^709 a token overflows the perplexity: that is a
+    divergence too (the dynamic rows left out, the rest written), not a JSON refused for a
+    non-finite number with nothing written."""
+    code, result = _run_tuned(small_corpus, tmp_path, monkeypatch, 0.3)
+    assert code == 0 and result["diverged"]["dynamic_lr"] == 0.3 and "plain" in result["methods"]
+    assert "+dynamic" not in result["methods"]
+
+
+def test_dynamic_evaluation_that_ends_worse_than_the_model_is_said():
+    """One line where dynamic evaluation ends worse than the model alone without diverging: how
+    much, at which rate, and what to change (the tuned rate's and the user's); none otherwise."""
+    from lmmem.evaluation.buckets import PerplexityReport
+    from lmmem.evaluation.results import MethodReport
+    from lmmem.evaluation.run import _dynamic_worse_note
+
+    rep = lambda ppl: MethodReport(PerplexityReport(tokens=10, loss=float(np.log(ppl)), perplexity=ppl))  # noqa: E731
+    tuned = _dynamic_worse_note({"plain": rep(100.0), "+dynamic": rep(145.2)}, "test", 3e-4, True)
+    assert "45.2% worse than the model alone on test" in tuned and "chosen on valid (0.0003)" in tuned
+    assert "--dynamic-eps" in tuned
+    assert "give a smaller one" in _dynamic_worse_note({"plain": rep(177.0), "+dynamic": rep(180.0)}, "test", 3e-4, False)
+    assert _dynamic_worse_note({"plain": rep(177.0), "+dynamic": rep(150.0)}, "test", 3e-4, True) is None
+    assert _dynamic_worse_note({"plain": rep(177.0), "+dynamic": rep(177.0)}, "test", 3e-4, True) is None
+    assert _dynamic_worse_note({"+dynamic": rep(300.0)}, "test", 3e-4, True) is None
+
+
+def test_the_note_on_a_worse_dynamic_evaluation_is_printed_and_kept(small_corpus, tmp_path, capsys, monkeypatch):
+    import lmmem.evaluation.run as run_module
+
+    monkeypatch.setattr(run_module, "_dynamic_worse_note", lambda reports, split, lr, tuned: f"NOTE {split} {lr:g} {tuned}")
+    code, result = _run_tuned(small_corpus, tmp_path, monkeypatch, 1e-3)
+    assert code == 0 and "NOTE test 0.001 True" in result["notes"]
+    assert "NOTE test 0.001 True" in capsys.readouterr().out

@@ -15,6 +15,7 @@ left when the output is not a terminal).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, replace
 
@@ -220,7 +221,8 @@ class Evaluation:
                 run = DynamicRun(cfg, self.gradient_statistics(cfg), hint=tuned is None)
             desc = f"{self.config.split}{' +dynamic' if dynamic else ''}"
             result = self.run_pass(self.config.split, mem, desc=desc, dynamic=run, columns=points if want_columns else None)
-            if result.diverged:
+            # a loss that stays finite but grows past e^709 per token is a divergence too: its perplexity overflows
+            if result.diverged or (dynamic and not all(_finite(result.sums.report(self.buckets, p)) for p in points.values())):
                 if tuned is None:  # the user's learning rate: say which flag to change
                     raise LmmemError(f"dynamic evaluation diverged on {self.config.split} at --dynamic-lr {run.cfg.lr:g}; give a "
                                      "smaller one or a larger --dynamic-eps, or --tune to choose it on the valid split")
@@ -240,6 +242,10 @@ class Evaluation:
             meta.setdefault("memory_bytes", {}).update(result.memory_bytes)
             meta.setdefault("pass_seconds", {})[desc] = round(result.seconds, 3)
             meta.setdefault("notes", []).extend(result.notes)
+            note = _dynamic_worse_note(reports, self.config.split, run.cfg.lr, tuned is not None) if dynamic else None
+            if note:
+                self.log(note)
+                meta["notes"].append(note)
         meta.update(assemble(self, reports, columns, word_probs))
         return reports, meta
 
@@ -249,6 +255,24 @@ class Evaluation:
         variants = KNNVariants(sorted({k for k, _ in pairs}), sorted({t for _, t in pairs})) if pairs else None
         return self.memory_set(methods, knn, thetas=sorted(set(vals("theta"))), cache_lambdas=vals("cache_lambda"),
                                mbpa_lambdas=vals("mbpa_lambda"), knn_variants=variants, knn_lambdas=vals("knn_lambda"))
+
+
+def _finite(report) -> bool:
+    return math.isfinite(report.perplexity) and all(b.perplexity is None or math.isfinite(b.perplexity) for b in report.buckets)
+
+
+def _dynamic_worse_note(reports: dict, split: str, lr: float, tuned: bool) -> str | None:
+    """One line where dynamic evaluation ended worse than the model alone without diverging (the
+    same instability as a divergence, stopped short of a non-finite loss), else None."""
+    plain, dyn = reports.get("plain"), reports.get("+dynamic")
+    if plain is None or dyn is None or not dyn.report.perplexity > plain.report.perplexity:
+        return None
+    worse = 100 * (dyn.report.perplexity / plain.report.perplexity - 1)
+    why = (f"at the learning rate chosen on valid ({lr:g}): a valid split much shorter than {split} can hide that it is "
+           "too large" if tuned else f"at --dynamic-lr {lr:g}: give a smaller one")
+    return (f"dynamic evaluation ended {worse:.1f}% worse than the model alone on {split} without diverging, {why}; a "
+            "larger --dynamic-eps steadies the rarely-trained weights (docs/results/dynamic-evaluation.md, 'Divergence on "
+            "long test splits')")
 
 
 def _params(methods: Methods, knn, row: Row, dynamic_cfg) -> dict:
