@@ -53,20 +53,28 @@ def test_chart_title_names_model_split_and_tokens(small_corpus, tmp_path):
     assert res.chart_title() == f"{ckpt} — test, 120 tokens"
 
 
-def test_dynamic_evaluation_worse_than_plain_says_so(small_corpus, tmp_path):
-    """An untrained model and a large rate: one line, at once, suggesting --tune."""
+def test_dynamic_evaluation_worse_than_plain_says_so(small_corpus, tmp_path, monkeypatch):
+    """An untrained model and a large rate: one line, at once, suggesting --tune; the pass then
+    diverges (its loss grows past e^709 a token, so its perplexity overflows): an error naming
+    --dynamic-lr, not inf in the results. Where such a pass ends worse without diverging, the
+    line said at once is the only one (no second line at the end)."""
+    import lmmem.evaluation.run as run_module
+    from lmmem.errors import LmmemError
     from lmmem.evaluation import DynamicConfig, Methods, evaluate
 
     ckpt = _checkpoint(small_corpus, tmp_path / "m.pt")
     said = []
-    res = evaluate(ckpt, max_tokens=400, batch_size=2, progress=False, log=said.append,
-                   methods=Methods(dynamic=DynamicConfig(method="sgd", lr=30.0, decay=0.0)))
-    assert res.reports["+dynamic"].report.perplexity > res.plain.perplexity
+    kw = dict(max_tokens=400, batch_size=2, progress=False, log=said.append)
+    with pytest.raises(LmmemError, match="diverged on test at --dynamic-lr 30"):
+        evaluate(ckpt, **kw, methods=Methods(dynamic=DynamicConfig(method="sgd", lr=30.0, decay=0.0)))
     assert len(said) == 1 and "worse than the plain model" in said[0] and "--tune" in said[0] and "--dynamic-lr 30" in said[0]
-    assert res.meta["notes"] == said
     said.clear()
-    evaluate(ckpt, max_tokens=400, batch_size=2, progress=False, log=said.append,
-             methods=Methods(dynamic=DynamicConfig(method="sgd", lr=1e-9, decay=0.0)))
+    monkeypatch.setattr(run_module, "_finite", lambda report: True)  # as if it ended worse without diverging
+    res = evaluate(ckpt, **kw, methods=Methods(dynamic=DynamicConfig(method="sgd", lr=30.0, decay=0.0)))
+    assert res.reports["+dynamic"].report.perplexity > res.plain.perplexity
+    assert len(said) == 1 and "worse than the plain model" in said[0] and res.meta["notes"] == said
+    said.clear()
+    evaluate(ckpt, **kw, methods=Methods(dynamic=DynamicConfig(method="sgd", lr=1e-9, decay=0.0)))
     assert not said  # no better or worse to speak of: nothing said
 
 

@@ -242,8 +242,9 @@ class Evaluation:
             meta.setdefault("memory_bytes", {}).update(result.memory_bytes)
             meta.setdefault("pass_seconds", {})[desc] = round(result.seconds, 3)
             meta.setdefault("notes", []).extend(result.notes)
+            # said once: not again where the pass's own hint said it on the first batches
             note = _dynamic_worse_note(reports, self.config.split, run.cfg.lr, tuned is not None) if dynamic else None
-            if note:
+            if note and not result.notes:
                 self.log(note)
                 meta["notes"].append(note)
         meta.update(assemble(self, reports, columns, word_probs))
