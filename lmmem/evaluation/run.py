@@ -221,8 +221,9 @@ class Evaluation:
                 run = DynamicRun(cfg, self.gradient_statistics(cfg), hint=tuned is None)
             desc = f"{self.config.split}{' +dynamic' if dynamic else ''}"
             result = self.run_pass(self.config.split, mem, desc=desc, dynamic=run, columns=points if want_columns else None)
+            scored = {name: result.sums.report(self.buckets, p) for name, p in points.items()}
             # a loss that stays finite but grows past e^709 per token is a divergence too: its perplexity overflows
-            if result.diverged or (dynamic and not all(_finite(result.sums.report(self.buckets, p)) for p in points.values())):
+            if result.diverged or (dynamic and not all(_finite(rep) for rep in scored.values())):
                 if tuned is None:  # the user's learning rate: say which flag to change
                     raise LmmemError(f"dynamic evaluation diverged on {self.config.split} at --dynamic-lr {run.cfg.lr:g}; give a "
                                      "smaller one or a larger --dynamic-eps, or --tune to choose it on the valid split")
@@ -235,7 +236,7 @@ class Evaluation:
                 meta["diverged"] = {"split": self.config.split, "dynamic_lr": run.cfg.lr, "methods": names}
                 continue
             for r in part:
-                reports[r.name] = MethodReport(result.sums.report(self.buckets, points[r.name]),
+                reports[r.name] = MethodReport(scored[r.name],
                                                params=_params(methods, knn, r, run.cfg if run else None))
                 if result.columns is not None:
                     columns[r.name] = result.columns.columns[r.name]
