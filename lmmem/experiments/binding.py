@@ -27,8 +27,12 @@ One command::
    difference to the reference branch (``--reference``, default ``full``; same types, same positions). Guards: k = 0 (never seen:
    a rule cannot know these, so a gain there means mass was moved onto rare words in general),
    frequent words (``--frequent-from`` occurrences or more), and the probability mass the model puts
-   on all rare words against their true share of the window's tokens. Secondary: bucketed valid
-   perplexity at the end of each branch.
+   on all rare words against their true share of the window's tokens.
+4. **Held-out endpoint** (:func:`held_out`). At the end of each branch, the valid split is scored
+   word by word: bucketed valid perplexity, and each rare word's mean valid NLL filed by how often
+   *the branch* sighted it (0, 1, 2, 3–4, 5–9), paired with the reference branch like the
+   training-stream table. From a later pass, the next training sighting is text the model has read
+   before; this endpoint asks instead whether the writes help on text it has not.
 
 Results go to ``WORK/binding.json`` (each branch also to its own JSON, so an interrupted run resumes
 where it stopped; each branch's last model is its run folder's ``last.pt``) and, with ``--page``, a
@@ -49,9 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmmem.checkpoints import RESUME_KEYS, load_checkpoint
+from lmmem.checkpoints import RESUME_KEYS, load_checkpoint, model_from_checkpoint
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.data.batching import Batch, StreamBatcher
+from lmmem.data.corpus import PreparedCorpus
 from lmmem.data.synthetic import write_synthetic_corpus
 from lmmem.errors import LmmemError
 from lmmem.evaluation import FrequencyBuckets, PerplexityReport, score_stream
@@ -226,11 +231,45 @@ def run_branch(bc: BindingConfig, point: int, label: str, overrides: dict) -> di
             handle.remove()
         minutes = (time.monotonic() - t0) / 60
         save(run, run.last_path)
-        buckets = FrequencyBuckets()
-        nll_b, cnt_b = score_stream(run.model, run.valid_tokens, bucket_of=buckets.assign(train_counts), num_buckets=len(buckets.names),
-                                    batch_size=bc.eval_batch_size, bptt=cfg.bptt, max_tokens=bc.eval_tokens)
-    return {"label": label, "point": point, "overrides": overrides, "train_minutes": round(minutes, 2), **recorder.results(),
-            "valid": PerplexityReport.from_sums(nll_b, cnt_b, buckets).to_dict()}
+        ends = held_out(bc, run.model, run.valid_tokens, train_counts, recorder.seen - seen, cfg.bptt)
+    return {"label": label, "point": point, "overrides": overrides, "train_minutes": round(minutes, 2), **recorder.results(), **ends}
+
+
+def held_out(bc: BindingConfig, model: torch.nn.Module, valid: np.ndarray, train_counts: np.ndarray,
+             branch_sightings: np.ndarray, bptt: int) -> dict:
+    """The branch's end, scored on the valid split (text no branch trains on): bucketed perplexity,
+    and each rare word's mean valid NLL with its sightings *in this branch*.
+
+    Why both endpoints: in a later pass a rare word's next training sighting is text the model has
+    read before, so a lower training-stream NLL there can be memorisation. The held-out NLL of the
+    words a branch sighted (and the rule wrote) asks whether those writes help on new text; words it
+    never sighted (0) carry only the cost of other rows' writes."""
+    V = len(train_counts)
+    # one scoring pass, per word type; the frequency buckets are sums of types
+    nll_t, cnt_t = score_stream(model, valid, bucket_of=np.arange(V), num_buckets=V, batch_size=bc.eval_batch_size,
+                                bptt=bptt, max_tokens=bc.eval_tokens)
+    nll_t, cnt_t = np.asarray(nll_t).reshape(-1), np.asarray(cnt_t).reshape(-1)
+    buckets = FrequencyBuckets()
+    of = buckets.assign(train_counts)
+    nb = len(buckets.names)
+    report = PerplexityReport.from_sums(np.bincount(of, weights=nll_t, minlength=nb), np.bincount(of, weights=cnt_t, minlength=nb), buckets)
+    ids = np.flatnonzero((train_counts < bc.rare_below) & (cnt_t > 0))
+    return {"valid": report.to_dict(),
+            "held_out": {"types": ids.tolist(), "branch_sightings": branch_sightings[ids].tolist(),
+                         "mean_nll": (nll_t[ids] / cnt_t[ids]).tolist(), "counts": cnt_t[ids].astype(np.int64).tolist()}}
+
+
+def held_out_from_saved(bc: BindingConfig, point: int, label: str, overrides: dict) -> dict:
+    """:func:`held_out` for a branch finished before that endpoint existed, from its saved last.pt
+    and the same batches (the sightings are a function of the stream, the step and the branch length)."""
+    folder = Path(bc.work) / f"branch-step{point}-{label}"
+    cfg = _train_config(bc, folder, {**overrides, "max_steps": point + bc.branch_steps})
+    model = model_from_checkpoint(load_checkpoint(folder / "last.pt"))
+    corpus = PreparedCorpus.open(bc.data)
+    batcher = StreamBatcher(corpus.tokens("train"), cfg.batch_size, cfg.bptt)
+    train_counts = corpus.train_counts()
+    sightings = sightings_before(batcher, point + bc.branch_steps, len(train_counts)) - sightings_before(batcher, point, len(train_counts))
+    return held_out(bc, model, corpus.tokens("valid"), train_counts, sightings, cfg.bptt)
 
 
 def bootstrap_mean(values: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float, float]:
@@ -262,6 +301,7 @@ def summarise(branches: list[dict], n_boot: int, seed: int = 0, reference: str =
                 r = dict(zip(ref["rare_by_k"][name]["types"], ref["rare_by_k"][name]["mean_nll"]))
                 both = sorted(set(a) & set(r))
                 row["delta_vs_full"][name] = boot(np.array([a[t] - r[t] for t in both]))
+        row["held_out"], row["held_out_delta"] = _held_out_rows(b, full.get(b["point"]), boot)
         row["frequent"] = boot(np.array(b["frequent"]["mean_nll"]))
         row["frequent_token_nll"] = b["frequent"]["token_mean_nll"]
         row["rare_mass"], row["rare_share"] = b["rare_mass"], b["rare_share"]
@@ -269,6 +309,26 @@ def summarise(branches: list[dict], n_boot: int, seed: int = 0, reference: str =
         row["valid_buckets"] = {x["name"]: x["perplexity"] for x in b["valid"]["buckets"]}
         rows.append(row)
     return rows
+
+
+def _held_out_rows(branch: dict, ref: dict | None, boot) -> tuple[dict, dict]:
+    """The held-out endpoint by the branch's sightings of each rare word (:data:`K_BUCKETS`): mean
+    over types of the type's mean valid NLL, and the paired difference to the reference branch (the
+    same types: the same stream and valid split)."""
+    h = branch["held_out"]
+    b_of = np.asarray(h["branch_sightings"])
+    nll = np.asarray(h["mean_nll"])
+    ref_nll = None
+    if ref is not None and ref is not branch:
+        by_type = dict(zip(ref["held_out"]["types"], ref["held_out"]["mean_nll"]))
+        ref_nll = np.array([by_type[t] for t in h["types"]])
+    means, deltas = {}, {}
+    for name, (lo, hi) in zip(K_NAMES, K_BUCKETS):
+        m = (b_of >= lo) & (b_of <= hi)
+        means[name] = (*boot(nll[m]), int(m.sum()))
+        if ref_nll is not None:
+            deltas[name] = boot(nll[m] - ref_nll[m])
+    return means, deltas
 
 
 def _ci(t) -> str:
@@ -301,6 +361,14 @@ def render_page(results: dict) -> str:
         for r in rows:
             if r["delta_vs_full"]:
                 lines.append(f"| {r['label']} | " + " | ".join(_ci(r["delta_vs_full"][k]) for k in K_NAMES) + " |")
+        lines += ["", f"Held out: the valid NLL at the branch end of rare words, by the number of times the branch sighted them "
+                  f"(0 = never: only other rows' writes reach them). Mean over types [interval], and Δ to {reference}:", "",
+                  "| variant | " + " | ".join(f"sighted {k}" for k in K_NAMES) + " |", "|---|" + "---|" * len(K_NAMES)]
+        for r in rows:
+            lines.append(f"| {r['label']} | " + " | ".join(_ci(r["held_out"][k]) + f" (n={r['held_out'][k][3]})" for k in K_NAMES) + " |")
+        for r in rows:
+            if r["held_out_delta"]:
+                lines.append(f"| Δ {r['label']} | " + " | ".join(_ci(r["held_out_delta"][k]) for k in K_NAMES) + " |")
         names = list(rows[0]["valid_buckets"]) if rows else []
         lines += ["", "Valid perplexity by training-frequency bucket at the end of the branch:", "",
                   "| variant | all | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -325,10 +393,15 @@ def run(bc: BindingConfig, name: str = "", command: str = "", log=print) -> dict
     for point, label, overrides in todo:
         path = work / f"branch-step{point}-{label}.json"
         if path.is_file():
-            branches.append(json.loads(path.read_text()))
-            continue
-        log(f"branch {label} from step {point}")
-        res = run_branch(bc, point, label, overrides)
+            res = json.loads(path.read_text())
+            if "held_out" in res:
+                branches.append(res)
+                continue
+            log(f"branch {label} from step {point}: scoring its saved end on valid, word by word")
+            res.update(held_out_from_saved(bc, point, label, overrides))
+        else:
+            log(f"branch {label} from step {point}")
+            res = run_branch(bc, point, label, overrides)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res))
         tmp.replace(path)  # atomic: an interrupted branch is redone, a finished one never lost
