@@ -210,8 +210,12 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint has an unusable model_config ({str(e).splitlines()[0][:160]}); use another checkpoint") from None
     saved = {k: tuple(t.shape) for k, t in ckpt["model"].items() if isinstance(t, torch.Tensor)}
-    if shapes != saved:
-        bad = sorted(set(shapes.items()) ^ set(saved.items()))[:2]
+    # A key the model has and the file lacks is left to load_state_dict: a layer fills state that
+    # checkpoints written before it existed do not hold (the Hebbian layer's pass), and anything else
+    # missing is refused there.
+    wrong = {k for k in saved if shapes.get(k) != saved[k]}
+    if wrong:
+        bad = sorted((k, saved[k], shapes.get(k)) for k in wrong)[:2]
         raise CheckpointError(f"checkpoint weights do not fit the model it describes (e.g. {bad}); use another checkpoint")
     model = build_model(config)
     try:

@@ -92,7 +92,8 @@ def test_the_trainer_tells_the_layer_every_pass_and_a_resumed_run_again(tmp_path
 
 
 def test_config_plumbing_and_runs_saved_before_the_option(tmp_path, small_corpus):
-    from lmmem.checkpoints import load_checkpoint, save_checkpoint
+    from lmmem.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from lmmem.evaluation.cli import main as main_evaluate
     from lmmem.training import train
     from lmmem.training.run_folder import resume_config, run_state
 
@@ -112,6 +113,13 @@ def test_config_plumbing_and_runs_saved_before_the_option(tmp_path, small_corpus
     assert resume_config(out, {"max_steps": 5}).hebbian_T_later == -1  # one T in every pass, as trained
     assert run_state(out, TrainConfig(out=str(out), **tiny)) == "finished"
     assert run_state(out, TrainConfig(out=str(out), hebbian_T_later=5, **tiny)) == "new"
+    old = load_checkpoint(out / "best.pt")
+    model = model_from_checkpoint(old)  # and evaluates: evaluate.py's loader
+    assert int(model.output.passes) == 0
+    assert main_evaluate([str(out / "best.pt"), "--split", "valid", "--batch-size", "4"]) == 0
+    old["model"].pop("output.weight")  # a key the layer does not fill is still refused, in one line
+    with pytest.raises(CheckpointError, match="do not fit"):
+        model_from_checkpoint(old)
     train(resume_config(out, {"max_steps": 5}))  # and it resumes
     assert load_checkpoint(out / "last.pt")["progress"]["step"] == 5
 
