@@ -147,6 +147,7 @@ RULES: dict[str, Rule] = {
     "test_tokens": at_least_one("every split needs text"),
     "valid_fraction": unit_interval("a share of the documents", hi_open=True),
     "test_fraction": unit_interval("a share of the documents", hi_open=True),
+    "min_valid_books": at_least_one("valid holds at least one book (1: the fraction alone decides)"),
     "holdout_fraction": unit_interval("a share of the documents", hi_open=True),
     # experiments
     "lrs": positive("a learning rate of 0 or less does not adapt"),

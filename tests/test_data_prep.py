@@ -302,6 +302,23 @@ def test_books_are_split_by_a_hash_of_their_name():
     assert Counter(assign_books(names[:5], 0.5, 0.5).values())["train"] == 1
 
 
+@pytest.mark.parametrize("n, expected", [
+    (13, {"test": 1, "valid": 3, "train": 9}),  # the shared folder's size: three valid books, not one
+    (8, {"test": 1, "valid": 3, "train": 4}),   # test + valid up to half of the books
+    (5, {"test": 1, "valid": 1, "train": 3}),   # no room: the fraction's count
+    (3, {"test": 1, "valid": 1, "train": 1}),
+    (40, {"test": 4, "valid": 4, "train": 32}),  # the fraction already gives more
+])
+def test_valid_gets_a_minimum_of_books_within_half_of_the_collection(n, expected):
+    names = [f"book{i}.txt" for i in range(n)]
+    a = assign_books(names, 0.1, 0.1, min_valid_books=3)
+    assert dict(Counter(a.values())) == expected
+    old = assign_books(names, 0.1, 0.1)  # min_valid_books=1: the rule before the option
+    # the minimum only moves books from train to valid: test and the old valid books stay where they were
+    assert all(a[b] == s for b, s in old.items() if s != "train")
+    assert "valid" not in assign_books(names, 0.0, 0.1, min_valid_books=3).values()
+
+
 def test_gutenberg_fixture_end_to_end(tmp_path, capsys):
     out = tmp_path / "g"
     rc, stdout, _ = run_cli(capsys, "gutenberg", "--source", str(FIXTURES / "gutenberg"), "--out", str(out), "--min-count", "2")

@@ -97,6 +97,13 @@ def test_shared_gutenberg_works_without_flags(tmp_path, capsys):
     assert dec["books"]["shakespeare-caesar.txt"]["lines"]["cp1252 (fallback)"] == 2
     assert dec["books"]["chesterton-brown.txt"]["declared"] == "ASCII"
     assert "decoded lines:" in stdout
+    # three valid books by default (one play alone made a noisy valid split); the test book is unchanged
+    splits = PreparedCorpus.open(tmp_path / "g").meta["splits"]
+    assert splits["valid"]["book_names"] == ["austen-persuasion.txt", "chesterton-ball.txt", "shakespeare-macbeth.txt"]
+    assert splits["test"]["book_names"] == ["chesterton-brown.txt"] and splits["train"]["books"] == 9
+    rc, _, err = run_cli(capsys, "gutenberg", "--source", str(folder), "--out", str(tmp_path / "one"), "--min-valid-books", "1")
+    assert rc == 0, err  # the rule before the option: Macbeth alone
+    assert PreparedCorpus.open(tmp_path / "one").meta["splits"]["valid"]["book_names"] == ["shakespeare-macbeth.txt"]
 
 
 # ---------------------------------------------------------------------------------------------
