@@ -29,8 +29,9 @@ def works(small_corpus, tmp_path_factory):
 
 
 def test_pooled_differences_are_the_means_of_the_runners_records(works, tmp_path):
-    page = tmp_path / "page.md"
-    assert binding_seeds.main([*map(str, works), "--name", "tiny", "--bootstrap", "200", "--page", str(page)]) == 0
+    page, notes = tmp_path / "page.md", tmp_path / "notes.md"
+    notes.write_text("**In short.** What the numbers say.\n")
+    assert binding_seeds.main([*map(str, works), "--name", "tiny", "--bootstrap", "200", "--notes", str(notes), "--page", str(page)]) == 0
     rows = {r["label"]: r for r in json.loads(page.with_suffix(".json").read_text())["rows"]}
     assert set(rows) == {"centred", "inert"}
     diffs = {"held_out": [], "stream": []}
@@ -49,6 +50,7 @@ def test_pooled_differences_are_the_means_of_the_runners_records(works, tmp_path
         assert rows["inert"][endpoint]["1"]["pooled"][:3] == [0.0, 0.0, 0.0]  # T = 0 never writes: the reference itself
     text = page.read_text()
     assert "held out (valid)" in text and "WORK1" in text and str(works[0]) not in text
+    assert text.splitlines()[2] == "**In short.** What the numbers say."
 
 
 def test_pooled_interval_resamples_within_each_seed():

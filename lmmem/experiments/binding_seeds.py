@@ -109,9 +109,9 @@ def _cell(c: dict) -> str:
     return f"**{m:+.3f}** [{lo:+.3f}, {hi:+.3f}] ({seeds}; n={n})"
 
 
-def render(works: list[dict], rows: list[dict], name: str, command: str) -> str:
+def render(works: list[dict], rows: list[dict], name: str, command: str, notes: str = "") -> str:
     cfg = works[0]["config"]
-    lines = [f"# Fast binding over {len(works)} seeds: {name}", "",
+    lines = [f"# Fast binding over {len(works)} seeds: {name}", ""] + ([notes, ""] if notes else []) + [
              f"Branches of {cfg['branch_steps']} steps from steps {', '.join(map(str, cfg['branch_points']))}; the first "
              f"{cfg['settle']} excluded from the training-stream table; rare = fewer than {cfg['rare_below']} training "
              f"occurrences. Cells: Δ NLL (nats) to `{cfg['reference']}`, mean over (seed, word type) pairs "
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("works", nargs="+", help="finished binding folders, one per seed")
     p.add_argument("--name", default="", help="what the runs are, for the page title")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--notes", help="a markdown file whose text the page shows under its title (what the numbers say)")
     p.add_argument("--page", help="write the page here (markdown); a JSON beside it")
     args = p.parse_args(argv)
     works = [load_work(Path(w)) for w in args.works]
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
     command = portable_command(argv if argv is not None else sys.argv[1:], "python -m lmmem.experiments.binding_seeds", anchors)
     if args.page:
         page = Path(args.page)
-        page.write_text(render(works, rows, args.name or Path(args.works[0]).name, command))
+        notes = Path(args.notes).read_text(encoding="utf-8").strip() if args.notes else ""
+        page.write_text(render(works, rows, args.name or Path(args.works[0]).name, command, notes))
         page.with_suffix(".json").write_text(json.dumps({"rows": rows, "commands": [w["command"] for w in works] + [command]},
                                                         indent=1) + "\n")
         print(f"wrote {page}")
