@@ -83,9 +83,12 @@ checkpoints from before these buffers existed load with them fresh).
 
 Later passes
 ------------
+Writes continue in every pass while a row's count is below ``T``. In later passes they lower valid
+perplexity; on text the model has not read, the rare words they write become more predictable and
+other rare words less (docs/results/binding-wikitext-2-later-passes-held-out.md).
 ``later_limit`` (off by default; a variant of ours) replaces ``T`` from the second pass over the
 training data on, e.g. 5: a row seen 5 or more times is then trained by the gradient only. Lower
-limits bind rare words better in the training stream of later passes but cost valid perplexity
+limits take less from the unwritten words but cost valid perplexity
 (docs/results/binding-wikitext-2-later-pass-limit.md), so the default keeps ``T`` in every pass.
 The layer learns of passes from :meth:`start_pass` (lmmem's trainer and
 :class:`lmmem.hf.HebbianSoftmaxCallback` call it at every epoch start).
