@@ -48,6 +48,7 @@ def test_pooled_differences_are_the_means_of_the_runners_records(works, tmp_path
         m, lo, hi, n = rows["centred"][endpoint]["1"]["pooled"]
         assert n == len(values) > 0 and np.isclose(m, np.mean(values)) and lo <= m <= hi
         assert rows["inert"][endpoint]["1"]["pooled"][:3] == [0.0, 0.0, 0.0]  # T = 0 never writes: the reference itself
+    assert "NaN" not in page.with_suffix(".json").read_text()
     text = page.read_text()
     assert "held out (valid)" in text and "WORK1" in text and str(works[0]) not in text
     assert text.splitlines()[2] == "**In short.** What the numbers say."
@@ -57,6 +58,7 @@ def test_pooled_interval_resamples_within_each_seed():
     a, b = np.zeros(50), np.ones(5)
     m, lo, hi, n = binding_seeds.pooled_mean([a, b], 500)
     assert n == 55 and np.isclose(m, 5 / 55) and lo == hi == m  # each seed's values are constant: nothing to resample
+    assert binding_seeds.pooled_mean([np.zeros(0), np.zeros(0)], 10) == (None, None, None, 0)  # JSON null, never NaN
 
 
 def test_a_folder_without_the_held_out_endpoint_is_named(works, tmp_path):

@@ -18,7 +18,6 @@ perplexity at each branch end is listed per seed.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -65,11 +64,12 @@ def paired(branch: dict, ref: dict, endpoint: str) -> dict[str, np.ndarray]:
 
 
 def pooled_mean(groups: list[np.ndarray], n_boot: int, seed: int = 0) -> tuple[float, float, float, int]:
-    """Mean over all entries of all groups, and a percentile 95% interval resampling within each group."""
+    """Mean over all entries of all groups, and a percentile 95% interval resampling within each group
+    (None for no entries: the JSON beside the page holds no NaN)."""
     groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
     n = sum(len(g) for g in groups)
     if n == 0:
-        return (math.nan, math.nan, math.nan, 0)
+        return (None, None, None, 0)
     rng = np.random.default_rng(seed)
     sums = sum(g[rng.integers(0, len(g), size=(n_boot, len(g)))].sum(1) for g in groups)
     total = float(sum(g.sum() for g in groups))
