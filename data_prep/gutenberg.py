@@ -37,8 +37,8 @@ Splits
     ``round(n * --test-fraction)`` are test, the next ``round(n * --valid-fraction)`` valid, the
     rest train; with at least 3 books each split gets at least one. Valid gets at least
     ``--min-valid-books`` books (default 3) while test and valid together stay within half of the
-    books: one book as the valid split measures one author and one layout (on the 13-book folder of
-    ../shared/data, *Macbeth* alone, whose perplexity moves by tens of percent between seeds), and
+    books: one book as the valid split measures one author and one layout (on the 13 books of
+    ../shared/data, *Macbeth* alone; docs/results/long-training-gutenberg-three-books.md), and
     choices made on valid should not hang on that. ``--min-valid-books 1`` is the rule before it
     (one valid book out of 13). PG-19 from the hub keeps its own train/validation/test splits.
 
