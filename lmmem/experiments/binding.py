@@ -128,10 +128,10 @@ def train_trunk(bc: BindingConfig, log=print) -> None:
         raise KeyboardInterrupt
 
 
-def sightings_before(batcher: StreamBatcher, steps: int, vocab: int) -> np.ndarray:
-    """How often each word was a target in the first ``steps`` batches of the training stream."""
+def sightings_before(batcher: StreamBatcher, steps: int, vocab: int, start: int = 0) -> np.ndarray:
+    """How often each word was a target in batches ``start`` … ``steps − 1`` of the training stream."""
     seen = np.zeros(vocab, dtype=np.int64)
-    for step in range(steps):
+    for step in range(start, steps):
         t = batcher.batch(step % len(batcher)).targets.reshape(-1).numpy()
         seen += np.bincount(t[t >= 0], minlength=vocab)
     return seen
@@ -268,7 +268,7 @@ def held_out_from_saved(bc: BindingConfig, point: int, label: str, overrides: di
     corpus = PreparedCorpus.open(bc.data)
     batcher = StreamBatcher(corpus.tokens("train"), cfg.batch_size, cfg.bptt)
     train_counts = corpus.train_counts()
-    sightings = sightings_before(batcher, point + bc.branch_steps, len(train_counts)) - sightings_before(batcher, point, len(train_counts))
+    sightings = sightings_before(batcher, point + bc.branch_steps, len(train_counts), start=point)
     return held_out(bc, model, corpus.tokens("valid"), train_counts, sightings, cfg.bptt)
 
 
@@ -292,16 +292,14 @@ def summarise(branches: list[dict], n_boot: int, seed: int = 0, reference: str =
     rows = []
     for b in branches:
         row = {"label": b["label"], "point": b["point"], "k": {}, "delta_vs_full": {}}
+        ref = full.get(b["point"])
+        diffs = paired_differences(b, ref) if ref is not None and b is not ref else None
         for name in K_NAMES:
             d = b["rare_by_k"][name]
             row["k"][name] = (*boot(np.array(d["mean_nll"])), len(d["types"]))
-            ref = full.get(b["point"])
-            if ref is not None and b is not ref:
-                a = dict(zip(d["types"], d["mean_nll"]))
-                r = dict(zip(ref["rare_by_k"][name]["types"], ref["rare_by_k"][name]["mean_nll"]))
-                both = sorted(set(a) & set(r))
-                row["delta_vs_full"][name] = boot(np.array([a[t] - r[t] for t in both]))
-        row["held_out"], row["held_out_delta"] = _held_out_rows(b, full.get(b["point"]), boot)
+            if diffs is not None:
+                row["delta_vs_full"][name] = boot(diffs["stream"][name])
+        row["held_out"], row["held_out_delta"] = _held_out_rows(b, diffs, boot)
         row["frequent"] = boot(np.array(b["frequent"]["mean_nll"]))
         row["frequent_token_nll"] = b["frequent"]["token_mean_nll"]
         row["rare_mass"], row["rare_share"] = b["rare_mass"], b["rare_share"]
@@ -311,23 +309,37 @@ def summarise(branches: list[dict], n_boot: int, seed: int = 0, reference: str =
     return rows
 
 
-def _held_out_rows(branch: dict, ref: dict | None, boot) -> tuple[dict, dict]:
+def paired_differences(branch: dict, ref: dict) -> dict[str, dict[str, np.ndarray]]:
+    """A branch's per-type NLL minus the reference branch's, over the types both have, per bucket:
+    ``stream`` by ``k`` (earlier sightings), ``held_out`` by the branch's sightings of the word
+    (:data:`K_BUCKETS`; the same types in both branches: the same stream and valid split)."""
+    out: dict[str, dict[str, np.ndarray]] = {"stream": {}, "held_out": {}}
+    for name in K_NAMES:
+        a = dict(zip(branch["rare_by_k"][name]["types"], branch["rare_by_k"][name]["mean_nll"]))
+        r = dict(zip(ref["rare_by_k"][name]["types"], ref["rare_by_k"][name]["mean_nll"]))
+        out["stream"][name] = np.array([a[t] - r[t] for t in sorted(set(a) & set(r))])
+    h = branch["held_out"]
+    r = dict(zip(ref["held_out"]["types"], ref["held_out"]["mean_nll"]))
+    d = np.array([v - r[t] for t, v in zip(h["types"], h["mean_nll"])])
+    s = np.asarray(h["branch_sightings"])
+    for name, (lo, hi) in zip(K_NAMES, K_BUCKETS):
+        out["held_out"][name] = d[(s >= lo) & (s <= hi)]
+    return out
+
+
+def _held_out_rows(branch: dict, diffs: dict | None, boot) -> tuple[dict, dict]:
     """The held-out endpoint by the branch's sightings of each rare word (:data:`K_BUCKETS`): mean
-    over types of the type's mean valid NLL, and the paired difference to the reference branch (the
-    same types: the same stream and valid split)."""
+    over types of the type's mean valid NLL, and the paired difference to the reference branch
+    (``diffs``: :func:`paired_differences`; None for the reference itself)."""
     h = branch["held_out"]
     b_of = np.asarray(h["branch_sightings"])
     nll = np.asarray(h["mean_nll"])
-    ref_nll = None
-    if ref is not None and ref is not branch:
-        by_type = dict(zip(ref["held_out"]["types"], ref["held_out"]["mean_nll"]))
-        ref_nll = np.array([by_type[t] for t in h["types"]])
     means, deltas = {}, {}
     for name, (lo, hi) in zip(K_NAMES, K_BUCKETS):
         m = (b_of >= lo) & (b_of <= hi)
         means[name] = (*boot(nll[m]), int(m.sum()))
-        if ref_nll is not None:
-            deltas[name] = boot(nll[m] - ref_nll[m])
+        if diffs is not None:
+            deltas[name] = boot(diffs["held_out"][name])
     return means, deltas
 
 

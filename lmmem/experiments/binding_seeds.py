@@ -25,7 +25,7 @@ import numpy as np
 
 from lmmem.cli import ArgumentParser, run_cli
 from lmmem.errors import LmmemError
-from lmmem.experiments.binding import K_BUCKETS, K_NAMES
+from lmmem.experiments.binding import K_NAMES, paired_differences
 from lmmem.experiments.paths import portable_command, portable_shell
 
 
@@ -43,24 +43,6 @@ def load_work(work: Path) -> dict:
                              f"run the binding command on {work} again (it scores the saved branch)")
         branches[(row["point"], row["label"])] = b
     return {"config": res["config"], "command": res["command"], "machine": res["machine"], "branches": branches}
-
-
-def paired(branch: dict, ref: dict, endpoint: str) -> dict[str, np.ndarray]:
-    """Per bucket: the variant's per-type NLL minus the reference's, over the types both have."""
-    out = {}
-    if endpoint == "stream":
-        for name in K_NAMES:
-            a = dict(zip(branch["rare_by_k"][name]["types"], branch["rare_by_k"][name]["mean_nll"]))
-            r = dict(zip(ref["rare_by_k"][name]["types"], ref["rare_by_k"][name]["mean_nll"]))
-            out[name] = np.array([a[t] - r[t] for t in sorted(set(a) & set(r))])
-        return out
-    h, hr = branch["held_out"], ref["held_out"]
-    r = dict(zip(hr["types"], hr["mean_nll"]))
-    d = np.array([v - r[t] for t, v in zip(h["types"], h["mean_nll"])])
-    s = np.asarray(h["branch_sightings"])
-    for name, (lo, hi) in zip(K_NAMES, K_BUCKETS):
-        out[name] = d[(s >= lo) & (s <= hi)]
-    return out
 
 
 def pooled_mean(groups: list[np.ndarray], n_boot: int, seed: int = 0) -> tuple[float, float, float, int]:
@@ -91,8 +73,9 @@ def combine(works: list[dict], n_boot: int = 1000) -> list[dict]:
             b, ref = w["branches"][(point, label)], w["branches"][(point, reference)]
             row["valid"].append(b["valid"]["perplexity"])
             row["valid_ref"].append(ref["valid"]["perplexity"])
+            diffs = paired_differences(b, ref)
             for endpoint in per:
-                per[endpoint].append(paired(b, ref, endpoint))
+                per[endpoint].append(diffs[endpoint])
         for endpoint, seeds in per.items():
             row[endpoint] = {name: {"pooled": pooled_mean([s[name] for s in seeds], n_boot),
                                     "seeds": [float(s[name].mean()) if len(s[name]) else None for s in seeds]}
